@@ -1,0 +1,1594 @@
+"""herd: one Ollama and OpenAI endpoint for a home lab's fleet of Ollama machines.
+
+Clients talk to herd on port 11435 exactly as they would talk to Ollama (``/api/chat``,
+``/api/generate``, ``/api/embed``, ...) or to OpenAI (``/v1/chat/completions``, ...). For every
+request herd picks the best node: the one with the model hot in memory, headroom, a short queue
+and a good latency record. It never sends a node more concurrent requests for a model than the node
+runs in parallel; the rest wait here, oldest first. A node that fails before the first byte is
+retried on the next-best one. Every decision is written to SQLite.
+
+Run it:      python herd.py --node http://gpu-box:11434 --node mac=http://mac-studio:11434
+             (or run ``herd-node`` beside each Ollama and let it find the router over mDNS)
+Data:        ~/.fleet-manager (``--data-dir`` / FLEET_DATA_DIR): latency.db (traces, settings),
+             logs/herd.jsonl (one JSON object a line).
+
+Sections, in the order a request travels:
+    settings -> helpers -> fleet state -> node polling -> scoring -> admission -> proxying
+    -> trace store -> HTTP routes -> server -> command line
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import logging.handlers
+import os
+import queue
+import random
+import re
+import socket
+import sqlite3
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import click
+import requests
+import urllib3
+from flask import Flask, Response, request
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("herd")
+
+
+# =============================================================================================
+# Settings
+# =============================================================================================
+
+DEFAULT_PORT = 11435
+DEFAULT_DATA_DIR = Path.home() / ".fleet-manager"
+LOCAL_OLLAMA = "http://localhost:11434"
+# Waitress gives each request (stream included) one thread for its whole life: size the pool for
+# hundreds of concurrent streams plus the admission queue (NOTES-STACK: Waitress).
+DEFAULT_THREADS = 768
+CONTEXT_POLICIES = ("strip", "warn", "passthrough")
+
+# Settings a user may change at run time (dashboard API); persisted in the `settings` table.
+RUNTIME_SETTINGS = {"auto_pull": True, "vram_fallback": True, "context_protection": "strip"}
+
+
+@dataclass
+class Config:
+    """Everything the router needs to start; built by the CLI or directly by tests."""
+
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    data_dir: Path = DEFAULT_DATA_DIR
+    nodes: list = field(default_factory=list)  # [(name, url)] polled by the router itself
+    threads: int = DEFAULT_THREADS
+    api_key: str | None = None
+    parallel: int = 1  # slots per model on nodes that do not report num_parallel (Ollama's default)
+    mdns: bool = True
+    local: bool = True  # serve http://localhost:11434 as node `local` when nothing else is set up
+    log_level: str = "INFO"
+    poll_interval: float = 5.0  # seconds between polls of agentless nodes
+    queue_timeout: float = 300.0  # longest wait in the admission queue
+    max_queue: int = 1000  # requests waiting in the admission queue at once
+    stall_timeout: float = 600.0  # a request silent this long is reaped
+    connect_timeout: float = 3.0  # TCP connect to a node
+    first_byte_timeout: float = 300.0  # a cold load of a big model can be silent for minutes
+    context_protection: str = "strip"
+    retention_days: float = 30.0
+    max_body_mb: float = 64.0
+    max_retries: int = 2  # further nodes tried when one fails before the first byte
+
+
+# =============================================================================================
+# Helpers: model names, request shapes, errors in each API's own shape
+# =============================================================================================
+
+def normalize_model(name):
+    """`llama3.2` and `llama3.2:latest` are one model: give every name an explicit tag."""
+    name = (name or "").strip()
+    if not name:
+        return name
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else name + ":latest"
+
+
+class HerdError(Exception):
+    """An error with a status and a message meant for the client."""
+
+    def __init__(self, status, message, code="herd_error", retry_after=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.retry_after = retry_after
+
+
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                      413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_body(api, status, message, code="herd_error"):
+    """The JSON body of an error: Ollama `{"error": msg}`, OpenAI `{"error": {message, type, code}}`."""
+    if api == "openai":
+        kind = OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        return {"error": {"message": message, "type": kind, "code": code}}
+    return {"error": message}
+
+
+def error_response(api, status, message, code="herd_error", retry_after=None, headers=None):
+    response = Response(json.dumps(error_body(api, status, message, code)), status=status,
+                        mimetype="application/json")
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(int(retry_after))
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def stream_error_chunk(api, message):
+    """The last chunk of a stream that broke after its first byte, in the stream's own framing."""
+    if api == "openai":
+        return b"data: " + json.dumps(error_body("openai", 502, message, "upstream_error")).encode() + b"\n\n"
+    return json.dumps({"error": message, "done": True}).encode() + b"\n"
+
+
+@dataclass
+class Call:
+    """One client request as herd understands it, parsed once at the door."""
+
+    api: str  # ollama | openai
+    endpoint: str  # the path forwarded to the node, e.g. /api/chat
+    body: dict
+    raw: bytes  # forwarded unchanged unless herd had to edit the body
+    model: str  # normalised name asked for
+    stream: bool
+    fallback_models: list
+    tags: list
+    client_ip: str
+    request_id: str
+    started: float  # perf_counter at the door
+    prompt_chars: int = 0
+    edited: bool = False  # body must be re-serialised before forwarding
+    pin: str | None = None  # a node chosen by the client (X-Herd-Node) for model management
+    method: str = "POST"
+
+
+STREAMING_DEFAULT = {"/api/chat": True, "/api/generate": True}  # Ollama streams unless told not to
+
+
+def prompt_size(body):
+    """Characters of prompt text in a request: a cheap stand-in for its token count."""
+    total = 0
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(part.get("text", "")) for part in content if isinstance(part, dict))
+    for key in ("prompt", "input", "system"):
+        value = body.get(key)
+        if isinstance(value, str):
+            total += len(value)
+        elif isinstance(value, list):
+            total += sum(len(item) for item in value if isinstance(item, str))
+    return total
+
+
+def parse_call(api, endpoint, raw, headers, client_ip, request_id):
+    """Parse and check a proxied request body; raises HerdError(400) on bad input."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HerdError(400, f"request body is not valid JSON ({exc}); send a JSON object",
+                        "invalid_json") from None
+    if not isinstance(body, dict):
+        raise HerdError(400, "request body must be a JSON object", "invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise HerdError(400, 'the request has no "model"; name the model to run, e.g. "llama3.2"',
+                        "missing_model")
+    edited = False
+    fallbacks = body.pop("fallback_models", None)
+    if fallbacks is not None:
+        edited = True
+        if not isinstance(fallbacks, list) or not all(isinstance(m, str) for m in fallbacks):
+            raise HerdError(400, '"fallback_models" must be a list of model names', "invalid_fallback")
+    tags = []
+    metadata = body.pop("metadata", None)
+    if metadata is not None:
+        edited = True
+        if isinstance(metadata, dict) and isinstance(metadata.get("tags"), list):
+            tags.extend(str(tag) for tag in metadata["tags"])
+    header_tags = headers.get("X-Herd-Tags")
+    if header_tags:
+        tags.extend(tag.strip() for tag in header_tags.split(",") if tag.strip())
+    if api == "openai" and isinstance(body.get("user"), str):
+        tags.append("user:" + body["user"])
+    stream = body.get("stream", STREAMING_DEFAULT.get(endpoint, False))
+    return Call(api=api, endpoint=endpoint, body=body, raw=raw, model=normalize_model(model),
+                stream=bool(stream), fallback_models=[normalize_model(m) for m in fallbacks or []],
+                tags=tags, client_ip=client_ip, request_id=request_id, started=time.perf_counter(),
+                prompt_chars=prompt_size(body), edited=edited)
+
+
+# =============================================================================================
+# Fleet state: nodes, their models, in-flight counts. One object, one lock.
+# =============================================================================================
+
+MISSED_INTERVALS_OFFLINE = 3  # a node that misses this many of its own intervals is offline
+RECENT_UNLOAD_S = 600.0  # a model unloaded this recently still counts as a little warm
+LATENCY_WINDOW = 64  # recent latencies kept per node:model for the p75 signal
+GB = 1024 ** 3
+
+
+@dataclass
+class Node:
+    """What herd knows about one Ollama machine."""
+
+    node_id: str
+    url: str
+    source: str  # agent | poll | local
+    interval_s: float
+    hostname: str = ""
+    memory: dict | None = None
+    gpu: dict | None = None
+    cpu_percent: float | None = None
+    num_parallel: int | None = None
+    memory_budget_gb: float | None = None
+    reachable: bool = False
+    ollama_version: str | None = None
+    ollama_error: str | None = None
+    models: dict = field(default_factory=dict)  # name -> /api/tags entry
+    loaded: dict = field(default_factory=dict)  # name -> /api/ps entry
+    unloaded_at: dict = field(default_factory=dict)  # name -> time it left memory
+    last_seen: float = 0.0  # time.time() of the last good report
+    online_since: float = 0.0
+    in_flight: int = 0
+    in_flight_by_model: dict = field(default_factory=dict)
+
+    def status(self, now):
+        if now - self.last_seen > MISSED_INTERVALS_OFFLINE * self.interval_s:
+            return "offline"
+        return "online" if self.reachable else "degraded"
+
+    def budget_bytes(self):
+        if self.memory_budget_gb:
+            return self.memory_budget_gb * GB
+        return None
+
+    def memory_in_use(self):
+        return sum(entry.get("size_vram") or entry.get("size") or 0 for entry in self.loaded.values())
+
+
+def model_size(node, model):
+    """Bytes a model needs on a node: its loaded size if loaded, else its size on disk."""
+    entry = node.loaded.get(model) or node.models.get(model) or {}
+    return entry.get("size_vram") or entry.get("size") or 0
+
+
+class RoutingError(HerdError):
+    pass
+
+
+@dataclass
+class Lease:
+    """A granted slot: this request may run `model` on `node` until it releases the lease."""
+
+    node_id: str
+    url: str
+    model: str
+    score: float
+    breakdown: dict
+    queued_ms: float = 0.0
+    held: bool = True  # False for reads that take no slot
+    released: bool = False
+
+
+@dataclass
+class Waiter:
+    call: Call
+    models: list
+    exclude: frozenset
+    enqueued: float
+    event: threading.Event = field(default_factory=threading.Event)
+    lease: Lease | None = None
+
+
+class Fleet:
+    """The router's whole view of the fleet. Every change goes through a method under one lock."""
+
+    def __init__(self, config):
+        self.config = config
+        self.lock = threading.Lock()
+        self.nodes = {}
+        self.waiters = []  # oldest first
+        self.latencies = {}  # (node_id, model) -> list of recent latency ms
+        self.p75 = {}  # (node_id, model) -> p75 of the above
+        self.requests_active = 0
+
+    # -- reports from agents and polls ------------------------------------------------------
+
+    def report(self, node_id, url, source, interval_s, data):
+        """Apply a heartbeat or poll result. `data` holds the SPEC §3 fields that were present."""
+        now = time.time()
+        with self.lock:
+            node = self.nodes.get(node_id)
+            if node is None or node.url != url:
+                previous = node
+                node = Node(node_id=node_id, url=url, source=source, interval_s=interval_s)
+                if previous is not None:  # same id from a new address: keep the live counts
+                    node.in_flight = previous.in_flight
+                    node.in_flight_by_model = previous.in_flight_by_model
+                self.nodes[node_id] = node
+                log.info("node %s registered at %s (%s)", node_id, url, source)
+            was_online = node.status(now) == "online"
+            node.source, node.interval_s = source, interval_s
+            ollama = data.get("ollama") or {}
+            node.reachable = bool(ollama.get("reachable"))
+            node.ollama_version = ollama.get("version")
+            node.ollama_error = ollama.get("error")
+            for key in ("hostname", "memory", "gpu", "cpu_percent", "num_parallel", "memory_budget_gb"):
+                if key in data:
+                    setattr(node, key, data[key])
+            if node.reachable:
+                node.models = {normalize_model(m.get("name") or m.get("model")): m
+                               for m in ollama.get("models") or () if m.get("name") or m.get("model")}
+                loaded = {normalize_model(m.get("name") or m.get("model")): m
+                          for m in ollama.get("loaded") or () if m.get("name") or m.get("model")}
+                for name in node.loaded.keys() - loaded.keys():
+                    node.unloaded_at[name] = now
+                node.loaded = loaded
+            node.last_seen = now
+            if not was_online and node.status(now) == "online":
+                node.online_since = now
+                log.info("node %s online", node_id)
+            self._grant_waiters()
+
+    def mark_unreachable(self, node_id, reason):
+        """A poll could not reach the node's Ollama: keep the entry, stop routing to it."""
+        with self.lock:
+            node = self.nodes.get(node_id)
+            if node is not None and node.reachable:
+                node.reachable = False
+                node.ollama_error = reason
+                log.warning("node %s unreachable: %s", node_id, reason)
+
+    def has_node(self, node_id):
+        with self.lock:
+            return node_id in self.nodes
+
+    def has_other_nodes(self, node_id):
+        with self.lock:
+            return any(other != node_id for other in self.nodes)
+
+    def ollama_versions(self):
+        with self.lock:
+            return [n.ollama_version for n in self.nodes.values()]
+
+    def pull_target(self, model):
+        """Where a pull should go: the best node that has the model, else the most free memory."""
+        now = time.time()
+        with self.lock:
+            online = [n for n in self.nodes.values() if n.status(now) == "online"]
+            if not online:
+                return None
+            def free(node):
+                budget = node.budget_bytes()
+                return (budget - node.memory_in_use()) if budget else 0
+            return max(online, key=lambda n: (model in n.models, free(n), -n.in_flight)).node_id
+
+    def pin(self, node_id, model):
+        """A slot-free lease on a node the client named (model management)."""
+        now = time.time()
+        with self.lock:
+            node = self.nodes.get(node_id)
+            if node is None:
+                raise RoutingError(404, f"no node named {node_id}; known nodes: "
+                                   f"{', '.join(sorted(self.nodes)) or 'none'}", "unknown_node")
+            if node.status(now) != "online":
+                raise RoutingError(503, f"node {node_id} is {node.status(now)}", "node_offline",
+                                   retry_after=5)
+            return Lease(node_id=node_id, url=node.url, model=model, score=0.0, breakdown={}, held=False)
+
+    # -- choosing and holding slots ---------------------------------------------------------
+
+    def acquire(self, call, exclude=frozenset(), admit=True):
+        """Grant the best free slot for `call`, waiting in the admission queue if all are busy.
+
+        Tries `call.model`, then each fallback model that some node can serve. Nodes in `exclude`
+        (already tried) are skipped. With admit=False (reads such as /api/show) no slot is held.
+        Raises RoutingError with the status and message the client should see.
+        """
+        timeout = self.config.queue_timeout
+        with self.lock:
+            models = self._servable_models(call)
+            lease, busy = self._pick(call, models, exclude, admit)
+            if lease is not None:
+                if admit:
+                    self._hold(lease)
+                return lease
+            if not busy:
+                raise RoutingError(502, f"no other node can serve {call.model}", "no_candidates")
+            if len(self.waiters) >= self.config.max_queue:
+                raise RoutingError(503, f"herd's queue is full ({self.config.max_queue} requests "
+                                   "waiting); retry shortly or add nodes", "queue_full", retry_after=5)
+            waiter = Waiter(call=call, models=models, exclude=exclude, enqueued=time.perf_counter())
+            self.waiters.append(waiter)
+        waiter.event.wait(timeout)
+        with self.lock:
+            if waiter.lease is None:
+                self.waiters.remove(waiter)
+                raise RoutingError(503, f"no slot for {call.model} became free within {timeout:.0f} s; "
+                                   "the fleet is saturated, retry later", "queue_timeout",
+                                   retry_after=max(1, int(timeout / 10)))
+        waiter.lease.queued_ms = (time.perf_counter() - waiter.enqueued) * 1000
+        return waiter.lease
+
+    def release(self, lease, served=True, latency_ms=None):
+        """Give a slot back. A model just served is known to be loaded on that node."""
+        with self.lock:
+            if lease.released or not lease.held:
+                return
+            lease.released = True
+            node = self.nodes.get(lease.node_id)
+            if node is not None:
+                node.in_flight -= 1
+                node.in_flight_by_model[lease.model] = node.in_flight_by_model.get(lease.model, 1) - 1
+                if served and lease.model not in node.loaded:
+                    entry = node.models.get(lease.model, {})
+                    node.loaded[lease.model] = {"name": lease.model, "size": entry.get("size", 0),
+                                                "size_vram": entry.get("size", 0), "learned": True}
+            if latency_ms is not None:
+                self._record_latency(lease.node_id, lease.model, latency_ms)
+            self._grant_waiters()
+
+    def seed_latencies(self, rows):
+        """Start the latency signal from the trace store's recent history."""
+        with self.lock:
+            for node_id, model, latency_ms in rows:
+                self._record_latency(node_id, model, latency_ms)
+
+    def _record_latency(self, node_id, model, latency_ms):
+        window = self.latencies.setdefault((node_id, model), [])
+        window.append(latency_ms)
+        if len(window) > LATENCY_WINDOW:
+            del window[0]
+        ordered = sorted(window)
+        self.p75[(node_id, model)] = ordered[(len(ordered) * 3) // 4 if len(ordered) > 1 else 0]
+
+    def _servable_models(self, call):
+        """The asked model and its fallbacks that at least one online node has; raises if none."""
+        now = time.time()
+        online = [n for n in self.nodes.values() if n.status(now) == "online"]
+        if not online:
+            if self.nodes:
+                names = ", ".join(sorted(self.nodes))
+                raise RoutingError(503, f"no node is online (known: {names}); check that Ollama runs "
+                                   "on them and that herd-node reports", "no_nodes", retry_after=5)
+            raise RoutingError(503, "no node is online; start herd-node beside each Ollama or pass "
+                               "--node http://host:11434 to herd", "no_nodes", retry_after=5)
+        models = [m for m in [call.model] + call.fallback_models
+                  if any(m in n.models and fits(n, m) for n in online)]
+        if models:
+            return models
+        installed = sorted({m for n in online for m in n.models})
+        if any(call.model in n.models for n in online):
+            raise RoutingError(507, f"model {call.model} does not fit in the memory of any online node "
+                               "that has it", "model_too_large")
+        offline_with = sorted(n.node_id for n in self.nodes.values() if call.model in n.models)
+        if offline_with:
+            raise RoutingError(503, f"model {call.model} is only on nodes that are offline now "
+                               f"({', '.join(offline_with)})", "nodes_offline", retry_after=5)
+        raise RoutingError(404, f"model {call.model} is not on any node; the fleet has: "
+                           f"{', '.join(installed) or 'no models'}. Pull it with "
+                           f"`ollama pull {call.model}` on a node", "model_not_found")
+
+    def _pick(self, call, models, exclude, admit=True):
+        """(best free slot for the first servable model, whether candidates exist but are busy)."""
+        now = time.time()
+        fleet_max = max((n.budget_bytes() or 0) for n in self.nodes.values()) or None
+        for model in models:
+            candidates = [n for n in self.nodes.values()
+                          if n.node_id not in exclude and model in n.models and n.status(now) == "online"
+                          and fits(n, model)]
+            if not candidates:
+                continue
+            best_p75 = self._best_p75(candidates, model)
+            best, best_key = None, None
+            for node in candidates:
+                slots = self._capacity(node)
+                if admit and node.in_flight_by_model.get(model, 0) >= slots:
+                    continue
+                total, breakdown = score_node(node, model, call, now, fleet_max, self.p75, best_p75, slots)
+                key = (total, -node.in_flight, random.random())
+                if best_key is None or key > best_key:
+                    best, best_key = (node, total, breakdown), key
+            if best is None:
+                return None, True  # the model's nodes are all busy: wait for them, do not fall back
+            node, total, breakdown = best
+            return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
+                         breakdown=breakdown, held=admit), False
+        return None, False
+
+    def _best_p75(self, candidates, model):
+        known = [self.p75[(n.node_id, model)] for n in candidates if (n.node_id, model) in self.p75]
+        return min(known) if known else None
+
+    def _capacity(self, node):
+        return max(1, node.num_parallel or self.config.parallel)
+
+    def _hold(self, lease):
+        node = self.nodes[lease.node_id]
+        node.in_flight += 1
+        node.in_flight_by_model[lease.model] = node.in_flight_by_model.get(lease.model, 0) + 1
+
+    def _grant_waiters(self):
+        """Late binding: hand every free slot to the oldest waiter that can use it."""
+        if not self.waiters:
+            return
+        for waiter in list(self.waiters):
+            lease, _ = self._pick(waiter.call, waiter.models, waiter.exclude)
+            if lease is not None:
+                self._hold(lease)
+                waiter.lease = lease
+                self.waiters.remove(waiter)
+                waiter.event.set()
+
+    # -- views -------------------------------------------------------------------------------
+
+    def online_nodes(self):
+        now = time.time()
+        with self.lock:
+            return [(n.node_id, n.url, dict(n.models), dict(n.loaded)) for n in self.nodes.values()
+                    if n.status(now) == "online"]
+
+    def status(self):
+        """The /fleet/status document (SPEC §5)."""
+        now = time.time()
+        with self.lock:
+            nodes = []
+            for node in self.nodes.values():
+                nodes.append({
+                    "node_id": node.node_id, "status": node.status(now), "ollama_url": node.url,
+                    "source": node.source, "hostname": node.hostname, "memory": node.memory,
+                    "gpu": node.gpu, "cpu_percent": node.cpu_percent,
+                    "num_parallel": node.num_parallel or self.config.parallel,
+                    "memory_budget_gb": node.memory_budget_gb, "ollama_version": node.ollama_version,
+                    "ollama_error": node.ollama_error, "models_available": sorted(node.models),
+                    "models_loaded": [{"name": name, "size_vram": entry.get("size_vram"),
+                                       "context_length": entry.get("context_length"),
+                                       "requests_active": node.in_flight_by_model.get(name, 0)}
+                                      for name, entry in node.loaded.items()],
+                    "requests_active": node.in_flight, "last_seen": node.last_seen,
+                })
+            online = [n for n in nodes if n["status"] == "online"]
+            return {"fleet": {"nodes_total": len(nodes), "nodes_online": len(online),
+                              "models_loaded": sum(len(n["models_loaded"]) for n in online),
+                              "requests_active": sum(n["requests_active"] for n in nodes),
+                              "requests_queued": len(self.waiters)},
+                    "nodes": nodes}
+
+
+def fits(node, model):
+    """Can this node hold the model at all (evicting others if it must)?"""
+    budget = node.budget_bytes()
+    return budget is None or model in node.loaded or model_size(node, model) <= budget
+
+
+# =============================================================================================
+# Node polling: agentless `--node URL` nodes and the `local` Ollama
+# =============================================================================================
+
+POLL_TIMEOUT = 3.0
+
+
+def poll_ollama(session, url):
+    """Ask an Ollama for version, tags and ps; returns the heartbeat's `ollama` block."""
+    try:
+        version = session.get(url + "/api/version", timeout=POLL_TIMEOUT).json().get("version")
+        models = session.get(url + "/api/tags", timeout=POLL_TIMEOUT).json().get("models") or []
+        loaded = session.get(url + "/api/ps", timeout=POLL_TIMEOUT).json().get("models") or []
+        return {"reachable": True, "version": version, "models": models, "loaded": loaded}
+    except (requests.RequestException, ValueError, AttributeError) as exc:
+        return {"reachable": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+class NodePoller:
+    """Polls agentless nodes (and the `local` Ollama) in background threads, one per node."""
+
+    def __init__(self, fleet, config):
+        self.fleet = fleet
+        self.config = config
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.stop = threading.Event()
+        targets = list(config.nodes)
+        if not targets and config.local:
+            targets = [("local", LOCAL_OLLAMA)]
+        self.threads = [threading.Thread(target=self.run, args=target, name=f"herd-poll-{target[0]}",
+                                         daemon=True) for target in targets]
+
+    def start(self):
+        for thread in self.threads:
+            thread.start()
+
+    def run(self, name, url):
+        source = "poll" if self.config.nodes else "local"
+        while not self.stop.is_set():
+            if source == "local" and self.fleet.has_other_nodes("local"):
+                self.stop.wait(self.config.poll_interval)  # agents came: the local fallback rests
+                continue
+            result = poll_ollama(self.session, url)
+            if result["reachable"]:
+                self.fleet.report(name, url, source, self.config.poll_interval, {"ollama": result})
+            elif self.fleet.has_node(name):
+                self.fleet.mark_unreachable(name, result["error"])
+            self.stop.wait(self.config.poll_interval)
+
+
+# =============================================================================================
+# Scoring: eliminate, then seven signals. Every formula lives here.
+# =============================================================================================
+#
+# Elimination (in Fleet._pick): offline or degraded nodes, nodes without the model, nodes whose
+# memory budget is smaller than the model, nodes whose slots for the model are all taken.
+#
+# signal              range     formula
+# thermal             0..+50    50 if the model is loaded; 10 fading to 0 over 10 min after unload
+# memory_fit          0..+20    20 x headroom / budget, headroom = budget - loaded - (model if cold);
+#                               10 when the node does not report a budget
+# queue_depth         -30..0    -30 x min(1, (model in-flight / slots + 0.5 x other in-flight / slots) / 2)
+# latency_history     -25..0    -25 x min(1, (p75 / best p75 among candidates - 1) / 3)
+# role_affinity       0..+15    15 x (1 - |node budget share - model's wanted share|), where the
+#                               wanted share is min(1, 4 x model size / largest budget): big models
+#                               go to big machines and small ones leave those free
+# availability_trend  0..+10    10 x min(1, minutes online without a gap / 10)
+# context_fit         0..+15    15 if the loaded context covers the request (num_ctx or estimated
+#                               tokens), 5 if the model is cold (its load sets the context), else 0
+#
+# Ties: fewest requests in flight on the whole node, then random, so equal nodes share the load.
+
+CHARS_PER_TOKEN = 4  # rough size of a token in English text, for the context estimate
+
+
+def score_node(node, model, call, now, fleet_max_budget, p75, best_p75, slots):
+    """Score one candidate node for `model`; returns (total, breakdown by signal)."""
+    loaded = node.loaded.get(model)
+    size = model_size(node, model)
+
+    if loaded is not None:
+        thermal = 50.0
+    else:
+        unloaded = node.unloaded_at.get(model)
+        thermal = 10.0 * max(0.0, 1 - (now - unloaded) / RECENT_UNLOAD_S) if unloaded else 0.0
+
+    budget = node.budget_bytes()
+    if budget:
+        headroom = budget - node.memory_in_use() - (0 if loaded is not None else size)
+        memory_fit = 20.0 * min(1.0, max(0.0, headroom / budget))
+    else:
+        memory_fit = 10.0
+
+    mine = node.in_flight_by_model.get(model, 0)
+    pressure = (mine + 0.5 * (node.in_flight - mine)) / slots
+    queue_depth = -30.0 * min(1.0, pressure / 2)
+
+    mine_p75 = p75.get((node.node_id, model))
+    if mine_p75 is not None and best_p75:
+        latency_history = -25.0 * min(1.0, max(0.0, mine_p75 / best_p75 - 1) / 3)
+    else:
+        latency_history = 0.0
+
+    if budget and fleet_max_budget:
+        wanted = min(1.0, 4 * size / fleet_max_budget)
+        role_affinity = 15.0 * (1 - abs(budget / fleet_max_budget - wanted))
+    else:
+        role_affinity = 7.5
+
+    steady_minutes = (now - node.online_since) / 60 if node.online_since else 0
+    availability_trend = 10.0 * min(1.0, steady_minutes / 10)
+
+    if loaded is None:
+        context_fit = 5.0
+    else:
+        loaded_ctx = loaded.get("context_length") or 0
+        wanted_ctx = requested_num_ctx(call) or call.prompt_chars // CHARS_PER_TOKEN
+        context_fit = 15.0 if not loaded_ctx or wanted_ctx <= loaded_ctx else 0.0
+
+    breakdown = {"thermal": thermal, "memory_fit": memory_fit, "queue_depth": queue_depth,
+                 "latency_history": latency_history, "role_affinity": role_affinity,
+                 "availability_trend": availability_trend, "context_fit": context_fit}
+    breakdown = {key: round(value, 2) for key, value in breakdown.items()}
+    return sum(breakdown.values()), breakdown
+
+
+def requested_num_ctx(call):
+    options = call.body.get("options")
+    if isinstance(options, dict) and isinstance(options.get("num_ctx"), int):
+        return options["num_ctx"]
+    return None
+
+
+# =============================================================================================
+# Proxying and streaming: one core for both APIs
+# =============================================================================================
+#
+# Admission happens in Fleet.acquire (the queue is fleet state and shares its lock). Then:
+# open the upstream, read its status and first byte, and only then answer the client, so a node
+# that fails before its first byte is retried on the next-best node without the client noticing.
+
+# Never copied from the node's response: Waitress frames the body itself (NOTES-STACK).
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te",
+                        "trailer", "upgrade", "proxy-authenticate", "proxy-authorization", "date",
+                        "server"})
+TAIL_BYTES = 2048  # the end of a reply, kept to read token counts and the done marker
+TOKEN_FIELD = re.compile(rb'"(prompt_eval_count|eval_count|prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
+UPSTREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError)
+
+
+class UpstreamFailure(Exception):
+    """A node failed before its first byte reached the client: the request may be retried."""
+
+    def __init__(self, message, status=502):
+        super().__init__(message)
+        self.status = status
+
+
+def describe(exc):
+    """A short, human sentence for a network error (urllib3's reprs are long)."""
+    reason = getattr(exc, "reason", None) or exc
+    text = str(reason)
+    if "Connection refused" in text:
+        return "connection refused"
+    if isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+        return "timed out waiting for the node"
+    return text.split(": ", 1)[-1][:200]
+
+
+def reply_tokens(tail):
+    """(prompt_tokens, completion_tokens) from the end of a reply, when the node reported them."""
+    found = dict(TOKEN_FIELD.findall(tail))
+    prompt = found.get(b"prompt_eval_count") or found.get(b"prompt_tokens")
+    completion = found.get(b"eval_count") or found.get(b"completion_tokens")
+    return (int(prompt) if prompt else None, int(completion) if completion else None)
+
+
+def reply_finished(call, tail):
+    """Did the node say the reply is complete (Ollama `"done":true`, OpenAI `[DONE]`, pull success)?"""
+    if call.api == "openai":
+        return b"[DONE]" in tail
+    tail = tail.replace(b" ", b"")
+    return b'"status":"success"' in tail if call.endpoint == "/api/pull" else b'"done":true' in tail
+
+
+def upstream_chunks(resp):
+    """Yield the node's bytes as they arrive: chunk by chunk when chunked, else what read1 has."""
+    if resp.chunked and resp.supports_chunked_reads():
+        for chunk in resp.read_chunked(decode_content=False):
+            if chunk:
+                yield chunk
+        return
+    while True:
+        chunk = resp.read1(65536)
+        if not chunk:
+            return
+        yield chunk
+
+
+@dataclass
+class Outcome:
+    """What the trace row says about one client request."""
+
+    status: str = "failed"
+    node_id: str | None = None
+    model: str | None = None
+    score: float | None = None
+    breakdown: dict | None = None
+    retries: int = 0
+    ttft_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str | None = None
+    queue_ms: float | None = None
+
+
+class Proxy:
+    """Forwards calls to nodes: admission, upstream, first byte, relay, release, trace."""
+
+    def __init__(self, fleet, traces, config):
+        self.fleet = fleet
+        self.traces = traces
+        self.config = config
+        # urllib3 (the pool under requests) directly: one pooled connection per in-flight
+        # request, no per-call Session overhead on the hot path (NOTES-STACK: +1.0 ms vs +1.36).
+        self.pool = urllib3.PoolManager(
+            num_pools=256, maxsize=config.threads, block=False, retries=False,
+            timeout=urllib3.Timeout(connect=config.connect_timeout, read=config.first_byte_timeout))
+        self.active = 0
+        self.active_lock = threading.Lock()
+        # Keep a few threads for health checks, heartbeats and the fleet API (NOTES-STACK).
+        self.max_active = max(1, config.threads - max(4, config.threads // 16))
+
+    # -- entry ------------------------------------------------------------------------------
+
+    def serve(self, call, admit=True):
+        """Answer one parsed call with a Flask response; never raises."""
+        with self.active_lock:
+            if self.active >= self.max_active:
+                overloaded = True
+            else:
+                overloaded = False
+                self.active += 1
+        if overloaded:
+            message = (f"herd is serving its maximum of {self.max_active} requests; retry shortly "
+                       "or start herd with more --threads")
+            self.finish(call, Outcome(error=message))
+            return error_response(call.api, 503, message, "overloaded", retry_after=1)
+        try:
+            return self._serve(call, admit)
+        except BaseException:
+            self._done()
+            raise
+
+    def _done(self):
+        with self.active_lock:
+            self.active -= 1
+
+    def _serve(self, call, admit):
+        outcome = Outcome(model=call.model)
+        tried = []
+        last_failure = None
+        while True:
+            try:
+                lease = (self.fleet.pin(call.pin, call.model) if call.pin else
+                         self.fleet.acquire(call, frozenset(tried), admit=admit))
+            except RoutingError as exc:
+                return self._fail(call, outcome, exc, last_failure)
+            outcome.node_id, outcome.model = lease.node_id, lease.model
+            outcome.score, outcome.breakdown, outcome.queue_ms = lease.score, lease.breakdown, lease.queued_ms
+            try:
+                return self._forward(call, lease, outcome)
+            except UpstreamFailure as failure:
+                self.fleet.release(lease, served=False)
+                last_failure = failure
+                tried.append(lease.node_id)
+                log.warning("request %s: %s failed before first byte (%s); %s", call.request_id,
+                            lease.node_id, failure, "retrying" if len(tried) <= self.config.max_retries
+                            else "giving up")
+                if call.pin or len(tried) > self.config.max_retries:
+                    return self._fail(call, outcome, None, failure)
+                outcome.retries += 1
+
+    def _fail(self, call, outcome, routing_error, upstream_failure):
+        """Answer with the routing error, or with the last node failure when nodes ran out."""
+        self._done()
+        if upstream_failure is not None and (routing_error is None or routing_error.code == "no_candidates"):
+            message = (f"every node that could serve {call.model} failed ({upstream_failure}); "
+                       "check the nodes' Ollama logs or retry")
+            outcome.error = message
+            self.finish(call, outcome)
+            return error_response(call.api, upstream_failure.status, message, "upstream_failed")
+        outcome.error = routing_error.message
+        outcome.node_id = None
+        self.finish(call, outcome)
+        return error_response(call.api, routing_error.status, routing_error.message,
+                              routing_error.code, routing_error.retry_after)
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    def _forward(self, call, lease, outcome):
+        """Send to the leased node; return the client's response once the node has answered."""
+        body = forward_body(call, lease)
+        try:
+            resp = self.pool.urlopen(call.method, lease.url + call.endpoint, body=body,
+                                     headers={"Content-Type": "application/json"},
+                                     preload_content=False, redirect=False)
+        except UPSTREAM_ERRORS as exc:
+            raise UpstreamFailure(f"{lease.node_id}: {describe(exc)}") from None
+        headers = {"X-Herd-Node": lease.node_id, "X-Herd-Model": lease.model}
+        for key, value in resp.headers.items():
+            if key.lower() not in HOP_BY_HOP:
+                headers.setdefault(key, value)
+
+        if resp.status >= 500 or not call.stream or resp.status >= 400:
+            try:
+                data = resp.read()
+            except UPSTREAM_ERRORS as exc:
+                resp.close()
+                raise UpstreamFailure(f"{lease.node_id}: broke before its reply was complete "
+                                      f"({describe(exc)})") from None
+            finally:
+                resp.release_conn()
+            if resp.status >= 500:
+                raise UpstreamFailure(f"{lease.node_id} answered {resp.status}: "
+                                      f"{upstream_message(data)}", status=resp.status)
+            latency_ms = (time.perf_counter() - call.started) * 1000
+            if resp.status >= 400:
+                outcome.status, outcome.error = "failed", upstream_message(data)
+                self.fleet.release(lease, served=False)
+                data = json.dumps(error_body(call.api, resp.status, outcome.error, "upstream_error")).encode() \
+                    if not data.lstrip().startswith(b"{") else data
+                headers["Content-Type"] = "application/json"
+            else:
+                outcome.status = "completed"
+                outcome.prompt_tokens, outcome.completion_tokens = reply_tokens(data[-TAIL_BYTES:])
+                self.fleet.release(lease, served=True, latency_ms=latency_ms)
+            self.finish(call, outcome, latency_ms)
+            self._done()
+            return Response(data, status=resp.status, headers=headers)
+
+        chunks = upstream_chunks(resp)
+        try:
+            first = next(chunks, b"")
+        except UPSTREAM_ERRORS as exc:
+            resp.close()
+            raise UpstreamFailure(f"{lease.node_id}: failed before its first byte ({describe(exc)})") from None
+        outcome.ttft_ms = (time.perf_counter() - call.started) * 1000
+        headers["X-Accel-Buffering"] = "no"
+        headers["Cache-Control"] = "no-cache"
+        return Response(Relay(self, call, lease, outcome, resp, chunks, first), status=resp.status,
+                        headers=headers, direct_passthrough=True)
+
+    # -- the record -------------------------------------------------------------------------
+
+    def reject(self, api, endpoint, client_ip, request_id, message):
+        """Trace a request refused at the door (bad input): every client request has a row."""
+        call = Call(api=api, endpoint=endpoint, body={}, raw=b"", model="", stream=False,
+                    fallback_models=[], tags=[], client_ip=client_ip, request_id=request_id,
+                    started=time.perf_counter())
+        self.finish(call, Outcome(error=message))
+
+    def finish(self, call, outcome, latency_ms=None):
+        if latency_ms is None:
+            latency_ms = (time.perf_counter() - call.started) * 1000
+        self.traces.record((
+            call.request_id, time.time(), outcome.model or call.model, call.model, outcome.node_id,
+            outcome.status, round(latency_ms, 3),
+            round(outcome.ttft_ms, 3) if outcome.ttft_ms is not None else None,
+            outcome.prompt_tokens, outcome.completion_tokens, outcome.score,
+            json.dumps(outcome.breakdown) if outcome.breakdown else None, outcome.retries,
+            int(bool(outcome.model and outcome.model != call.model)), call.api, call.endpoint,
+            json.dumps(call.tags) if call.tags else None, call.client_ip, outcome.error,
+            round(outcome.queue_ms, 3) if outcome.queue_ms else None, int(call.stream)))
+
+
+class Relay:
+    """A stream from node to client. Cleans up exactly once: at its end, on a node error, or
+    when the server closes it (client gone), even if it was closed before its first chunk."""
+
+    def __init__(self, proxy, call, lease, outcome, resp, chunks, first):
+        self.proxy, self.call, self.lease, self.outcome = proxy, call, lease, outcome
+        self.resp, self.chunks, self.first = resp, chunks, first
+        self.tail = first[-TAIL_BYTES:]
+        self.closed = False
+        outcome.status = "incomplete"
+
+    def __iter__(self):
+        outcome = self.outcome
+        try:
+            yield self.first
+            for chunk in self.chunks:
+                self.tail = (self.tail + chunk)[-TAIL_BYTES:]
+                yield chunk
+            if reply_finished(self.call, self.tail):
+                outcome.status = "completed"
+            else:
+                outcome.error = f"{self.lease.node_id} closed the stream before it was done"
+                yield stream_error_chunk(self.call.api, outcome.error)
+        except UPSTREAM_ERRORS as exc:
+            outcome.error = f"{self.lease.node_id} broke off mid-stream ({describe(exc)})"
+            yield stream_error_chunk(self.call.api, outcome.error)
+        finally:
+            self.close()
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        outcome = self.outcome
+        completed = outcome.status == "completed"
+        if completed:
+            self.resp.release_conn()
+        else:
+            if outcome.error is None:
+                outcome.status, outcome.error = "cancelled", "the client disconnected"
+            self.resp.close()
+        outcome.prompt_tokens, outcome.completion_tokens = reply_tokens(self.tail)
+        latency_ms = (time.perf_counter() - self.call.started) * 1000
+        self.proxy.fleet.release(self.lease, served=completed, latency_ms=latency_ms if completed else None)
+        self.proxy.finish(self.call, outcome, latency_ms)
+        self.proxy._done()
+
+
+def upstream_message(data):
+    """The error text a node sent, whatever its shape."""
+    try:
+        parsed = json.loads(data)
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        if isinstance(error, dict):
+            return str(error.get("message") or error)
+        if error:
+            return str(error)
+    except ValueError:
+        pass
+    return data[:300].decode("utf-8", "replace").strip() or "no body"
+
+
+def forward_body(call, lease):
+    """The bytes to send the node: the client's own unless herd had to change something."""
+    if lease.model != call.model:  # a fallback model serves this request
+        call.body["model"] = lease.model
+        call.edited = True
+    return json.dumps(call.body).encode() if call.edited else call.raw
+
+
+# =============================================================================================
+# Trace store: one row per client request, written by one thread in batches (SQLite, WAL)
+# =============================================================================================
+
+TRACE_COLUMNS = (
+    ("request_id", "TEXT"), ("timestamp", "REAL"), ("model", "TEXT"), ("original_model", "TEXT"),
+    ("node_id", "TEXT"), ("status", "TEXT"), ("latency_ms", "REAL"), ("time_to_first_token_ms", "REAL"),
+    ("prompt_tokens", "INTEGER"), ("completion_tokens", "INTEGER"), ("score", "REAL"),
+    ("scores_breakdown", "TEXT"), ("retry_count", "INTEGER"), ("fallback_used", "INTEGER"),
+    ("api", "TEXT"), ("endpoint", "TEXT"), ("tags", "TEXT"), ("client_ip", "TEXT"),
+    ("error_message", "TEXT"), ("queue_ms", "REAL"), ("stream", "INTEGER"),
+)
+TRACE_BATCH = 500  # rows per transaction: ~2 µs a row on the request path (NOTES-STACK: sqlite3)
+TRACE_QUEUE = 100_000  # rows buffered before request threads wait for the writer (none are dropped)
+PRUNE_EVERY_S = 3600.0
+LATENCY_SEED_ROWS = 5000  # recent completed rows that seed the latency signal at start-up
+
+
+class TraceStore:
+    """Owns latency.db: the writer thread, retention, settings and read-only queries."""
+
+    def __init__(self, path, retention_days):
+        self.path = Path(path)
+        self.retention_days = retention_days
+        self.queue = queue.Queue(maxsize=TRACE_QUEUE)
+        self.written = 0
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            columns = ", ".join(f"{name} {kind}" for name, kind in TRACE_COLUMNS)
+            db.execute(f"CREATE TABLE IF NOT EXISTS request_traces ({columns})")
+            have = {row[1] for row in db.execute("PRAGMA table_info(request_traces)")}
+            for name, kind in TRACE_COLUMNS:  # an older database gains new columns in place
+                if name not in have:
+                    db.execute(f"ALTER TABLE request_traces ADD COLUMN {name} {kind}")
+            db.execute("CREATE INDEX IF NOT EXISTS traces_time ON request_traces (timestamp)")
+            db.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)")
+        self.insert = (f"INSERT INTO request_traces ({', '.join(n for n, _ in TRACE_COLUMNS)}) "
+                       f"VALUES ({', '.join('?' for _ in TRACE_COLUMNS)})")
+        self.thread = threading.Thread(target=self._write_loop, name="herd-traces", daemon=True)
+        self.thread.start()
+
+    def _connect(self):
+        db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def record(self, row):
+        """Queue one row (a tuple in TRACE_COLUMNS order); blocks only if the writer is far behind."""
+        self.queue.put(row)
+
+    def _write_loop(self):
+        db = self._connect()
+        next_prune = 0.0
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < TRACE_BATCH:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batch
+            rows = [row for row in batch if isinstance(row, tuple)]
+            flushes = [item for item in batch if isinstance(item, threading.Event)]
+            if rows:
+                for attempt in range(5):
+                    try:
+                        with db:
+                            db.executemany(self.insert, rows)
+                        break
+                    except sqlite3.OperationalError as exc:  # locked by a reader: try again, keep rows
+                        log.warning("trace write failed (%s), retrying", exc)
+                        time.sleep(0.2 * (attempt + 1))
+                self.written += len(rows)
+            for flushed in flushes:
+                flushed.set()
+            if time.time() >= next_prune:
+                self._prune(db)
+                next_prune = time.time() + PRUNE_EVERY_S
+            if stop:
+                db.close()
+                return
+
+    def _prune(self, db):
+        cutoff = time.time() - self.retention_days * 86400
+        with db:
+            removed = db.execute("DELETE FROM request_traces WHERE timestamp < ?", (cutoff,)).rowcount
+        if removed:
+            log.info("pruned %d trace rows older than %g days", removed, self.retention_days)
+
+    def flush(self, timeout=10.0):
+        """Wait until every row queued so far is committed."""
+        done = threading.Event()
+        self.queue.put(done)
+        return done.wait(timeout)
+
+    def close(self):
+        """Write every queued row, then stop the writer (clean shutdown loses nothing)."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join(timeout=30)
+
+    def query(self, sql, params=()):
+        with self._connect() as db:
+            return db.execute(sql, params).fetchall()
+
+    def recent_latencies(self):
+        return self.query("SELECT node_id, model, latency_ms FROM (SELECT node_id, model, latency_ms, "
+                          "timestamp FROM request_traces WHERE status='completed' AND node_id IS NOT NULL "
+                          "ORDER BY timestamp DESC LIMIT ?) ORDER BY timestamp", (LATENCY_SEED_ROWS,))
+
+    def load_settings(self):
+        values = dict(RUNTIME_SETTINGS)
+        for key, value in self.query("SELECT key, value FROM settings"):
+            if key in values:
+                values[key] = json.loads(value)
+        return values
+
+    def save_settings(self, changes):
+        with self._connect() as db:
+            db.executemany("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
+                           [(key, json.dumps(value)) for key, value in changes.items()])
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object a line, for <data dir>/logs/herd.jsonl."""
+
+    def format(self, record):
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                 "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(data_dir, level):
+    """Console lines for people, rotated JSONL for machines. Safe to call more than once."""
+    logs = Path(data_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log.setLevel(level.upper())
+    for handler in list(log.handlers):
+        if getattr(handler, "herd", False):
+            log.removeHandler(handler)
+            handler.close()
+    jsonl = logging.handlers.RotatingFileHandler(logs / "herd.jsonl", maxBytes=10 * 1024 * 1024,
+                                                 backupCount=5, encoding="utf-8")
+    jsonl.setFormatter(JsonLines())
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s herd %(levelname)s %(message)s", "%H:%M:%S"))
+    for handler in (jsonl, console):
+        handler.herd = True
+        log.addHandler(handler)
+    log.propagate = False
+
+
+# =============================================================================================
+# HTTP routes: each handler parses, chooses, forwards, records
+# =============================================================================================
+
+PROXIED = {"/api/chat": "ollama", "/api/generate": "ollama", "/api/embed": "ollama",
+           "/api/embeddings": "ollama", "/v1/chat/completions": "openai", "/v1/completions": "openai",
+           "/v1/embeddings": "openai"}
+NOT_IMPLEMENTED = ("/api/copy", "/api/create", "/api/push", "/api/blobs/<path:digest>")
+MB = 1024 * 1024
+
+
+class Herd:
+    """One router: configuration, fleet, poller, proxy, trace store. Built by create_app."""
+
+    def __init__(self, config):
+        self.config = config
+        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+        self.traces = TraceStore(Path(config.data_dir) / "latency.db", config.retention_days)
+        self.settings = self.traces.load_settings()
+        self.settings["context_protection"] = config.context_protection
+        self.fleet = Fleet(config)
+        self.fleet.seed_latencies(self.traces.recent_latencies())
+        self.proxy = Proxy(self.fleet, self.traces, config)
+        self.poller = NodePoller(self.fleet, config)
+        self._ids = itertools.count(1)
+        self._boot = f"{int(time.time()) & 0xFFFFFF:06x}"
+
+    def start(self):
+        self.poller.start()
+
+    def shutdown(self):
+        self.poller.stop.set()
+        self.traces.close()
+
+    def request_id(self):
+        # A counter, not uuid4: cheaper on the hot path and still unique across restarts.
+        return f"{self._boot}-{next(self._ids)}"
+
+
+def api_of(path):
+    return "openai" if path.startswith("/v1/") else "ollama"
+
+
+def is_loopback(address):
+    return address in ("127.0.0.1", "::1", "localhost") or (address or "").startswith("127.")
+
+
+def create_app(config):
+    """Build a router (Flask app) with its own fleet, threads and database."""
+    herd = Herd(config)
+    app = Flask(__name__, static_folder=str(Path(__file__).resolve().parent / "static"),
+                static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = int(config.max_body_mb * MB)
+    app.herd = herd
+
+    @app.before_request
+    def check_api_key():
+        if config.api_key and request.path != "/":
+            if request.headers.get("Authorization", "") != f"Bearer {config.api_key}":
+                return error_response(api_of(request.path), 401, "missing or wrong API key; send "
+                                      "'Authorization: Bearer <key>' as set by herd --api-key",
+                                      "unauthorized")
+        return None
+
+    def changes_fleet_allowed():
+        """Routes that change the fleet: a key, or a loopback client when there is none."""
+        return bool(config.api_key) or is_loopback(request.remote_addr)
+
+    def proxied(path, api):
+        def view():
+            raw = request.get_data(cache=False)
+            request_id = herd.request_id()
+            try:
+                call = parse_call(api, path, raw, request.headers, request.remote_addr, request_id)
+            except HerdError as exc:
+                herd.proxy.reject(api, path, request.remote_addr, request_id, exc.message)
+                return error_response(api, exc.status, exc.message, exc.code)
+            return herd.proxy.serve(call, admit=(path != "/api/show"))
+        view.__name__ = "proxy_" + path.strip("/").replace("/", "_")
+        return view
+
+    for path, api in PROXIED.items():
+        app.add_url_rule(path, view_func=proxied(path, api), methods=["POST"])
+    app.add_url_rule("/api/show", view_func=proxied("/api/show", "ollama"), methods=["POST"])
+
+    @app.post("/api/pull")
+    def pull():
+        if not changes_fleet_allowed():
+            return error_response("ollama", 403, "pulling changes the fleet: call from the router's "
+                                  "own machine or start herd with --api-key", "forbidden")
+        raw = request.get_data(cache=False)
+        try:
+            body = json.loads(raw or b"{}")
+            model = normalize_model(body.get("model") or body.get("name"))
+        except (ValueError, AttributeError):
+            return error_response("ollama", 400, "request body is not valid JSON", "invalid_json")
+        if not model:
+            return error_response("ollama", 400, 'name the model to pull in "model"', "missing_model")
+        node_id = request.headers.get("X-Herd-Node") or herd.fleet.pull_target(model)
+        if node_id is None:
+            return error_response("ollama", 503, "no node is online to pull onto; start herd-node "
+                                  "or pass --node", "no_nodes", retry_after=5)
+        call = Call(api="ollama", endpoint="/api/pull", body=body, raw=raw, model=model,
+                    stream=body.get("stream", True) is not False, fallback_models=[], tags=[],
+                    client_ip=request.remote_addr, request_id=herd.request_id(),
+                    started=time.perf_counter(), pin=node_id)
+        return herd.proxy.serve(call, admit=False)
+
+    @app.delete("/api/delete")
+    def delete():
+        if not changes_fleet_allowed():
+            return error_response("ollama", 403, "deleting changes the fleet: call from the router's "
+                                  "own machine or start herd with --api-key", "forbidden")
+        node_id = request.headers.get("X-Herd-Node")
+        if not node_id:
+            return error_response("ollama", 400, "say which node to delete from with the X-Herd-Node "
+                                  "header; herd never deletes a model fleet-wide", "node_required")
+        raw = request.get_data(cache=False)
+        try:
+            body = json.loads(raw or b"{}")
+            model = normalize_model(body.get("model") or body.get("name"))
+        except (ValueError, AttributeError):
+            return error_response("ollama", 400, "request body is not valid JSON", "invalid_json")
+        call = Call(api="ollama", endpoint="/api/delete", body=body, raw=raw, model=model, stream=False,
+                    fallback_models=[], tags=[], client_ip=request.remote_addr,
+                    request_id=herd.request_id(), started=time.perf_counter(), pin=node_id,
+                    method="DELETE")
+        return herd.proxy.serve(call, admit=False)
+
+    def not_implemented(**_):
+        return error_response("ollama", 501, f"herd does not support {request.path}: run it against "
+                              "one node's Ollama directly (ollama on that machine)", "not_implemented")
+
+    for path in NOT_IMPLEMENTED:
+        app.add_url_rule(path, endpoint="not_implemented_" + path, view_func=not_implemented,
+                         methods=["POST", "HEAD", "GET", "DELETE"])
+
+    @app.get("/")
+    def root():
+        return Response("herd is running", mimetype="text/plain")
+
+    @app.get("/api/version")
+    def version():
+        versions = [v for v in herd.fleet.ollama_versions() if v]
+        return {"version": min(versions, key=version_key) if versions else "0.0.0", "herd": __version__}
+
+    @app.get("/api/tags")
+    def tags():
+        return {"models": union_models(herd.fleet.online_nodes(), "models")}
+
+    @app.get("/api/ps")
+    def ps():
+        return {"models": union_models(herd.fleet.online_nodes(), "loaded")}
+
+    @app.get("/v1/models")
+    def openai_models():
+        return {"object": "list", "data": [openai_model(m) for m in
+                                           union_models(herd.fleet.online_nodes(), "models")]}
+
+    @app.get("/v1/models/<path:model>")
+    def openai_model_one(model):
+        wanted = normalize_model(model)
+        for entry in union_models(herd.fleet.online_nodes(), "models"):
+            if entry["name"] == wanted:
+                return openai_model(entry)
+        return error_response("openai", 404, f"model {model} is not on any online node", "model_not_found")
+
+    @app.get("/fleet/status")
+    def fleet_status():
+        return herd.fleet.status()
+
+    @app.post("/heartbeat")
+    def heartbeat():
+        try:
+            beat = parse_heartbeat(request.get_data(cache=False))
+        except HerdError as exc:
+            return error_response("ollama", exc.status, exc.message, exc.code)
+        herd.fleet.report(beat["node_id"], beat["ollama_url"].rstrip("/"), "agent",
+                          float(beat.get("interval_s") or 5), beat)
+        return {"ok": True, "node_id": beat["node_id"]}
+
+    @app.errorhandler(404)
+    def no_route(_):
+        return error_response(api_of(request.path), 404, f"herd has no route {request.method} "
+                              f"{request.path}; see the README for the API", "no_route")
+
+    @app.errorhandler(405)
+    def wrong_method(_):
+        return error_response(api_of(request.path), 405, f"{request.path} does not take "
+                              f"{request.method}", "method_not_allowed")
+
+    @app.errorhandler(413)
+    def too_large(_):
+        return error_response(api_of(request.path), 413, f"request body is larger than "
+                              f"{config.max_body_mb:g} MB (FLEET_MAX_BODY_MB)", "body_too_large")
+
+    @app.errorhandler(Exception)
+    def internal(exc):
+        if hasattr(exc, "code") and hasattr(exc, "get_response"):  # any other HTTP error from Flask
+            return error_response(api_of(request.path), exc.code, exc.description, "http_error")
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error_response(api_of(request.path), 500, f"herd hit an internal error "
+                              f"({type(exc).__name__}); the log at {config.data_dir}/logs/herd.jsonl "
+                              "has the details", "internal_error")
+
+    herd.start()
+    return app
+
+
+def version_key(version):
+    return tuple(int(part) if part.isdigit() else 0 for part in re.split(r"[.\-+]", version))
+
+
+def union_models(online, which):
+    """Ollama's /api/tags or /api/ps shape, merged over nodes, each entry with a `nodes` list."""
+    merged = {}
+    for node_id, _url, models, loaded in online:
+        for name, entry in (models if which == "models" else loaded).items():
+            if name not in merged:
+                merged[name] = dict(entry, name=name, model=name, nodes=[])
+            merged[name]["nodes"].append(node_id)
+    return [merged[name] for name in sorted(merged)]
+
+
+def openai_model(entry):
+    try:
+        created = int(datetime.fromisoformat(entry["modified_at"].replace("Z", "+00:00")).timestamp())
+    except (KeyError, TypeError, AttributeError, ValueError):
+        created = 0
+    return {"id": entry["name"], "object": "model", "created": created, "owned_by": "library",
+            "nodes": entry.get("nodes", [])}
+
+
+HEARTBEAT_REQUIRED = ("node_id", "ollama_url", "ollama")
+
+
+def parse_heartbeat(raw):
+    """Check a heartbeat body (SPEC §3); raises HerdError(400) naming what is wrong."""
+    try:
+        beat = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise HerdError(400, "heartbeat body is not valid JSON", "invalid_json") from None
+    if not isinstance(beat, dict):
+        raise HerdError(400, "heartbeat body must be a JSON object", "invalid_heartbeat")
+    missing = [key for key in HEARTBEAT_REQUIRED if not beat.get(key)]
+    if missing:
+        raise HerdError(400, f"heartbeat is missing {', '.join(missing)}", "invalid_heartbeat")
+    if not isinstance(beat["node_id"], str):
+        raise HerdError(400, "heartbeat node_id must be a string", "invalid_heartbeat")
+    url = urlsplit(str(beat["ollama_url"]))
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise HerdError(400, f"heartbeat ollama_url must be an http(s) URL, got {beat['ollama_url']!r}",
+                        "invalid_heartbeat")
+    if not isinstance(beat["ollama"], dict):
+        raise HerdError(400, "heartbeat ollama must be an object", "invalid_heartbeat")
+    return beat
+
+
+# =============================================================================================
+# Server: Waitress sized for hundreds of concurrent streams
+# =============================================================================================
+
+def make_server(app, config):
+    """A Waitress server for `app` on config.host:port (port 0 picks a free one)."""
+    import waitress  # imported here so that tools importing herd for its helpers stay light
+
+    raise_fd_limit()
+    return waitress.create_server(
+        app, host=config.host, port=config.port, threads=config.threads,
+        # Past connection_limit Waitress stops accepting and clients sit unseen in the backlog.
+        connection_limit=config.threads * 2 + 100,
+        # select() dies once a descriptor passes 1024; each proxied stream holds two.
+        asyncore_use_poll=True,
+        # Lets Waitress notice a client that left while its request is still running.
+        channel_request_lookahead=1,
+        max_request_body_size=int(config.max_body_mb * MB) + MB,
+        ident="herd", expose_tracebacks=False, clear_untrusted_proxy_headers=True)
+
+
+def stop_server(server):
+    """Stop a server made by make_server from another thread (tests, shutdown)."""
+    import waitress.wasyncore as wasyncore
+
+    server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
+    wasyncore.close_all(server._map)
+
+
+def raise_fd_limit():
+    """Each stream holds two sockets: lift the soft descriptor limit where the OS allows it."""
+    try:
+        import resource
+    except ImportError:  # Windows has no such limit to lift
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            log.warning("could not raise the open-file limit from %d; large stream counts may fail", soft)
+
+
+# =============================================================================================
+# Command line
+# =============================================================================================
+
+def parse_node(spec):
+    """`name=URL` or `URL` -> (name, url). Unnamed nodes are called by their host (and port)."""
+    spec = spec.strip()
+    name, sep, url = spec.partition("=")
+    if not sep or "://" in name:
+        name, url = "", spec
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.BadParameter(f"{spec!r} is not a node URL like http://gpu-box:11434 or "
+                                 "gpu=http://gpu-box:11434", param_hint="--node")
+    if not name:
+        name = parts.hostname if (parts.port or 11434) == 11434 else f"{parts.hostname}:{parts.port}"
+    return name, url.rstrip("/")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--host", default="0.0.0.0", show_default=True, envvar="FLEET_HOST", help="Address to listen on.")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
+              envvar="FLEET_PORT", help="Port to listen on.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR,
+              show_default=True, envvar="FLEET_DATA_DIR", help="Where latency.db and logs/ live.")
+@click.option("--node", "node_specs", multiple=True, metavar="[NAME=]URL",
+              help="An Ollama to route to without an agent (repeatable; FLEET_NODES, comma separated).")
+@click.option("--threads", default=DEFAULT_THREADS, show_default=True, type=click.IntRange(8, 10000),
+              envvar="FLEET_THREADS", help="Worker threads: one per concurrent request or stream.")
+@click.option("--api-key", envvar="FLEET_API_KEY", default=None, help="Require 'Authorization: Bearer KEY'.")
+@click.option("--parallel", default=1, show_default=True, type=click.IntRange(1, 256), envvar="FLEET_PARALLEL",
+              help="Requests a node runs at once per model when it does not report num_parallel.")
+@click.option("--no-mdns", is_flag=True, envvar="FLEET_NO_MDNS", help="Do not advertise _herd._tcp on mDNS.")
+@click.option("--no-local", is_flag=True, envvar="FLEET_NO_LOCAL",
+              help="Do not serve http://localhost:11434 as node 'local' when no node is configured.")
+@click.option("--log-level", default="INFO", show_default=True, envvar="FLEET_LOG_LEVEL",
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--queue-timeout", default=300.0, show_default=True, type=click.FloatRange(0.1),
+              envvar="FLEET_QUEUE_TIMEOUT", help="Seconds a request may wait for a free slot.")
+@click.option("--max-queue", default=1000, show_default=True, type=click.IntRange(0),
+              envvar="FLEET_MAX_QUEUE", help="Requests that may wait for a slot at once.")
+@click.option("--stall-timeout", default=600.0, show_default=True, type=click.FloatRange(1),
+              envvar="FLEET_STALL_TIMEOUT", help="Seconds without a byte before a request is reaped.")
+@click.option("--context-protection", default="strip", show_default=True, envvar="FLEET_CONTEXT_PROTECTION",
+              type=click.Choice(CONTEXT_POLICIES), help="What to do with num_ctx that would force a reload.")
+@click.option("--trace-retention-days", default=30.0, show_default=True, type=click.FloatRange(0.01),
+              envvar="FLEET_TRACE_RETENTION_DAYS", help="Trace rows older than this are pruned.")
+@click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(0.01),
+              envvar="FLEET_MAX_BODY_MB", help="Largest request body accepted.")
+def main(host, port, data_dir, node_specs, threads, api_key, parallel, no_mdns, no_local, log_level,
+         queue_timeout, max_queue, stall_timeout, context_protection, trace_retention_days, max_body_mb):
+    """herd: one Ollama/OpenAI endpoint that routes each request to the best Ollama node."""
+    specs = list(node_specs) or [s for s in os.environ.get("FLEET_NODES", "").split(",") if s.strip()]
+    nodes = [parse_node(spec) for spec in specs]
+    names = [name for name, _ in nodes]
+    if len(set(names)) != len(names):
+        raise click.BadParameter("two nodes have the same name; name them: --node gpu=http://...",
+                                 param_hint="--node")
+    config = Config(host=host, port=port, data_dir=data_dir.expanduser(), nodes=nodes, threads=threads,
+                    api_key=api_key, parallel=parallel, mdns=not no_mdns, local=not no_local,
+                    log_level=log_level, queue_timeout=queue_timeout, max_queue=max_queue,
+                    stall_timeout=stall_timeout, context_protection=context_protection,
+                    retention_days=trace_retention_days, max_body_mb=max_body_mb)
+    try:
+        setup_logging(config.data_dir, log_level)
+        app = create_app(config)
+    except (OSError, sqlite3.Error) as exc:
+        raise click.ClickException(f"cannot use data dir {config.data_dir}: {exc}") from None
+    try:
+        server = make_server(app, config)
+    except OSError as exc:
+        app.herd.shutdown()
+        raise click.ClickException(f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another "
+                                   "herd running? Pick another --port") from None
+    where = ", ".join(f"{n}={u}" for n, u in nodes) or ("agents (mDNS) and http://localhost:11434"
+                                                         if config.local else "agents (mDNS)")
+    click.echo(f"herd {__version__} listening on http://{host}:{server.effective_port} "
+               f"({threads} threads); nodes: {where}; data: {config.data_dir}")
+    if not api_key and not is_loopback(host):
+        log.warning("listening on %s without --api-key: anyone on the network can use this router; "
+                    "pull, delete and settings are limited to this machine", host)
+    signal_stop(server)
+    try:
+        server.run()
+    finally:
+        app.herd.shutdown()
+        click.echo("herd stopped; traces flushed")
+
+
+def signal_stop(server):
+    """SIGTERM stops the server like Ctrl-C, so queued trace rows are written before exit."""
+    import signal
+
+    def stop(signum, _frame):
+        raise SystemExit(0)
+
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, stop)
+
+
+if __name__ == "__main__":
+    main()

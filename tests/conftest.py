@@ -1,0 +1,88 @@
+"""Fixtures: fake Ollama nodes and real herd routers on free loopback ports."""
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import herd  # noqa: E402
+from fake_ollama import FakeOllama  # noqa: E402
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Router:
+    """A real herd router on a loopback port, served by Waitress in a thread."""
+
+    def __init__(self, config):
+        self.config = config
+        self.app = herd.create_app(config)
+        self.herd = self.app.herd
+        self.server = herd.make_server(self.app, config)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        herd.stop_server(self.server)
+        self.herd.shutdown()
+
+    def status(self):
+        return requests.get(self.url + "/fleet/status", timeout=5).json()
+
+    def wait_online(self, count):
+        wait_for(lambda: self.status()["fleet"]["nodes_online"] >= count, what=f"{count} nodes online")
+
+    def traces(self, sql="SELECT * FROM request_traces"):
+        """Rows once the writer has committed everything queued so far."""
+        assert self.herd.traces.flush()
+        return self.herd.traces.query(sql)
+
+
+@pytest.fixture
+def make_fake():
+    fakes = []
+
+    def make(**kwargs):
+        fake = FakeOllama(**kwargs).start()
+        fakes.append(fake)
+        return fake
+
+    yield make
+    for fake in fakes:
+        fake.stop()
+
+
+@pytest.fixture
+def make_router(tmp_path):
+    routers = []
+
+    def make(nodes=(), **overrides):
+        settings = dict(host="127.0.0.1", port=0, data_dir=tmp_path / f"data{len(routers)}",
+                        nodes=[(name, url) for name, url in nodes], threads=64, mdns=False,
+                        local=False, poll_interval=0.2)
+        settings.update(overrides)
+        router = Router(herd.Config(**settings))
+        routers.append(router)
+        if nodes:
+            router.wait_online(len(nodes))
+        return router
+
+    yield make
+    for router in routers:
+        router.stop()
