@@ -648,17 +648,21 @@ class NodePoller:
 # memory_fit          0..+20    20 x headroom / budget, headroom = budget - loaded - (model if cold);
 #                               10 when the node does not report a budget
 # queue_depth         -30..0    -30 x min(1, (model in-flight / slots + 0.5 x other in-flight / slots) / 2)
-# latency_history     -25..0    -25 x min(1, (p75 / best p75 among candidates - 1) / 3)
+# latency_history     -25..0    -25 x min(1, (p75 / best p75 among candidates - 1.5) / 3), when
+#                               the two differ by more than 100 ms
 # role_affinity       0..+15    15 x (1 - |node budget share - model's wanted share|), where the
 #                               wanted share is min(1, 4 x model size / largest budget): big models
 #                               go to big machines and small ones leave those free
-# availability_trend  0..+10    10 x min(1, minutes online without a gap / 10)
+# availability_trend  0..+10    10 x min(1, minutes online without a gap / 10), whole points
 # context_fit         0..+15    15 if the loaded context covers the request (num_ctx or estimated
 #                               tokens), 5 if the model is cold (its load sets the context), else 0
 #
 # Ties: fewest requests in flight on the whole node, then random, so equal nodes share the load.
 
 CHARS_PER_TOKEN = 4  # rough size of a token in English text, for the context estimate
+# Latencies within this ratio of the best are noise, not a signal: equal nodes must still tie.
+LATENCY_DEAD_BAND = 1.5
+LATENCY_NOISE_MS = 100.0  # and so are differences smaller than this (a connection set-up, a GC)
 
 
 def score_node(node, model, call, now, fleet_max_budget, p75, best_p75, slots):
@@ -684,8 +688,8 @@ def score_node(node, model, call, now, fleet_max_budget, p75, best_p75, slots):
     queue_depth = -30.0 * min(1.0, pressure / 2)
 
     mine_p75 = p75.get((node.node_id, model))
-    if mine_p75 is not None and best_p75:
-        latency_history = -25.0 * min(1.0, max(0.0, mine_p75 / best_p75 - 1) / 3)
+    if mine_p75 is not None and best_p75 and mine_p75 - best_p75 > LATENCY_NOISE_MS:
+        latency_history = -25.0 * min(1.0, max(0.0, mine_p75 / best_p75 - LATENCY_DEAD_BAND) / 3)
     else:
         latency_history = 0.0
 
@@ -696,7 +700,7 @@ def score_node(node, model, call, now, fleet_max_budget, p75, best_p75, slots):
         role_affinity = 7.5
 
     steady_minutes = (now - node.online_since) / 60 if node.online_since else 0
-    availability_trend = 10.0 * min(1.0, steady_minutes / 10)
+    availability_trend = float(round(10 * min(1.0, steady_minutes / 10)))
 
     if loaded is None:
         context_fit = 5.0
@@ -1407,6 +1411,8 @@ def union_models(online, which):
             if name not in merged:
                 merged[name] = dict(entry, name=name, model=name, nodes=[])
             merged[name]["nodes"].append(node_id)
+    for entry in merged.values():
+        entry["nodes"].sort()
     return [merged[name] for name in sorted(merged)]
 
 

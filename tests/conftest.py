@@ -43,7 +43,8 @@ class Router:
         self.herd.shutdown()
 
     def status(self):
-        return requests.get(self.url + "/fleet/status", timeout=5).json()
+        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        return requests.get(self.url + "/fleet/status", headers=headers, timeout=5).json()
 
     def wait_online(self, count):
         wait_for(lambda: self.status()["fleet"]["nodes_online"] >= count, what=f"{count} nodes online")

@@ -1,0 +1,174 @@
+"""Routing: which node a request lands on, and how many run at once."""
+
+import collections
+import concurrent.futures
+import json
+
+import requests
+
+from conftest import wait_for
+
+CHAT = {"model": "llama3.2", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def chat(router, body=CHAT, **kwargs):
+    return requests.post(router.url + "/api/chat", json=body, timeout=30, **kwargs)
+
+
+def heartbeat(router, node_id, fake, **fields):
+    """Post what herd-node would post for `fake` (tests of the router need no agent)."""
+    body = {"node_id": node_id, "ollama_url": fake.url, "hostname": node_id, "interval_s": 5,
+            "memory": {"total_gb": 32, "available_gb": 20}, "gpu": None, "cpu_percent": 3.0,
+            "num_parallel": None, "memory_budget_gb": 32,
+            "ollama": {"reachable": True, "version": "0.12.0",
+                       "models": [fake.tag_entry(m) for m in fake.models],
+                       "loaded": [fake.ps_entry(m) for m in fake.loaded]}}
+    body.update(fields)
+    return requests.post(router.url + "/heartbeat", json=body, timeout=5)
+
+
+def test_routes_to_the_node_where_the_model_is_hot(make_fake, make_router):
+    cold = make_fake(models={"llama3.2": 2.0})
+    hot = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    router = make_router(nodes=[("cold", cold.url), ("hot", hot.url)])
+    nodes = [chat(router).headers["X-Herd-Node"] for _ in range(10)]
+    assert nodes == ["hot"] * 10
+    assert cold.served == 0
+
+
+def test_equal_nodes_share_the_load(make_fake, make_router):
+    fakes = [make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"]) for _ in range(3)]
+    router = make_router(nodes=[(f"n{i}", f.url) for i, f in enumerate(fakes)])
+    counts = collections.Counter(chat(router).headers["X-Herd-Node"] for _ in range(60))
+    assert set(counts) == {"n0", "n1", "n2"}  # the first-registered node does not win every tie
+    assert min(counts.values()) >= 8
+
+
+def test_model_names_are_normalised_at_the_door(make_fake, make_router):
+    fake = make_fake(models={"llama3.2:latest": 2.0})
+    router = make_router(nodes=[("a", fake.url)])
+    for name in ("llama3.2", "llama3.2:latest"):
+        response = chat(router, dict(CHAT, model=name))
+        assert response.status_code == 200
+        assert response.headers["X-Herd-Model"] == "llama3.2:latest"
+
+
+def test_never_more_in_flight_per_model_than_the_node_runs_in_parallel(make_fake, make_router):
+    fakes = [make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], token_delay=0.02) for _ in range(2)]
+    router = make_router(nodes=[("a", fakes[0].url), ("b", fakes[1].url)])
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(lambda _: chat(router).status_code, range(24)))
+    assert statuses == [200] * 24
+    assert [f.max_active["llama3.2:latest"] for f in fakes] == [1, 1]  # Ollama's default: one at a time
+    assert fakes[0].served + fakes[1].served == 24
+    queued = router.traces("SELECT COUNT(*) FROM request_traces WHERE queue_ms > 0")[0][0]
+    assert queued > 0  # the rest waited in herd's queue, not inside Ollama
+
+
+def test_num_parallel_from_the_heartbeat_sets_the_cap(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], token_delay=0.03)
+    router = make_router()
+    assert heartbeat(router, "big", fake, num_parallel=3).status_code == 200
+    router.wait_online(1)
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        statuses = list(pool.map(lambda _: chat(router).status_code, range(20)))
+    assert statuses == [200] * 20
+    assert fake.max_active["llama3.2:latest"] == 3
+
+
+def test_parallel_flag_applies_to_nodes_that_do_not_report(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], token_delay=0.03)
+    router = make_router(nodes=[("a", fake.url)], parallel=2)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: chat(router), range(16)))
+    assert fake.max_active["llama3.2:latest"] == 2
+
+
+def test_queue_wait_is_bounded_with_503_and_retry_after(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=3, token_delay=0.5)
+    router = make_router(nodes=[("a", fake.url)], queue_timeout=0.3)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(chat, router)
+        wait_for(lambda: fake.active.get("llama3.2:latest"), what="first request running")
+        second = chat(router)
+        assert first.result().status_code == 200
+    assert second.status_code == 503
+    assert "Retry-After" in second.headers
+    assert "no slot" in second.json()["error"]
+
+
+def test_full_queue_is_refused_at_once(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=3, token_delay=0.4)
+    router = make_router(nodes=[("a", fake.url)], max_queue=1)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        running = pool.submit(chat, router)
+        wait_for(lambda: fake.active.get("llama3.2:latest"), what="first request running")
+        waiting = pool.submit(chat, router)
+        wait_for(lambda: router.status()["fleet"]["requests_queued"] == 1, what="one queued")
+        refused = chat(router)
+        assert refused.status_code == 503 and "queue is full" in refused.json()["error"]
+        assert running.result().status_code == 200 and waiting.result().status_code == 200
+
+
+def test_waiting_requests_are_served_oldest_first(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=2, token_delay=0.15)
+    router = make_router(nodes=[("a", fake.url)])
+    order = []
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = []
+        for index in range(6):
+            futures.append(pool.submit(lambda i: (chat(router, dict(CHAT, messages=[
+                {"role": "user", "content": f"q{i}"}])), order.append(i)), index))
+            wait_for(lambda: router.status()["fleet"]["requests_queued"] + fake.active.get(
+                "llama3.2:latest", 0) >= index + 1, what="request queued")
+        for future in futures:
+            future.result()
+    sent = [body["messages"][0]["content"] for _, body in fake.received]
+    assert sent == [f"q{i}" for i in range(6)]
+
+
+def test_model_missing_on_a_node_is_never_routed_there(make_fake, make_router):
+    has = make_fake(models={"llama3.2": 2.0})
+    lacks = make_fake(models={"qwen2.5:7b": 4.0}, loaded=["qwen2.5:7b"])
+    router = make_router(nodes=[("has", has.url), ("lacks", lacks.url)])
+    assert {chat(router).headers["X-Herd-Node"] for _ in range(10)} == {"has"}
+
+
+def test_model_bigger_than_every_memory_budget_is_refused(make_fake, make_router):
+    fake = make_fake(models={"llama3.3:70b": 40.0})
+    router = make_router()
+    heartbeat(router, "small", fake, memory_budget_gb=16)
+    router.wait_online(1)
+    response = chat(router, dict(CHAT, model="llama3.3:70b"))
+    assert response.status_code == 507
+    assert "does not fit" in response.json()["error"]
+
+
+def test_fleet_status_reports_nodes_models_and_counts(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=3, token_delay=0.3)
+    router = make_router()
+    heartbeat(router, "box", fake, num_parallel=2, gpu={"vram_total_gb": 24, "vram_used_gb": 3})
+    router.wait_online(1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(chat, router)
+        wait_for(lambda: fake.active.get("llama3.2:latest"), what="request running")
+        status = router.status()
+        future.result()
+    node = status["nodes"][0]
+    assert status["fleet"]["requests_active"] == 1 and status["fleet"]["nodes_online"] == 1
+    assert node["node_id"] == "box" and node["status"] == "online" and node["num_parallel"] == 2
+    assert node["gpu"] == {"vram_total_gb": 24, "vram_used_gb": 3}
+    assert node["models_loaded"] == [{"name": "llama3.2:latest", "size_vram": 2 * 1024 ** 3,
+                                      "context_length": 4096, "requests_active": 1}]
+
+
+def test_every_decision_carries_its_score_breakdown(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    router = make_router(nodes=[("a", fake.url)])
+    chat(router)
+    (breakdown, score), = router.traces("SELECT scores_breakdown, score FROM request_traces")
+    signals = json.loads(breakdown)
+    assert set(signals) == {"thermal", "memory_fit", "queue_depth", "latency_history", "role_affinity",
+                            "availability_trend", "context_fit"}
+    assert signals["thermal"] == 50
+    assert abs(sum(signals.values()) - score) < 0.05
