@@ -590,6 +590,7 @@ def fits(node, model):
 # =============================================================================================
 
 POLL_TIMEOUT = 3.0
+MDNS_SERVICE = "_herd._tcp.local."
 
 
 def poll_ollama(session, url):
@@ -634,6 +635,56 @@ class NodePoller:
             elif self.fleet.has_node(name):
                 self.fleet.mark_unreachable(name, result["error"])
             self.stop.wait(self.config.poll_interval)
+
+
+class Advertiser:
+    """Announces the router as `_herd._tcp.local.` so agents find it. Registering blocks for
+    seconds (NOTES-STACK: zeroconf), so it happens in a thread, off the start-up path. Liveness
+    never comes from mDNS: heartbeats decide."""
+
+    def __init__(self, host, port):
+        self.host, self.port = host, int(port)  # Waitress reports its port as a string
+        self.zeroconf = None
+        self.info = None
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._register, name="herd-mdns", daemon=True).start()
+
+    def _register(self):
+        try:
+            from zeroconf import InterfaceChoice, ServiceInfo, Zeroconf, get_all_addresses
+
+            if is_loopback(self.host):
+                interfaces, addresses = [self.host], [self.host]
+            elif self.host in ("0.0.0.0", "", "::"):
+                interfaces = InterfaceChoice.All
+                addresses = [a for a in get_all_addresses() if not a.startswith("127.")] or ["127.0.0.1"]
+            else:
+                interfaces, addresses = [self.host], [self.host]
+            name = f"herd on {socket.gethostname()} port {self.port}".replace(".", "-")
+            self.info = ServiceInfo(MDNS_SERVICE, f"{name}.{MDNS_SERVICE}", port=self.port,
+                                    parsed_addresses=addresses, properties={"version": __version__})
+            zeroconf = Zeroconf(interfaces=interfaces)
+            zeroconf.register_service(self.info)
+            with self.lock:
+                self.zeroconf = zeroconf
+                closed = self.closed
+            if closed:  # the router stopped while registering
+                self.close()
+                return
+            log.info("advertising %s on mDNS at %s", MDNS_SERVICE, ", ".join(addresses))
+        except Exception as exc:  # noqa: BLE001 - mDNS is a convenience; the router runs without it
+            log.warning("mDNS advertising failed (%s); agents need --router-url", exc)
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+            zeroconf, self.zeroconf = self.zeroconf, None
+        if zeroconf is not None:
+            try:
+                zeroconf.unregister_service(self.info)
+            finally:
+                zeroconf.close()
 
 
 # =============================================================================================
@@ -1214,14 +1265,22 @@ class Herd:
         self.fleet.seed_latencies(self.traces.recent_latencies())
         self.proxy = Proxy(self.fleet, self.traces, config)
         self.poller = NodePoller(self.fleet, config)
+        self.advertiser = None
         self._ids = itertools.count(1)
         self._boot = f"{int(time.time()) & 0xFFFFFF:06x}"
 
     def start(self):
         self.poller.start()
 
+    def advertise(self, port):
+        """Announce this router on mDNS (unless --no-mdns) once its port is known."""
+        if self.config.mdns and self.advertiser is None:
+            self.advertiser = Advertiser(self.config.host, port)
+
     def shutdown(self):
         self.poller.stop.set()
+        if self.advertiser is not None:
+            self.advertiser.close()
         self.traces.close()
 
     def request_id(self):
@@ -1526,7 +1585,7 @@ def parse_node(spec):
 @click.option("--threads", default=DEFAULT_THREADS, show_default=True, type=click.IntRange(8, 10000),
               envvar="FLEET_THREADS", help="Worker threads: one per concurrent request or stream.")
 @click.option("--api-key", envvar="FLEET_API_KEY", default=None, help="Require 'Authorization: Bearer KEY'.")
-@click.option("--parallel", default=1, show_default=True, type=click.IntRange(1, 256), envvar="FLEET_PARALLEL",
+@click.option("--parallel", default=1, show_default=True, type=click.IntRange(1, 4096), envvar="FLEET_PARALLEL",
               help="Requests a node runs at once per model when it does not report num_parallel.")
 @click.option("--no-mdns", is_flag=True, envvar="FLEET_NO_MDNS", help="Do not advertise _herd._tcp on mDNS.")
 @click.option("--no-local", is_flag=True, envvar="FLEET_NO_LOCAL",
@@ -1577,7 +1636,8 @@ def main(host, port, data_dir, node_specs, threads, api_key, parallel, no_mdns, 
     if not api_key and not is_loopback(host):
         log.warning("listening on %s without --api-key: anyone on the network can use this router; "
                     "pull, delete and settings are limited to this machine", host)
-    signal_stop(server)
+    app.herd.advertise(server.effective_port)
+    signal_stop()
     try:
         server.run()
     finally:
@@ -1585,7 +1645,7 @@ def main(host, port, data_dir, node_specs, threads, api_key, parallel, no_mdns, 
         click.echo("herd stopped; traces flushed")
 
 
-def signal_stop(server):
+def signal_stop():
     """SIGTERM stops the server like Ctrl-C, so queued trace rows are written before exit."""
     import signal
 

@@ -62,7 +62,7 @@ class FakeOllama:
 
     def start(self):
         handler = type("Handler", (FakeHandler,), {"fake": self})
-        self.server = ThreadingHTTPServer((self.host, self.port), handler)
+        self.server = QuietServer((self.host, self.port), handler)
         self.server.daemon_threads = True
         self.server.request_queue_size = 1024
         self.port = self.server.server_address[1]
@@ -113,6 +113,11 @@ class FakeOllama:
             self.active[model] -= 1
             self.served += 1
             self.loaded.setdefault(model, self.context_length)
+
+
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # clients that hang up (tests of disconnects) are expected, not news
 
 
 class FakeHandler(BaseHTTPRequestHandler):
