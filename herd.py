@@ -83,6 +83,7 @@ class Config:
     stall_timeout: float = 600.0  # a request silent this long is reaped
     connect_timeout: float = 3.0  # TCP connect to a node
     first_byte_timeout: float = 300.0  # a cold load of a big model can be silent for minutes
+    idle_timeout: float = 120.0  # longest silence between chunks of a running stream
     context_protection: str = "strip"
     retention_days: float = 30.0
     max_body_mb: float = 64.0
@@ -161,6 +162,16 @@ class Call:
     edited: bool = False  # body must be re-serialised before forwarding
     pin: str | None = None  # a node chosen by the client (X-Herd-Node) for model management
     method: str = "POST"
+    client_gone: object = lambda: False  # Waitress tells when the client has left
+    substitute: str | None = None  # a loaded model of the same kind, when nothing can load `model`
+    events: list = field(default_factory=list)  # what herd did: retries, strips, fallbacks (traced)
+
+    def candidate_models(self):
+        """The asked model, the client's fallbacks in order, then herd's VRAM substitute."""
+        return [self.model] + self.fallback_models + ([self.substitute] if self.substitute else [])
+
+    def note(self, event):
+        self.events.append(event)
 
 
 STREAMING_DEFAULT = {"/api/chat": True, "/api/generate": True}  # Ollama streams unless told not to
@@ -228,6 +239,15 @@ def parse_call(api, endpoint, raw, headers, client_ip, request_id):
 MISSED_INTERVALS_OFFLINE = 3  # a node that misses this many of its own intervals is offline
 RECENT_UNLOAD_S = 600.0  # a model unloaded this recently still counts as a little warm
 LATENCY_WINDOW = 64  # recent latencies kept per node:model for the p75 signal
+# A failing node rests 1 s, then 2, 4, ... up to a minute while it keeps failing; the first
+# request after a rest probes it. A good heartbeat ends the rest of a node that was unreachable.
+COOLDOWN_FIRST_S = 1.0
+COOLDOWN_MAX_S = 60.0
+# Ollama's documented default context; a node's own default is learned when herd loads a model
+# without num_ctx, or reported by the agent (OLLAMA_CONTEXT_LENGTH).
+DEFAULT_NUM_CTX = 4096
+# Options whose change makes Ollama unload and reload a model (NOTES-STACK: Ollama).
+RELOAD_OPTIONS = ("num_gpu", "num_batch", "num_thread", "use_mmap")
 GB = 1024 ** 3
 
 
@@ -245,21 +265,28 @@ class Node:
     cpu_percent: float | None = None
     num_parallel: int | None = None
     memory_budget_gb: float | None = None
+    default_context_length: int | None = None
     reachable: bool = False
     ollama_version: str | None = None
     ollama_error: str | None = None
     models: dict = field(default_factory=dict)  # name -> /api/tags entry
     loaded: dict = field(default_factory=dict)  # name -> /api/ps entry
     unloaded_at: dict = field(default_factory=dict)  # name -> time it left memory
+    load_options: dict = field(default_factory=dict)  # name -> reload options herd loaded it with
+    default_ctx: dict = field(default_factory=dict)  # name -> context it gets without num_ctx
     last_seen: float = 0.0  # time.time() of the last good report
     online_since: float = 0.0
     in_flight: int = 0
     in_flight_by_model: dict = field(default_factory=dict)
+    failures: int = 0  # consecutive failed requests
+    failure_kind: str | None = None  # unreachable | error
+    cooldown_until: float = 0.0
+    last_failure: str | None = None
 
     def status(self, now):
         if now - self.last_seen > MISSED_INTERVALS_OFFLINE * self.interval_s:
             return "offline"
-        return "online" if self.reachable else "degraded"
+        return "online" if self.reachable and now >= self.cooldown_until else "degraded"
 
     def budget_bytes(self):
         if self.memory_budget_gb:
@@ -269,11 +296,20 @@ class Node:
     def memory_in_use(self):
         return sum(entry.get("size_vram") or entry.get("size") or 0 for entry in self.loaded.values())
 
+    def context_default(self, model):
+        return self.default_ctx.get(model) or self.default_context_length or DEFAULT_NUM_CTX
+
 
 def model_size(node, model):
     """Bytes a model needs on a node: its loaded size if loaded, else its size on disk."""
     entry = node.loaded.get(model) or node.models.get(model) or {}
     return entry.get("size_vram") or entry.get("size") or 0
+
+
+def fits(node, model):
+    """Can this node hold the model at all (evicting others if it must)?"""
+    budget = node.budget_bytes()
+    return budget is None or model in node.loaded or model_size(node, model) <= budget
 
 
 class RoutingError(HerdError):
@@ -282,13 +318,17 @@ class RoutingError(HerdError):
 
 @dataclass
 class Lease:
-    """A granted slot: this request may run `model` on `node` until it releases the lease."""
+    """A granted slot: this request may run `model` on `node` until it releases the lease.
+    It carries what the node had loaded when it was chosen, for context protection."""
 
     node_id: str
     url: str
     model: str
     score: float
     breakdown: dict
+    loaded_ctx: int | None = None  # context the model runs with there; None when cold
+    default_ctx: int = DEFAULT_NUM_CTX
+    load_options: dict = field(default_factory=dict)
     queued_ms: float = 0.0
     held: bool = True  # False for reads that take no slot
     released: bool = False
@@ -298,14 +338,14 @@ class Lease:
 class Waiter:
     call: Call
     models: list
-    exclude: frozenset
     enqueued: float
     event: threading.Event = field(default_factory=threading.Event)
     lease: Lease | None = None
 
 
 class Fleet:
-    """The router's whole view of the fleet. Every change goes through a method under one lock."""
+    """The router's whole view of the fleet. Every change goes through a method under one lock.
+    The admission queue lives here too: granting a slot is a change of fleet state."""
 
     def __init__(self, config):
         self.config = config
@@ -314,7 +354,7 @@ class Fleet:
         self.waiters = []  # oldest first
         self.latencies = {}  # (node_id, model) -> list of recent latency ms
         self.p75 = {}  # (node_id, model) -> p75 of the above
-        self.requests_active = 0
+        self.context_policy = config.context_protection
 
     # -- reports from agents and polls ------------------------------------------------------
 
@@ -337,7 +377,8 @@ class Fleet:
             node.reachable = bool(ollama.get("reachable"))
             node.ollama_version = ollama.get("version")
             node.ollama_error = ollama.get("error")
-            for key in ("hostname", "memory", "gpu", "cpu_percent", "num_parallel", "memory_budget_gb"):
+            for key in ("hostname", "memory", "gpu", "cpu_percent", "num_parallel", "memory_budget_gb",
+                        "default_context_length"):
                 if key in data:
                     setattr(node, key, data[key])
             if node.reachable:
@@ -346,8 +387,18 @@ class Fleet:
                 loaded = {normalize_model(m.get("name") or m.get("model")): m
                           for m in ollama.get("loaded") or () if m.get("name") or m.get("model")}
                 for name in node.loaded.keys() - loaded.keys():
-                    node.unloaded_at[name] = now
+                    if not node.in_flight_by_model.get(name):  # herd's own traffic knows better
+                        node.unloaded_at[name] = now
+                        node.load_options.pop(name, None)
+                    else:
+                        loaded[name] = node.loaded[name]
+                for name, entry in loaded.items():  # a model herd loaded without num_ctx shows the default
+                    sent = node.load_options.get(name)
+                    if sent is not None and sent.get("num_ctx") is None and entry.get("context_length"):
+                        node.default_ctx[name] = entry["context_length"]
                 node.loaded = loaded
+                if node.failure_kind == "unreachable":  # it answers again: end its rest now
+                    node.failures, node.failure_kind, node.cooldown_until = 0, None, 0.0
             node.last_seen = now
             if not was_online and node.status(now) == "online":
                 node.online_since = now
@@ -363,6 +414,50 @@ class Fleet:
                 node.ollama_error = reason
                 log.warning("node %s unreachable: %s", node_id, reason)
 
+    def note_failure(self, lease, reason, unreachable):
+        """A request failed on a node before its first byte: rest the node, longer each time."""
+        with self.lock:
+            node = self.nodes.get(lease.node_id)
+            if node is None:
+                return
+            node.failures += 1
+            node.failure_kind = "unreachable" if unreachable else "error"
+            node.last_failure = reason
+            rest = min(COOLDOWN_MAX_S, COOLDOWN_FIRST_S * 2 ** (node.failures - 1))
+            node.cooldown_until = time.time() + rest
+            log.warning("node %s cooling down for %g s after %d failure(s): %s", node.node_id, rest,
+                        node.failures, reason)
+
+    def tick(self):
+        """Called a few times a second: hand slots to waiters when a node's rest has ended."""
+        now = time.time()
+        with self.lock:
+            if self.waiters and any(0 < n.cooldown_until <= now for n in self.nodes.values()):
+                for node in self.nodes.values():
+                    if 0 < node.cooldown_until <= now:
+                        node.cooldown_until = 0.0
+                self._grant_waiters()
+
+    def reconcile(self, counts):
+        """Set in-flight counts from the requests actually running: {(node_id, model): n}."""
+        with self.lock:
+            fixed = 0
+            for node in self.nodes.values():
+                by_model = {model: n for (node_id, model), n in counts.items() if node_id == node.node_id}
+                if by_model != {m: n for m, n in node.in_flight_by_model.items() if n}:
+                    fixed += 1
+                    node.in_flight_by_model = dict(by_model)
+                    node.in_flight = sum(by_model.values())
+            if fixed:
+                log.warning("reaper corrected in-flight counts on %d node(s)", fixed)
+                self._grant_waiters()
+
+    def set_context_policy(self, policy):
+        with self.lock:
+            self.context_policy = policy
+
+    # -- small reads --------------------------------------------------------------------------
+
     def has_node(self, node_id):
         with self.lock:
             return node_id in self.nodes
@@ -375,6 +470,32 @@ class Fleet:
         with self.lock:
             return [n.ollama_version for n in self.nodes.values()]
 
+    def loaded_models(self):
+        """{model: size} of every model loaded on an online node."""
+        now = time.time()
+        with self.lock:
+            return {name: model_size(n, name) for n in self.nodes.values() if n.status(now) == "online"
+                    for name in n.loaded if name in n.models}
+
+    def url_with(self, model):
+        """The URL of some reachable node that has the model installed, or None."""
+        now = time.time()
+        with self.lock:
+            for node in self.nodes.values():
+                if model in node.models and node.reachable and node.status(now) != "offline":
+                    return node.url
+        return None
+
+    def url_of(self, node_id):
+        with self.lock:
+            node = self.nodes.get(node_id)
+            return node.url if node else None
+
+    def in_flight_counts(self):
+        with self.lock:
+            return {(n.node_id, model): count for n in self.nodes.values()
+                    for model, count in n.in_flight_by_model.items() if count}
+
     def pull_target(self, model):
         """Where a pull should go: the best node that has the model, else the most free memory."""
         now = time.time()
@@ -382,9 +503,11 @@ class Fleet:
             online = [n for n in self.nodes.values() if n.status(now) == "online"]
             if not online:
                 return None
+
             def free(node):
                 budget = node.budget_bytes()
                 return (budget - node.memory_in_use()) if budget else 0
+
             return max(online, key=lambda n: (model in n.models, free(n), -n.in_flight)).node_id
 
     def pin(self, node_id, model):
@@ -395,47 +518,51 @@ class Fleet:
             if node is None:
                 raise RoutingError(404, f"no node named {node_id}; known nodes: "
                                    f"{', '.join(sorted(self.nodes)) or 'none'}", "unknown_node")
-            if node.status(now) != "online":
+            if node.status(now) == "offline" or not node.reachable:
                 raise RoutingError(503, f"node {node_id} is {node.status(now)}", "node_offline",
                                    retry_after=5)
             return Lease(node_id=node_id, url=node.url, model=model, score=0.0, breakdown={}, held=False)
 
     # -- choosing and holding slots ---------------------------------------------------------
 
-    def acquire(self, call, exclude=frozenset(), admit=True):
-        """Grant the best free slot for `call`, waiting in the admission queue if all are busy.
+    def acquire(self, call, admit=True, deadline=None):
+        """Grant the best free slot for `call`, waiting in the admission queue when every node
+        that could serve it is busy or failing. Tries `call.model`, then its fallbacks.
 
-        Tries `call.model`, then each fallback model that some node can serve. Nodes in `exclude`
-        (already tried) are skipped. With admit=False (reads such as /api/show) no slot is held.
-        Raises RoutingError with the status and message the client should see.
+        With admit=False (reads such as /api/show) no slot is held. Raises RoutingError with the
+        status and message the client should see.
         """
-        timeout = self.config.queue_timeout
+        deadline = deadline or (time.monotonic() + self.config.queue_timeout)
         with self.lock:
             models = self._servable_models(call)
-            lease, busy = self._pick(call, models, exclude, admit)
+            lease, wait = self._pick(call, models, admit)
             if lease is not None:
                 if admit:
                     self._hold(lease)
                 return lease
-            if not busy:
-                raise RoutingError(502, f"no other node can serve {call.model}", "no_candidates")
             if len(self.waiters) >= self.config.max_queue:
                 raise RoutingError(503, f"herd's queue is full ({self.config.max_queue} requests "
                                    "waiting); retry shortly or add nodes", "queue_full", retry_after=5)
-            waiter = Waiter(call=call, models=models, exclude=exclude, enqueued=time.perf_counter())
+            waiter = Waiter(call=call, models=models, enqueued=time.perf_counter())
             self.waiters.append(waiter)
-        waiter.event.wait(timeout)
+        while not waiter.event.wait(min(CLIENT_CHECK_S, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline or call.client_gone():
+                break
         with self.lock:
             if waiter.lease is None:
                 self.waiters.remove(waiter)
-                raise RoutingError(503, f"no slot for {call.model} became free within {timeout:.0f} s; "
-                                   "the fleet is saturated, retry later", "queue_timeout",
-                                   retry_after=max(1, int(timeout / 10)))
+                if call.client_gone():
+                    raise RoutingError(499, "the client disconnected while waiting", "cancelled")
+                waited = time.perf_counter() - waiter.enqueued
+                reason = ("no node that could serve it recovered" if wait == "failing"
+                          else "no slot became free")
+                raise RoutingError(503, f"{reason} for {call.model} within {waited:.0f} s; "
+                                   "retry later", "queue_timeout", retry_after=max(1, int(waited / 10)))
         waiter.lease.queued_ms = (time.perf_counter() - waiter.enqueued) * 1000
         return waiter.lease
 
-    def release(self, lease, served=True, latency_ms=None):
-        """Give a slot back. A model just served is known to be loaded on that node."""
+    def release(self, lease, served=True, latency_ms=None, sent_ctx=None):
+        """Give a slot back. A model just served is loaded on that node: remember how."""
         with self.lock:
             if lease.released or not lease.held:
                 return
@@ -444,13 +571,25 @@ class Fleet:
             if node is not None:
                 node.in_flight -= 1
                 node.in_flight_by_model[lease.model] = node.in_flight_by_model.get(lease.model, 1) - 1
-                if served and lease.model not in node.loaded:
-                    entry = node.models.get(lease.model, {})
-                    node.loaded[lease.model] = {"name": lease.model, "size": entry.get("size", 0),
-                                                "size_vram": entry.get("size", 0), "learned": True}
+                if served:
+                    node.failures, node.failure_kind = 0, None
+                    if lease.loaded_ctx is None and lease.model not in node.loaded:
+                        entry = node.models.get(lease.model, {})
+                        node.loaded[lease.model] = {"name": lease.model, "size": entry.get("size", 0),
+                                                    "size_vram": entry.get("size", 0), "learned": True,
+                                                    "context_length": sent_ctx or node.context_default(lease.model)}
             if latency_ms is not None:
                 self._record_latency(lease.node_id, lease.model, latency_ms)
             self._grant_waiters()
+
+    def remember_load(self, lease, options, sent_ctx):
+        """herd is about to load a cold model: note the options it loads with (num_ctx None means
+        the node's default, which the next report then shows)."""
+        with self.lock:
+            node = self.nodes.get(lease.node_id)
+            if node is not None and lease.model not in node.loaded:
+                node.load_options[lease.model] = dict({k: options[k] for k in RELOAD_OPTIONS if k in options},
+                                                      num_ctx=sent_ctx)
 
     def seed_latencies(self, rows):
         """Start the latency signal from the trace store's recent history."""
@@ -466,59 +605,85 @@ class Fleet:
         ordered = sorted(window)
         self.p75[(node_id, model)] = ordered[(len(ordered) * 3) // 4 if len(ordered) > 1 else 0]
 
+    def _eligible(self, node, model, now):
+        """'ok' (may serve now), 'failing' (has the model but is resting or unreachable), or None."""
+        if model not in node.models or not fits(node, model):
+            return None
+        status = node.status(now)
+        if status == "online":
+            return "ok"
+        return "failing" if status == "degraded" else None
+
     def _servable_models(self, call):
-        """The asked model and its fallbacks that at least one online node has; raises if none."""
+        """The asked model and its fallbacks that some node could serve; raises if none."""
         now = time.time()
-        online = [n for n in self.nodes.values() if n.status(now) == "online"]
+        models = [m for m in call.candidate_models()
+                  if any(self._eligible(n, m, now) for n in self.nodes.values())]
+        if models:
+            return models
+        online = [n for n in self.nodes.values() if n.status(now) != "offline" and n.reachable]
         if not online:
             if self.nodes:
-                names = ", ".join(sorted(self.nodes))
-                raise RoutingError(503, f"no node is online (known: {names}); check that Ollama runs "
+                known = "; ".join(f"{n.node_id}: {n.ollama_error or n.status(now)}"
+                                  for n in sorted(self.nodes.values(), key=lambda n: n.node_id))
+                raise RoutingError(503, f"no node is online ({known}); check that Ollama runs "
                                    "on them and that herd-node reports", "no_nodes", retry_after=5)
             raise RoutingError(503, "no node is online; start herd-node beside each Ollama or pass "
                                "--node http://host:11434 to herd", "no_nodes", retry_after=5)
-        models = [m for m in [call.model] + call.fallback_models
-                  if any(m in n.models and fits(n, m) for n in online)]
-        if models:
-            return models
-        installed = sorted({m for n in online for m in n.models})
         if any(call.model in n.models for n in online):
-            raise RoutingError(507, f"model {call.model} does not fit in the memory of any online node "
-                               "that has it", "model_too_large")
+            raise RoutingError(507, f"model {call.model} does not fit in the memory of any node that "
+                               "has it", "model_too_large")
         offline_with = sorted(n.node_id for n in self.nodes.values() if call.model in n.models)
         if offline_with:
             raise RoutingError(503, f"model {call.model} is only on nodes that are offline now "
                                f"({', '.join(offline_with)})", "nodes_offline", retry_after=5)
+        installed = sorted({m for n in online for m in n.models})
         raise RoutingError(404, f"model {call.model} is not on any node; the fleet has: "
                            f"{', '.join(installed) or 'no models'}. Pull it with "
                            f"`ollama pull {call.model}` on a node", "model_not_found")
 
-    def _pick(self, call, models, exclude, admit=True):
-        """(best free slot for the first servable model, whether candidates exist but are busy)."""
+    def _pick(self, call, models, admit=True):
+        """(best free slot, None) or (None, why to wait: 'busy' | 'failing').
+
+        Models are tried in order. A model whose healthy nodes are all busy is waited for (busy
+        nodes free up soon); a model whose nodes are all failing gives way to the next model, and
+        is waited for only when no model has a healthy node.
+        """
         now = time.time()
         fleet_max = max((n.budget_bytes() or 0) for n in self.nodes.values()) or None
+        failing = False
         for model in models:
-            candidates = [n for n in self.nodes.values()
-                          if n.node_id not in exclude and model in n.models and n.status(now) == "online"
-                          and fits(n, model)]
-            if not candidates:
+            healthy = []
+            for node in self.nodes.values():
+                state = self._eligible(node, model, now)
+                if state == "ok":
+                    healthy.append(node)
+                elif state == "failing":
+                    failing = True
+            if not healthy:
                 continue
-            best_p75 = self._best_p75(candidates, model)
+            best_p75 = self._best_p75(healthy, model)
             best, best_key = None, None
-            for node in candidates:
+            for node in healthy:
                 slots = self._capacity(node)
                 if admit and node.in_flight_by_model.get(model, 0) >= slots:
                     continue
-                total, breakdown = score_node(node, model, call, now, fleet_max, self.p75, best_p75, slots)
+                total, breakdown = score_node(node, model, call, now, fleet_max, self.p75, best_p75,
+                                              slots, self.context_policy)
                 key = (total, -node.in_flight, random.random())
                 if best_key is None or key > best_key:
                     best, best_key = (node, total, breakdown), key
             if best is None:
-                return None, True  # the model's nodes are all busy: wait for them, do not fall back
+                return None, "busy"  # healthy nodes will free up: wait rather than fall back
             node, total, breakdown = best
+            loaded = node.loaded.get(model)
             return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
-                         breakdown=breakdown, held=admit), False
-        return None, False
+                         breakdown=breakdown, held=admit,
+                         loaded_ctx=(loaded.get("context_length") or node.context_default(model))
+                         if loaded is not None else None,
+                         default_ctx=node.context_default(model),
+                         load_options=dict(node.load_options.get(model, {}))), None
+        return None, "failing" if failing else "busy"
 
     def _best_p75(self, candidates, model):
         known = [self.p75[(n.node_id, model)] for n in candidates if (n.node_id, model) in self.p75]
@@ -537,7 +702,7 @@ class Fleet:
         if not self.waiters:
             return
         for waiter in list(self.waiters):
-            lease, _ = self._pick(waiter.call, waiter.models, waiter.exclude)
+            lease, _ = self._pick(waiter.call, waiter.models)
             if lease is not None:
                 self._hold(lease)
                 waiter.lease = lease
@@ -570,6 +735,8 @@ class Fleet:
                                        "requests_active": node.in_flight_by_model.get(name, 0)}
                                       for name, entry in node.loaded.items()],
                     "requests_active": node.in_flight, "last_seen": node.last_seen,
+                    "failures": node.failures, "last_failure": node.last_failure,
+                    "cooling_down_s": round(max(0.0, node.cooldown_until - now), 1),
                 })
             online = [n for n in nodes if n["status"] == "online"]
             return {"fleet": {"nodes_total": len(nodes), "nodes_online": len(online),
@@ -578,11 +745,16 @@ class Fleet:
                               "requests_queued": len(self.waiters)},
                     "nodes": nodes}
 
-
-def fits(node, model):
-    """Can this node hold the model at all (evicting others if it must)?"""
-    budget = node.budget_bytes()
-    return budget is None or model in node.loaded or model_size(node, model) <= budget
+    def management(self):
+        """Per node: installed and loaded models with sizes (dashboard model management)."""
+        now = time.time()
+        with self.lock:
+            return [{"node_id": n.node_id, "status": n.status(now), "memory_budget_gb": n.memory_budget_gb,
+                     "models": [{"name": name, "size_gb": round((entry.get("size") or 0) / GB, 2),
+                                 "loaded": name in n.loaded,
+                                 "context_length": (n.loaded.get(name) or {}).get("context_length")}
+                                for name, entry in sorted(n.models.items())]}
+                    for n in self.nodes.values()]
 
 
 # =============================================================================================
@@ -695,7 +867,10 @@ class Advertiser:
 # memory budget is smaller than the model, nodes whose slots for the model are all taken.
 #
 # signal              range     formula
-# thermal             0..+50    50 if the model is loaded; 10 fading to 0 over 10 min after unload
+# thermal             0..+50    50 if the model is loaded and this request will not make Ollama
+#                               reload it (context and load options match, see context protection);
+#                               10 if loaded but a reload is needed, or if unloaded less than 10 min
+#                               ago (fading to 0)
 # memory_fit          0..+20    20 x headroom / budget, headroom = budget - loaded - (model if cold);
 #                               10 when the node does not report a budget
 # queue_depth         -30..0    -30 x min(1, (model in-flight / slots + 0.5 x other in-flight / slots) / 2)
@@ -705,8 +880,9 @@ class Advertiser:
 #                               wanted share is min(1, 4 x model size / largest budget): big models
 #                               go to big machines and small ones leave those free
 # availability_trend  0..+10    10 x min(1, minutes online without a gap / 10), whole points
-# context_fit         0..+15    15 if the loaded context covers the request (num_ctx or estimated
-#                               tokens), 5 if the model is cold (its load sets the context), else 0
+# context_fit         0..+15    15 if the loaded context covers the request (num_ctx, else estimated
+#                               tokens) without a reload, 5 if the model is cold (its load sets the
+#                               context), else 0
 #
 # Ties: fewest requests in flight on the whole node, then random, so equal nodes share the load.
 
@@ -716,13 +892,18 @@ LATENCY_DEAD_BAND = 1.5
 LATENCY_NOISE_MS = 100.0  # and so are differences smaller than this (a connection set-up, a GC)
 
 
-def score_node(node, model, call, now, fleet_max_budget, p75, best_p75, slots):
+def score_node(node, model, call, now, fleet_max_budget, p75, best_p75, slots, context_policy):
     """Score one candidate node for `model`; returns (total, breakdown by signal)."""
     loaded = node.loaded.get(model)
     size = model_size(node, model)
+    reload = loaded is not None and needs_reload(call, loaded.get("context_length") or node.context_default(model),
+                                                 node.context_default(model),
+                                                 node.load_options.get(model, {}), context_policy)
 
-    if loaded is not None:
+    if loaded is not None and not reload:
         thermal = 50.0
+    elif loaded is not None:
+        thermal = 10.0
     else:
         unloaded = node.unloaded_at.get(model)
         thermal = 10.0 * max(0.0, 1 - (now - unloaded) / RECENT_UNLOAD_S) if unloaded else 0.0
@@ -755,10 +936,12 @@ def score_node(node, model, call, now, fleet_max_budget, p75, best_p75, slots):
 
     if loaded is None:
         context_fit = 5.0
+    elif reload:
+        context_fit = 0.0
     else:
-        loaded_ctx = loaded.get("context_length") or 0
+        loaded_ctx = loaded.get("context_length") or node.context_default(model)
         wanted_ctx = requested_num_ctx(call) or call.prompt_chars // CHARS_PER_TOKEN
-        context_fit = 15.0 if not loaded_ctx or wanted_ctx <= loaded_ctx else 0.0
+        context_fit = 15.0 if wanted_ctx <= loaded_ctx else 0.0
 
     breakdown = {"thermal": thermal, "memory_fit": memory_fit, "queue_depth": queue_depth,
                  "latency_history": latency_history, "role_affinity": role_affinity,
@@ -789,14 +972,6 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "conten
 TAIL_BYTES = 2048  # the end of a reply, kept to read token counts and the done marker
 TOKEN_FIELD = re.compile(rb'"(prompt_eval_count|eval_count|prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
 UPSTREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError)
-
-
-class UpstreamFailure(Exception):
-    """A node failed before its first byte reached the client: the request may be retried."""
-
-    def __init__(self, message, status=502):
-        super().__init__(message)
-        self.status = status
 
 
 def describe(exc):
@@ -860,16 +1035,22 @@ class Outcome:
 class Proxy:
     """Forwards calls to nodes: admission, upstream, first byte, relay, release, trace."""
 
-    def __init__(self, fleet, traces, config):
+    def __init__(self, fleet, traces, config, settings, pulls, capabilities):
         self.fleet = fleet
         self.traces = traces
         self.config = config
+        self.settings = settings  # runtime settings (dashboard), read on each request
+        self.pulls = pulls
+        self.capabilities = capabilities
         # urllib3 (the pool under requests) directly: one pooled connection per in-flight
         # request, no per-call Session overhead on the hot path (NOTES-STACK: +1.0 ms vs +1.36).
+        # Its read timeout is only a backstop: the watchdog enforces each phase's own limit.
         self.pool = urllib3.PoolManager(
             num_pools=256, maxsize=config.threads, block=False, retries=False,
-            timeout=urllib3.Timeout(connect=config.connect_timeout, read=config.first_byte_timeout))
-        self.active = 0
+            timeout=urllib3.Timeout(connect=config.connect_timeout,
+                                    read=max(config.first_byte_timeout, config.stall_timeout) + 30))
+        self.pool.pool_classes_by_scheme = {"http": WatchedHTTPPool, "https": WatchedHTTPSPool}
+        self.flights = set()
         self.active_lock = threading.Lock()
         # Keep a few threads for health checks, heartbeats and the fleet API (NOTES-STACK).
         self.max_active = max(1, config.threads - max(4, config.threads // 16))
@@ -878,61 +1059,105 @@ class Proxy:
 
     def serve(self, call, admit=True):
         """Answer one parsed call with a Flask response; never raises."""
+        flight = Flight(call, self.config)
         with self.active_lock:
-            if self.active >= self.max_active:
-                overloaded = True
-            else:
-                overloaded = False
-                self.active += 1
+            overloaded = len(self.flights) >= self.max_active
+            if not overloaded:
+                self.flights.add(flight)
         if overloaded:
             message = (f"herd is serving its maximum of {self.max_active} requests; retry shortly "
                        "or start herd with more --threads")
             self.finish(call, Outcome(error=message))
             return error_response(call.api, 503, message, "overloaded", retry_after=1)
         try:
-            return self._serve(call, admit)
+            return self._serve(call, flight, admit)
         except BaseException:
-            self._done()
+            self._done(flight)
             raise
 
-    def _done(self):
+    def _done(self, flight):
         with self.active_lock:
-            self.active -= 1
+            self.flights.discard(flight)
 
-    def _serve(self, call, admit):
+    def running(self):
+        with self.active_lock:
+            return list(self.flights)
+
+    def _serve(self, call, flight, admit):
         outcome = Outcome(model=call.model)
-        tried = []
+        deadline = time.monotonic() + self.config.queue_timeout
+        attempts = 0
         last_failure = None
         while True:
             try:
-                lease = (self.fleet.pin(call.pin, call.model) if call.pin else
-                         self.fleet.acquire(call, frozenset(tried), admit=admit))
+                lease = self._choose(call, admit, deadline)
             except RoutingError as exc:
-                return self._fail(call, outcome, exc, last_failure)
+                return self._fail(call, flight, outcome, exc, last_failure)
+            flight.begin(lease)
+            attempts += 1
             outcome.node_id, outcome.model = lease.node_id, lease.model
             outcome.score, outcome.breakdown, outcome.queue_ms = lease.score, lease.breakdown, lease.queued_ms
             try:
-                return self._forward(call, lease, outcome)
+                return self._forward(call, flight, lease, outcome)
             except UpstreamFailure as failure:
                 self.fleet.release(lease, served=False)
+                if flight.aborted == "cancelled":
+                    outcome.status, outcome.error = "cancelled", "the client disconnected"
+                    self.finish(call, outcome)
+                    self._done(flight)
+                    return error_response(call.api, 499, outcome.error, "cancelled")
+                self.fleet.note_failure(lease, str(failure), failure.unreachable)
                 last_failure = failure
-                tried.append(lease.node_id)
-                log.warning("request %s: %s failed before first byte (%s); %s", call.request_id,
-                            lease.node_id, failure, "retrying" if len(tried) <= self.config.max_retries
-                            else "giving up")
-                if call.pin or len(tried) > self.config.max_retries:
-                    return self._fail(call, outcome, None, failure)
+                retry = not call.pin and attempts <= self.config.max_retries
+                call.note({"failed": lease.node_id, "reason": str(failure), "retried": retry})
+                log.warning("request %s: %s failed before its first byte (%s); %s", call.request_id,
+                            lease.node_id, failure, "retrying" if retry else "giving up")
+                if not retry:
+                    return self._fail(call, flight, outcome, None, failure)
                 outcome.retries += 1
+                flight.reset()
 
-    def _fail(self, call, outcome, routing_error, upstream_failure):
+    def _choose(self, call, admit, deadline):
+        """A lease for the call: the pinned node, the fleet's best, or a stand-in model."""
+        if call.pin:
+            return self.fleet.pin(call.pin, call.model)
+        try:
+            return self.fleet.acquire(call, admit, deadline)
+        except RoutingError as exc:
+            if not admit:
+                raise
+            if exc.code == "model_too_large" and self.settings.get("vram_fallback"):
+                substitute = vram_substitute(call, self.fleet.loaded_models(), self.capabilities)
+                if substitute is None:
+                    raise RoutingError(507, f"{exc.message}, and no loaded model of the same kind "
+                                       f"({', '.join(sorted(required_capabilities(call)))}) can stand in",
+                                       exc.code) from None
+                call.substitute = substitute
+                call.note({"vram_fallback": substitute})
+                log.info("request %s: %s fits no node; serving loaded %s instead", call.request_id,
+                         call.model, substitute)
+                return self.fleet.acquire(call, admit, deadline)
+            if exc.code == "model_not_found" and self.settings.get("auto_pull"):
+                message = self.pulls.ensure(call.model, self.fleet)
+                if message:
+                    call.note({"auto_pull": message})
+                    raise RoutingError(404, f"{exc.message.split(' Pull it with')[0]} {message[0].upper()}"
+                                       f"{message[1:]}", "model_not_found") from None
+            raise
+
+    def _fail(self, call, flight, outcome, routing_error, upstream_failure):
         """Answer with the routing error, or with the last node failure when nodes ran out."""
-        self._done()
-        if upstream_failure is not None and (routing_error is None or routing_error.code == "no_candidates"):
-            message = (f"every node that could serve {call.model} failed ({upstream_failure}); "
-                       "check the nodes' Ollama logs or retry")
+        self._done(flight)
+        if routing_error is None or (upstream_failure is not None and routing_error.code == "queue_timeout"):
+            message = (f"every node that could serve {call.model} failed (last: {upstream_failure})"
+                       + ("; none recovered in time" if routing_error else "")
+                       + "; check the nodes' Ollama logs or retry")
+            status = 504 if upstream_failure.timed_out else upstream_failure.status
+            outcome.status = "reaped" if flight.aborted == "reaped" else "failed"
             outcome.error = message
             self.finish(call, outcome)
-            return error_response(call.api, upstream_failure.status, message, "upstream_failed")
+            return error_response(call.api, status, message, "upstream_failed")
+        outcome.status = "cancelled" if routing_error.code == "cancelled" else "failed"
         outcome.error = routing_error.message
         outcome.node_id = None
         self.finish(call, outcome)
@@ -941,57 +1166,60 @@ class Proxy:
 
     # -- one attempt ------------------------------------------------------------------------
 
-    def _forward(self, call, lease, outcome):
+    def _forward(self, call, flight, lease, outcome):
         """Send to the leased node; return the client's response once the node has answered."""
-        body = forward_body(call, lease)
+        body = forward_body(call, lease, self.fleet)
         try:
-            resp = self.pool.urlopen(call.method, lease.url + call.endpoint, body=body,
-                                     headers={"Content-Type": "application/json"},
-                                     preload_content=False, redirect=False)
+            with flight.watching():
+                resp = self.pool.urlopen(call.method, lease.url + call.endpoint, body=body,
+                                         headers={"Content-Type": "application/json"},
+                                         preload_content=False, redirect=False)
         except UPSTREAM_ERRORS as exc:
-            raise UpstreamFailure(f"{lease.node_id}: {describe(exc)}") from None
+            raise flight.failure(lease, exc) from None
         headers = {"X-Herd-Node": lease.node_id, "X-Herd-Model": lease.model}
         for key, value in resp.headers.items():
             if key.lower() not in HOP_BY_HOP:
                 headers.setdefault(key, value)
 
-        if resp.status >= 500 or not call.stream or resp.status >= 400:
+        if resp.status >= 400 or not call.stream:
             try:
                 data = resp.read()
             except UPSTREAM_ERRORS as exc:
+                flight.detach()
                 resp.close()
-                raise UpstreamFailure(f"{lease.node_id}: broke before its reply was complete "
-                                      f"({describe(exc)})") from None
-            finally:
-                resp.release_conn()
+                raise flight.failure(lease, exc, "broke before its reply was complete") from None
+            flight.detach()
+            resp.release_conn()
             if resp.status >= 500:
-                raise UpstreamFailure(f"{lease.node_id} answered {resp.status}: "
-                                      f"{upstream_message(data)}", status=resp.status)
+                raise UpstreamFailure(f"{lease.node_id} answered {resp.status}: {upstream_message(data)}",
+                                      status=resp.status)
             latency_ms = (time.perf_counter() - call.started) * 1000
             if resp.status >= 400:
                 outcome.status, outcome.error = "failed", upstream_message(data)
                 self.fleet.release(lease, served=False)
-                data = json.dumps(error_body(call.api, resp.status, outcome.error, "upstream_error")).encode() \
-                    if not data.lstrip().startswith(b"{") else data
+                if not data.lstrip().startswith(b"{"):
+                    data = json.dumps(error_body(call.api, resp.status, outcome.error, "upstream_error")).encode()
                 headers["Content-Type"] = "application/json"
             else:
                 outcome.status = "completed"
                 outcome.prompt_tokens, outcome.completion_tokens = reply_tokens(data[-TAIL_BYTES:])
-                self.fleet.release(lease, served=True, latency_ms=latency_ms)
+                self.fleet.release(lease, served=True, latency_ms=latency_ms, sent_ctx=sent_num_ctx(call))
             self.finish(call, outcome, latency_ms)
-            self._done()
+            self._done(flight)
             return Response(data, status=resp.status, headers=headers)
 
         chunks = upstream_chunks(resp)
         try:
             first = next(chunks, b"")
         except UPSTREAM_ERRORS as exc:
+            flight.detach()
             resp.close()
-            raise UpstreamFailure(f"{lease.node_id}: failed before its first byte ({describe(exc)})") from None
+            raise flight.failure(lease, exc, "failed before its first byte") from None
+        flight.first_byte()
         outcome.ttft_ms = (time.perf_counter() - call.started) * 1000
         headers["X-Accel-Buffering"] = "no"
         headers["Cache-Control"] = "no-cache"
-        return Response(Relay(self, call, lease, outcome, resp, chunks, first), status=resp.status,
+        return Response(Relay(self, call, flight, lease, outcome, resp, chunks, first), status=resp.status,
                         headers=headers, direct_passthrough=True)
 
     # -- the record -------------------------------------------------------------------------
@@ -1014,25 +1242,27 @@ class Proxy:
             json.dumps(outcome.breakdown) if outcome.breakdown else None, outcome.retries,
             int(bool(outcome.model and outcome.model != call.model)), call.api, call.endpoint,
             json.dumps(call.tags) if call.tags else None, call.client_ip, outcome.error,
-            round(outcome.queue_ms, 3) if outcome.queue_ms else None, int(call.stream)))
+            round(outcome.queue_ms, 3) if outcome.queue_ms else None, int(call.stream),
+            json.dumps(call.events) if call.events else None))
 
 
 class Relay:
     """A stream from node to client. Cleans up exactly once: at its end, on a node error, or
     when the server closes it (client gone), even if it was closed before its first chunk."""
 
-    def __init__(self, proxy, call, lease, outcome, resp, chunks, first):
-        self.proxy, self.call, self.lease, self.outcome = proxy, call, lease, outcome
+    def __init__(self, proxy, call, flight, lease, outcome, resp, chunks, first):
+        self.proxy, self.call, self.flight, self.lease, self.outcome = proxy, call, flight, lease, outcome
         self.resp, self.chunks, self.first = resp, chunks, first
         self.tail = first[-TAIL_BYTES:]
         self.closed = False
         outcome.status = "incomplete"
 
     def __iter__(self):
-        outcome = self.outcome
+        outcome, flight = self.outcome, self.flight
         try:
             yield self.first
             for chunk in self.chunks:
+                flight.last_byte = time.monotonic()
                 self.tail = (self.tail + chunk)[-TAIL_BYTES:]
                 yield chunk
             if reply_finished(self.call, self.tail):
@@ -1041,8 +1271,10 @@ class Relay:
                 outcome.error = f"{self.lease.node_id} closed the stream before it was done"
                 yield stream_error_chunk(self.call.api, outcome.error)
         except UPSTREAM_ERRORS as exc:
-            outcome.error = f"{self.lease.node_id} broke off mid-stream ({describe(exc)})"
-            yield stream_error_chunk(self.call.api, outcome.error)
+            if flight.aborted != "cancelled":
+                outcome.status = "reaped" if flight.aborted == "reaped" else "incomplete"
+                outcome.error = f"{self.lease.node_id} {flight.explain(exc)}"
+                yield stream_error_chunk(self.call.api, outcome.error)
         finally:
             self.close()
 
@@ -1052,17 +1284,19 @@ class Relay:
         self.closed = True
         outcome = self.outcome
         completed = outcome.status == "completed"
+        self.flight.detach()
         if completed:
             self.resp.release_conn()
         else:
-            if outcome.error is None:
+            if outcome.error is None or self.flight.aborted == "cancelled":
                 outcome.status, outcome.error = "cancelled", "the client disconnected"
             self.resp.close()
         outcome.prompt_tokens, outcome.completion_tokens = reply_tokens(self.tail)
         latency_ms = (time.perf_counter() - self.call.started) * 1000
-        self.proxy.fleet.release(self.lease, served=completed, latency_ms=latency_ms if completed else None)
+        self.proxy.fleet.release(self.lease, served=completed, latency_ms=latency_ms if completed else None,
+                                 sent_ctx=sent_num_ctx(self.call))
         self.proxy.finish(self.call, outcome, latency_ms)
-        self.proxy._done()
+        self.proxy._done(self.flight)
 
 
 def upstream_message(data):
@@ -1079,12 +1313,397 @@ def upstream_message(data):
     return data[:300].decode("utf-8", "replace").strip() or "no body"
 
 
-def forward_body(call, lease):
+def forward_body(call, lease, fleet):
     """The bytes to send the node: the client's own unless herd had to change something."""
     if lease.model != call.model:  # a fallback model serves this request
         call.body["model"] = lease.model
         call.edited = True
+    if call.endpoint in INFERENCE_ENDPOINTS:
+        protect_context(call, lease, fleet.context_policy)
+        if lease.loaded_ctx is None and lease.held:
+            fleet.remember_load(lease, call.body.get("options") or {}, sent_num_ctx(call))
     return json.dumps(call.body).encode() if call.edited else call.raw
+
+
+# =============================================================================================
+# Resilience: the watchdog, context protection, VRAM fallback, auto-pull
+# =============================================================================================
+
+WATCHDOG_PERIOD_S = 0.2  # how often running requests are checked: a client that left is cut within it
+CLIENT_CHECK_S = 0.25  # how often a queued request checks that its client is still there
+RECONCILE_EVERY_S = 10.0
+INFERENCE_ENDPOINTS = frozenset({"/api/chat", "/api/generate", "/api/embed", "/api/embeddings"})
+_watched = threading.local()  # the Flight whose upstream connection the current thread opens
+
+
+class UpstreamFailure(Exception):
+    """A node failed before its first byte reached the client: the request may be retried."""
+
+    def __init__(self, message, status=502, unreachable=False, timed_out=False):
+        super().__init__(message)
+        self.status = status
+        self.unreachable = unreachable
+        self.timed_out = timed_out
+
+
+class WatchedHTTPConnection(urllib3.connection.HTTPConnection):
+    """Hands itself to the request's Flight, so the watchdog can cut a silent upstream."""
+
+    def request(self, *args, **kwargs):
+        flight = getattr(_watched, "flight", None)
+        if flight is not None:
+            flight.attach(self)
+        return super().request(*args, **kwargs)
+
+
+class WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    request = WatchedHTTPConnection.request
+
+
+class WatchedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = WatchedHTTPConnection
+
+
+class WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = WatchedHTTPSConnection
+
+
+class Flight:
+    """One running request as the watchdog sees it: its phase, its last byte, its connection."""
+
+    def __init__(self, call, config):
+        self.call = call
+        self.lease = None
+        # Non-streaming replies have no first byte until they are done: only the stall limit applies.
+        self.first_byte_limit = config.first_byte_timeout if call.stream else config.stall_timeout
+        self.idle_limit = config.idle_timeout
+        self.stall_limit = config.stall_timeout
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self):
+        """A fresh attempt (after a retry)."""
+        self.started = self.last_byte = time.monotonic()
+        self.first_byte_at = None
+        self.conn = None
+        self.aborted = None
+        self.cut_done = False
+
+    def begin(self, lease):
+        self.lease = lease
+        self.started = self.last_byte = time.monotonic()
+
+    def watching(self):
+        flight = self
+
+        class Scope:
+            def __enter__(self):
+                _watched.flight = flight
+
+            def __exit__(self, *exc):
+                _watched.flight = None
+
+        return Scope()
+
+    def attach(self, conn):
+        with self.lock:
+            self.conn = conn
+            self.cut_done = False
+
+    def detach(self):
+        """The connection goes back to the pool: the watchdog must not touch it any more."""
+        with self.lock:
+            self.conn = None
+
+    def first_byte(self):
+        self.first_byte_at = self.last_byte = time.monotonic()
+
+    def abort(self, reason):
+        with self.lock:
+            if self.aborted is None:
+                self.aborted = reason
+                log.warning("request %s on %s: %s", self.call.request_id,
+                            self.lease.node_id if self.lease else "-", self.explain())
+            self._cut()
+
+    def _cut(self):
+        sock = getattr(self.conn, "sock", None)
+        if sock is not None and not self.cut_done:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.cut_done = True
+
+    def check(self, now):
+        """The watchdog's look at this request: cut it if it broke a limit."""
+        if self.aborted is not None:
+            with self.lock:
+                self._cut()  # the connection may have opened after the abort
+            return
+        if self.call.client_gone():
+            self.abort("cancelled")
+        elif self.first_byte_at is None and self.lease and now - self.started > self.first_byte_limit:
+            self.abort("first_byte_timeout")
+        elif self.first_byte_at is not None and now - self.last_byte > self.idle_limit:
+            self.abort("idle_timeout")
+        elif self.lease and now - self.last_byte > self.stall_limit:
+            self.abort("reaped")
+
+    def explain(self, exc=None):
+        reasons = {"cancelled": "the client disconnected",
+                   "first_byte_timeout": f"sent nothing for {self.first_byte_limit:g} s (first-byte timeout)",
+                   "idle_timeout": f"went silent for {self.idle_limit:g} s mid-stream (idle timeout)",
+                   "reaped": f"produced no byte for {self.stall_limit:g} s and was reaped"}
+        if self.aborted:
+            return reasons[self.aborted]
+        return f"broke off mid-stream ({describe(exc)})" if exc is not None else "failed"
+
+    def failure(self, lease, exc, what=None):
+        """The UpstreamFailure for an error before the first byte."""
+        if self.aborted and self.aborted != "cancelled":
+            return UpstreamFailure(f"{lease.node_id} {self.explain()}", status=504, timed_out=True)
+        unreachable = isinstance(exc, urllib3.exceptions.NewConnectionError) or \
+            isinstance(getattr(exc, "reason", None), urllib3.exceptions.NewConnectionError)
+        text = describe(exc)
+        return UpstreamFailure(f"{lease.node_id}: {what + ' (' + text + ')' if what else text}",
+                               unreachable=unreachable)
+
+
+class Watchdog:
+    """Background thread: cuts requests whose client left or whose node went silent, wakes
+    queued requests when a node's rest ends, and reconciles in-flight counts."""
+
+    def __init__(self, proxy, fleet):
+        self.proxy, self.fleet = proxy, fleet
+        self.stop = threading.Event()
+        self.suspect = None
+        self.thread = threading.Thread(target=self.run, name="herd-watchdog", daemon=True)
+
+    def run(self):
+        next_reconcile = time.monotonic() + RECONCILE_EVERY_S
+        while not self.stop.wait(WATCHDOG_PERIOD_S):
+            now = time.monotonic()
+            for flight in self.proxy.running():
+                try:
+                    flight.check(now)
+                except Exception:  # noqa: BLE001 - one odd request must not stop the watchdog
+                    log.exception("watchdog check failed")
+            self.fleet.tick()
+            if now >= next_reconcile:
+                self._reconcile()
+                next_reconcile = now + RECONCILE_EVERY_S
+
+    def _reconcile(self):
+        """Counts that disagree with the running requests twice in a row are corrected."""
+        counts = {}
+        for flight in self.proxy.running():
+            lease = flight.lease
+            if lease is not None and lease.held and not lease.released:
+                counts[(lease.node_id, lease.model)] = counts.get((lease.node_id, lease.model), 0) + 1
+        if counts == self.suspect:
+            self.fleet.reconcile(counts)
+            self.suspect = None
+        else:
+            self.suspect = counts if counts != self.fleet.in_flight_counts() else None
+
+
+# -- context protection (SPEC §7) ------------------------------------------------------------
+
+def sent_num_ctx(call):
+    options = call.body.get("options")
+    return options.get("num_ctx") if isinstance(options, dict) else None
+
+
+def needs_reload(call, loaded_ctx, default_ctx, load_options, policy):
+    """Would this request make Ollama reload a model that runs with `loaded_ctx`?"""
+    if call.api == "openai":  # /v1 cannot set options: it runs with the defaults
+        return loaded_ctx != default_ctx or any(load_options.get(k) is not None for k in RELOAD_OPTIONS)
+    options = call.body.get("options") if isinstance(call.body.get("options"), dict) else {}
+    asked = options.get("num_ctx")
+    if policy == "strip":  # herd rewrites whatever would reload, except a context that is too small
+        return isinstance(asked, int) and asked > loaded_ctx
+    wanted = asked if isinstance(asked, int) else default_ctx
+    return wanted != loaded_ctx or any(options.get(k) != load_options.get(k) for k in RELOAD_OPTIONS)
+
+
+def protect_context(call, lease, policy):
+    """Keep a native request from reloading the model it is sent to (strip), or say it would (warn)."""
+    if policy == "passthrough" or call.api == "openai" or lease.loaded_ctx is None:
+        return
+    original = call.body.get("options") if isinstance(call.body.get("options"), dict) else {}
+    options = dict(original)
+    loaded, default = lease.loaded_ctx, lease.default_ctx
+    asked = options.get("num_ctx") if isinstance(options.get("num_ctx"), int) else None
+    changes = []
+    if asked is not None and asked > loaded:
+        changes.append(f"num_ctx {asked} > loaded {loaded}: passed through (reload)")
+    elif asked is not None and loaded == default:
+        del options["num_ctx"]
+        changes.append(f"num_ctx {asked} stripped (loaded {loaded})")
+    elif asked is not None and asked != loaded:
+        options["num_ctx"] = loaded
+        changes.append(f"num_ctx {asked} -> {loaded} (loaded)")
+    elif asked is None and loaded != default:
+        options["num_ctx"] = loaded
+        changes.append(f"num_ctx set to loaded {loaded}")
+    for key in RELOAD_OPTIONS:
+        if options.get(key) != lease.load_options.get(key):
+            if key in lease.load_options:
+                changes.append(f"{key} {options.get(key)} -> {lease.load_options[key]} (loaded)")
+                options[key] = lease.load_options[key]
+            else:
+                changes.append(f"{key} {options.pop(key)} stripped")
+    if not changes:
+        return
+    if policy == "warn":
+        log.warning("request %s would reload %s on %s: %s", call.request_id, lease.model, lease.node_id,
+                    "; ".join(changes))
+        call.note({"context": "warn: " + "; ".join(changes)})
+        return
+    if options != original:
+        call.body["options"] = options
+        call.edited = True
+    call.note({"context": "; ".join(changes)})
+
+
+# -- VRAM-aware fallback ---------------------------------------------------------------------
+
+def has_images(body):
+    if body.get("images"):
+        return True
+    for message in body.get("messages") or ():
+        if not isinstance(message, dict):
+            continue
+        if message.get("images"):
+            return True
+        content = message.get("content")
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in ("image_url", "image")
+                                             for p in content):
+            return True
+    return False
+
+
+def required_capabilities(call):
+    """What a stand-in model must be able to do for this request (Ollama's capability names)."""
+    if "embed" in call.endpoint:
+        return {"embedding"}
+    needs = {"completion"}
+    if call.body.get("tools"):
+        needs.add("tools")
+    if has_images(call.body):
+        needs.add("vision")
+    return needs
+
+
+def vram_substitute(call, loaded, capabilities):
+    """The largest loaded model that can do everything the request needs, or None."""
+    needs = required_capabilities(call)
+    able = [(size, name) for name, size in loaded.items()
+            if name != call.model and needs <= set(capabilities.get(name) or ())]
+    return max(able)[1] if able else None
+
+
+class Capabilities:
+    """What each model can do, read once per model from a node's /api/show and cached."""
+
+    RETRY_AFTER_S = 30.0  # a failed look-up is tried again after this
+
+    def __init__(self, fleet):
+        self.fleet = fleet
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.known = {}
+        self.failed = {}
+        self.lock = threading.Lock()
+
+    def get(self, model):
+        with self.lock:
+            if model in self.known:
+                return self.known[model]
+            if time.monotonic() - self.failed.get(model, -1e9) < self.RETRY_AFTER_S:
+                return None
+        url = self.fleet.url_with(model)
+        caps = None
+        if url:
+            try:
+                caps = self.session.post(url + "/api/show", json={"model": model},
+                                         timeout=POLL_TIMEOUT).json().get("capabilities")
+            except (requests.RequestException, ValueError, AttributeError):
+                caps = None
+        with self.lock:
+            if isinstance(caps, list):
+                self.known[model] = caps
+            else:
+                self.failed[model] = time.monotonic()
+        return caps if isinstance(caps, list) else None
+
+
+# -- auto-pull -------------------------------------------------------------------------------
+
+class Pulls:
+    """Model pulls started by herd (auto-pull, dashboard): at most one per model at a time."""
+
+    def __init__(self):
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.lock = threading.Lock()
+        self.pulls = {}  # model -> progress dict
+
+    def ensure(self, model, fleet):
+        """Start pulling `model` onto the node with the most free memory; returns what to tell
+        the client, or None when no node is there to pull onto."""
+        with self.lock:
+            running = self.pulls.get(model)
+            if running and running["status"] not in ("success", "failed"):
+                return (f"herd is pulling it onto {running['node_id']} ({running['percent']}%); "
+                        f"watch GET /dashboard/api/model-management and retry when it is done")
+        node_id = fleet.pull_target(model)
+        if node_id is None:
+            return None
+        self.start(model, node_id, fleet.url_of(node_id))
+        return (f"herd started pulling it onto {node_id} (auto_pull); watch GET "
+                "/dashboard/api/model-management and retry when it is done")
+
+    def start(self, model, node_id, url):
+        with self.lock:
+            running = self.pulls.get(model)
+            if running and running["status"] not in ("success", "failed"):
+                return False
+            self.pulls[model] = {"model": model, "node_id": node_id, "status": "starting", "percent": 0,
+                                 "started": time.time(), "error": None}
+        log.info("pulling %s onto %s", model, node_id)
+        threading.Thread(target=self._run, args=(model, url), name=f"herd-pull-{model}", daemon=True).start()
+        return True
+
+    def _run(self, model, url):
+        progress = self.pulls[model]
+        try:
+            with self.session.post(url + "/api/pull", json={"model": model, "stream": True},
+                                   stream=True, timeout=(POLL_TIMEOUT, 600)) as response:
+                if response.status_code != 200:
+                    raise ValueError(upstream_message(response.content))
+                for line in response.iter_lines():
+                    event = json.loads(line) if line else {}
+                    if event.get("error"):
+                        raise ValueError(event["error"])
+                    with self.lock:
+                        progress["status"] = event.get("status", progress["status"])
+                        if event.get("total"):
+                            progress["percent"] = int(100 * (event.get("completed") or 0) / event["total"])
+            with self.lock:
+                if progress["status"] != "success":
+                    raise ValueError("the node ended the pull without success")
+                progress["percent"] = 100
+            log.info("pulled %s onto %s", model, progress["node_id"])
+        except (requests.RequestException, ValueError) as exc:
+            with self.lock:
+                progress["status"], progress["error"] = "failed", str(exc)
+            log.warning("pull of %s onto %s failed: %s", model, progress["node_id"], exc)
+
+    def snapshot(self):
+        with self.lock:
+            return [dict(p) for p in self.pulls.values()]
 
 
 # =============================================================================================
@@ -1097,7 +1716,7 @@ TRACE_COLUMNS = (
     ("prompt_tokens", "INTEGER"), ("completion_tokens", "INTEGER"), ("score", "REAL"),
     ("scores_breakdown", "TEXT"), ("retry_count", "INTEGER"), ("fallback_used", "INTEGER"),
     ("api", "TEXT"), ("endpoint", "TEXT"), ("tags", "TEXT"), ("client_ip", "TEXT"),
-    ("error_message", "TEXT"), ("queue_ms", "REAL"), ("stream", "INTEGER"),
+    ("error_message", "TEXT"), ("queue_ms", "REAL"), ("stream", "INTEGER"), ("events", "TEXT"),
 )
 TRACE_BATCH = 500  # rows per transaction: ~2 µs a row on the request path (NOTES-STACK: sqlite3)
 TRACE_QUEUE = 100_000  # rows buffered before request threads wait for the writer (none are dropped)
@@ -1253,17 +1872,22 @@ MB = 1024 * 1024
 
 
 class Herd:
-    """One router: configuration, fleet, poller, proxy, trace store. Built by create_app."""
+    """One router: configuration, fleet, poller, proxy, watchdog, trace store. Built by create_app."""
 
     def __init__(self, config):
         self.config = config
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)
         self.traces = TraceStore(Path(config.data_dir) / "latency.db", config.retention_days)
         self.settings = self.traces.load_settings()
-        self.settings["context_protection"] = config.context_protection
+        if config.context_protection != RUNTIME_SETTINGS["context_protection"]:
+            self.settings["context_protection"] = config.context_protection  # an explicit flag wins
+        config.context_protection = self.settings["context_protection"]
         self.fleet = Fleet(config)
         self.fleet.seed_latencies(self.traces.recent_latencies())
-        self.proxy = Proxy(self.fleet, self.traces, config)
+        self.pulls = Pulls()
+        self.capabilities = Capabilities(self.fleet)
+        self.proxy = Proxy(self.fleet, self.traces, config, self.settings, self.pulls, self.capabilities)
+        self.watchdog = Watchdog(self.proxy, self.fleet)
         self.poller = NodePoller(self.fleet, config)
         self.advertiser = None
         self._ids = itertools.count(1)
@@ -1271,14 +1895,32 @@ class Herd:
 
     def start(self):
         self.poller.start()
+        self.watchdog.thread.start()
 
     def advertise(self, port):
         """Announce this router on mDNS (unless --no-mdns) once its port is known."""
         if self.config.mdns and self.advertiser is None:
             self.advertiser = Advertiser(self.config.host, port)
 
+    def change_settings(self, changes):
+        """Validate, apply and persist a partial settings update; raises HerdError(400)."""
+        if not isinstance(changes, dict) or not changes:
+            raise HerdError(400, "send a JSON object of settings to change, e.g. {\"auto_pull\": false}")
+        for key, value in changes.items():
+            if key not in RUNTIME_SETTINGS:
+                raise HerdError(400, f"unknown setting {key!r}; settings are {', '.join(RUNTIME_SETTINGS)}")
+            if key == "context_protection" and value not in CONTEXT_POLICIES:
+                raise HerdError(400, f"context_protection must be one of {', '.join(CONTEXT_POLICIES)}")
+            if key != "context_protection" and not isinstance(value, bool):
+                raise HerdError(400, f"{key} must be true or false")
+        self.settings.update(changes)
+        self.fleet.set_context_policy(self.settings["context_protection"])
+        self.traces.save_settings(changes)
+        log.info("settings changed: %s", changes)
+
     def shutdown(self):
         self.poller.stop.set()
+        self.watchdog.stop.set()
         if self.advertiser is not None:
             self.advertiser.close()
         self.traces.close()
@@ -1326,6 +1968,7 @@ def create_app(config):
             except HerdError as exc:
                 herd.proxy.reject(api, path, request.remote_addr, request_id, exc.message)
                 return error_response(api, exc.status, exc.message, exc.code)
+            call.client_gone = request.environ.get("waitress.client_disconnected", call.client_gone)
             return herd.proxy.serve(call, admit=(path != "/api/show"))
         view.__name__ = "proxy_" + path.strip("/").replace("/", "_")
         return view
@@ -1429,6 +2072,36 @@ def create_app(config):
         herd.fleet.report(beat["node_id"], beat["ollama_url"].rstrip("/"), "agent",
                           float(beat.get("interval_s") or 5), beat)
         return {"ok": True, "node_id": beat["node_id"]}
+
+    @app.route("/dashboard/api/settings", methods=["GET", "POST"])
+    def settings():
+        if request.method == "POST":
+            if not changes_fleet_allowed():
+                return error_response("ollama", 403, "changing settings needs the router's own machine "
+                                      "or --api-key", "forbidden")
+            try:
+                herd.change_settings(request.get_json(force=True, silent=True))
+            except HerdError as exc:
+                return error_response("ollama", exc.status, exc.message, "invalid_settings")
+        return dict(herd.settings)
+
+    @app.get("/dashboard/api/model-management")
+    def model_management():
+        return {"nodes": herd.fleet.management(), "pulls": herd.pulls.snapshot()}
+
+    @app.post("/dashboard/api/pull")
+    def dashboard_pull():
+        if not changes_fleet_allowed():
+            return error_response("ollama", 403, "pulling needs the router's own machine or --api-key",
+                                  "forbidden")
+        body = request.get_json(force=True, silent=True) or {}
+        model, node_id = normalize_model(body.get("model")), body.get("node_id")
+        url = herd.fleet.url_of(node_id) if node_id else None
+        if not model or url is None:
+            return error_response("ollama", 400, 'send {"model": ..., "node_id": ...} naming a known node',
+                                  "invalid_pull")
+        started = herd.pulls.start(model, node_id, url)
+        return {"started": started, "pulls": herd.pulls.snapshot()}, 202 if started else 409
 
     @app.errorhandler(404)
     def no_route(_):
