@@ -1141,8 +1141,8 @@ class Proxy:
                 message = self.pulls.ensure(call.model, self.fleet)
                 if message:
                     call.note({"auto_pull": message})
-                    raise RoutingError(404, f"{exc.message.split(' Pull it with')[0]} {message[0].upper()}"
-                                       f"{message[1:]}", "model_not_found") from None
+                    raise RoutingError(404, f"{exc.message.split(' Pull it with')[0]} {message}",
+                                       "model_not_found") from None
             raise
 
     def _fail(self, call, flight, outcome, routing_error, upstream_failure):

@@ -8,6 +8,7 @@ Tests and benchmarks start several on loopback ports to make a fleet. It serves 
     fake.fail_next(2, status=500)      # the next two inference requests answer 500
     fake.first_byte_delay = 5          # wait before answering (a model load)
     fake.die_after_chunks = 3          # drop the connection mid-stream
+    fake.stall_after_chunks = (2, 30)  # go silent for 30 s after two chunks
     fake.stop()                        # connection refused from now on
 
 Run alone:  python tests/fake_ollama.py --port 11501 --models llama3.2,qwen2.5:7b --loaded llama3.2
@@ -49,6 +50,7 @@ class FakeOllama:
         self.version = version
         self.first_byte_delay = 0.0
         self.die_after_chunks = None
+        self.stall_after_chunks = None  # (chunks, seconds): go silent mid-stream
         self.pull_steps = 3
         self._failures = []  # statuses for the next inference requests
         self.lock = threading.Lock()
@@ -266,6 +268,8 @@ class FakeHandler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
                 raise ConnectionAbortedError("fake died mid-stream")
+            if fake.stall_after_chunks and index == fake.stall_after_chunks[0]:
+                time.sleep(fake.stall_after_chunks[1])
             if index and fake.token_delay:
                 time.sleep(fake.token_delay)
             yield f"tok{index} "

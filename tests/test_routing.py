@@ -113,14 +113,13 @@ def test_full_queue_is_refused_at_once(make_fake, make_router):
 def test_waiting_requests_are_served_oldest_first(make_fake, make_router):
     fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=2, token_delay=0.15)
     router = make_router(nodes=[("a", fake.url)])
-    order = []
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = []
         for index in range(6):
-            futures.append(pool.submit(lambda i: (chat(router, dict(CHAT, messages=[
-                {"role": "user", "content": f"q{i}"}])), order.append(i)), index))
-            wait_for(lambda: router.status()["fleet"]["requests_queued"] + fake.active.get(
-                "llama3.2:latest", 0) >= index + 1, what="request queued")
+            futures.append(pool.submit(lambda i: chat(router, dict(CHAT, messages=[
+                {"role": "user", "content": f"q{i}"}])), index))
+            wait_for(lambda: router.status()["fleet"]["requests_queued"] + len(fake.received) >= index + 1,
+                     what="request queued")
         for future in futures:
             future.result()
     sent = [body["messages"][0]["content"] for _, body in fake.received]

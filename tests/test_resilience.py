@@ -1,0 +1,346 @@
+"""Faults on fake nodes over loopback: hangs, deaths, disconnects, stalls, fallbacks, pulls."""
+
+import concurrent.futures
+import json
+import socket
+import time
+
+import requests
+
+from conftest import wait_for
+from test_routing import CHAT, chat, heartbeat
+
+OPENAI_CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def events(router):
+    return [json.loads(row[0]) if row[0] else [] for row in
+            router.traces("SELECT events FROM request_traces ORDER BY timestamp")]
+
+
+def raw_stream_request(router, body, path="/api/chat"):
+    """Open a streaming request on a bare socket, so the test can hang up whenever it likes."""
+    sock = socket.create_connection(("127.0.0.1", int(router.url.rsplit(":", 1)[1])))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
+    return sock
+
+
+# -- hangs, deaths, failures ----------------------------------------------------------------
+
+def test_node_hanging_before_first_byte_is_cut_and_retried_elsewhere(make_fake, make_router):
+    hung = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    good = make_fake(models={"llama3.2": 2.0})
+    router = make_router(nodes=[("hung", hung.url), ("good", good.url)], first_byte_timeout=0.5)
+    hung.first_byte_delay = 5  # its /api/tags still answers: only request outcomes show the hang
+    started = time.monotonic()
+    response = requests.post(router.url + "/api/chat", json=dict(CHAT, stream=True), timeout=10)
+    assert response.status_code == 200 and response.headers["X-Herd-Node"] == "good"
+    assert time.monotonic() - started < 2.5
+    (event,) = events(router)[0]
+    assert event["failed"] == "hung" and "first-byte timeout" in event["reason"]
+    hung_status = [n for n in router.status()["nodes"] if n["node_id"] == "hung"][0]
+    assert hung_status["status"] == "degraded" and hung_status["cooling_down_s"] > 0
+    quick = time.monotonic()
+    assert chat(router).headers["X-Herd-Node"] == "good"  # the hung node rests: no second wait
+    assert time.monotonic() - quick < 0.5
+
+
+def test_request_waits_for_a_failing_node_to_recover_instead_of_failing(make_fake, make_router):
+    only = make_fake(models={"llama3.2": 2.0})
+    router = make_router(nodes=[("only", only.url)])
+    only.fail_next(1, status=500)
+    response = chat(router)
+    assert response.status_code == 200  # retried on the same node once its short rest ended
+    assert router.traces("SELECT retry_count, status FROM request_traces") == [(1, "completed")]
+
+
+def test_node_killed_during_concurrent_requests_loses_none_that_had_not_streamed(make_fake, make_router):
+    victim = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=20, token_delay=0.05)
+    others = [make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=20, token_delay=0.05)
+              for _ in range(2)]
+    router = make_router(nodes=[("victim", victim.url), ("b", others[0].url), ("c", others[1].url)],
+                         parallel=4, poll_interval=30)
+
+    def one(index):
+        stream = index % 2 == 0
+        response = requests.post(router.url + "/api/chat", json=dict(CHAT, stream=stream), timeout=30)
+        if not stream:
+            return ("whole", response.status_code, response.headers.get("X-Herd-Node"))
+        last = [json.loads(line) for line in response.text.splitlines() if line][-1]
+        return ("stream", response.status_code, "error" in last)
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(one, i) for i in range(48)]
+        wait_for(lambda: victim.active.get("llama3.2:latest", 0) >= 2, what="victim busy")
+        victim.die_after_chunks = 0  # everything it is running now breaks
+        victim.stop()  # and new connections are refused
+        results = [f.result() for f in futures]
+    whole = [r for r in results if r[0] == "whole"]
+    assert all(status == 200 for _, status, _ in whole)  # nothing sent yet: retried invisibly
+    broken_streams = [r for r in results if r[0] == "stream" and r[2]]
+    assert all(r[1] == 200 for r in results)
+    rows = router.traces("SELECT status, COUNT(*) FROM request_traces GROUP BY status")
+    counts = dict(rows)
+    assert sum(counts.values()) == 48
+    assert counts.get("incomplete", 0) == len(broken_streams)
+    assert counts["completed"] == 48 - len(broken_streams)
+
+
+# -- disconnects and the reaper ---------------------------------------------------------------
+
+def test_client_leaving_during_a_silent_load_frees_the_slot_within_a_second(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0})
+    router = make_router(nodes=[("a", fake.url)])
+    fake.first_byte_delay = 5  # a cold load: Ollama says nothing for seconds
+    sock = raw_stream_request(router, dict(CHAT, stream=True))
+    wait_for(lambda: router.status()["fleet"]["requests_active"] == 1, what="request running")
+    sock.close()
+    left = time.monotonic()
+    wait_for(lambda: router.status()["fleet"]["requests_active"] == 0, timeout=3, what="slot freed")
+    assert time.monotonic() - left < 1.0
+    fake.first_byte_delay = 0
+    assert chat(router).status_code == 200
+    statuses = [r[0] for r in router.traces("SELECT status FROM request_traces ORDER BY timestamp")]
+    assert statuses == ["cancelled", "completed"]
+
+
+def test_client_leaving_while_queued_leaves_the_queue(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=3, token_delay=0.5)
+    router = make_router(nodes=[("a", fake.url)])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(chat, router)
+        wait_for(lambda: fake.active.get("llama3.2:latest"), what="first running")
+        sock = raw_stream_request(router, dict(CHAT, stream=True))
+        wait_for(lambda: router.status()["fleet"]["requests_queued"] == 1, what="queued")
+        sock.close()
+        wait_for(lambda: router.status()["fleet"]["requests_queued"] == 0, timeout=2, what="left queue")
+        assert running.result().status_code == 200
+    assert ("cancelled",) in router.traces("SELECT status FROM request_traces")
+    assert len(fake.received) == 1  # the one that left never reached the node
+
+
+def test_stalled_stream_is_reaped_and_its_slot_freed(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=6)
+    router = make_router(nodes=[("a", fake.url)], stall_timeout=0.6, idle_timeout=30)
+    fake.stall_after_chunks = (2, 5)
+    started = time.monotonic()
+    response = requests.post(router.url + "/api/chat", json=dict(CHAT, stream=True), timeout=10)
+    parts = [json.loads(line) for line in response.text.splitlines() if line]
+    assert time.monotonic() - started < 2.5
+    assert len(parts) == 3 and "reaped" in parts[-1]["error"]
+    assert router.traces("SELECT status FROM request_traces") == [("reaped",)]
+    assert router.status()["fleet"]["requests_active"] == 0
+
+
+def test_idle_gap_mid_stream_ends_the_stream_with_an_error_chunk(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=6)
+    router = make_router(nodes=[("a", fake.url)], idle_timeout=0.5)
+    fake.stall_after_chunks = (3, 5)
+    response = requests.post(router.url + "/v1/chat/completions", json=dict(OPENAI_CHAT, stream=True), timeout=10)
+    last = json.loads(response.text.strip().split("\n\n")[-1].removeprefix("data: "))
+    assert "idle timeout" in last["error"]["message"]
+    assert router.traces("SELECT status FROM request_traces") == [("incomplete",)]
+
+
+def test_in_flight_counts_are_reconciled_with_running_requests(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    router = make_router(nodes=[("a", fake.url)])
+    fleet = router.herd.fleet
+    with fleet.lock:  # simulate a count that drifted (a bug, a lost release)
+        fleet.nodes["a"].in_flight_by_model["llama3.2:latest"] = 1
+        fleet.nodes["a"].in_flight = 1
+    router.herd.watchdog._reconcile()
+    router.herd.watchdog._reconcile()
+    assert router.status()["nodes"][0]["requests_active"] == 0
+    assert chat(router).status_code == 200
+
+
+# -- fallbacks --------------------------------------------------------------------------------
+
+def test_fallback_chain_with_primary_missing_everywhere_on_both_apis(make_fake, make_router):
+    fake = make_fake(models={"qwen2.5:7b": 4.0, "phi4": 8.0})
+    router = make_router(nodes=[("a", fake.url)])
+    router.herd.change_settings({"auto_pull": False})
+    body = dict(CHAT, model="llama3.2", fallback_models=["mistral", "phi4", "qwen2.5:7b"])
+    ollama = chat(router, body)
+    assert ollama.status_code == 200 and ollama.headers["X-Herd-Model"] == "phi4:latest"
+    openai = requests.post(router.url + "/v1/chat/completions",
+                           json=dict(OPENAI_CHAT, model="gone", fallback_models=["qwen2.5:7b"]))
+    assert openai.status_code == 200 and openai.headers["X-Herd-Model"] == "qwen2.5:7b"
+    assert openai.json()["model"] == "qwen2.5:7b"
+    rows = router.traces("SELECT model, original_model, fallback_used FROM request_traces ORDER BY timestamp")
+    assert rows == [("phi4:latest", "llama3.2:latest", 1), ("qwen2.5:7b", "gone:latest", 1)]
+    none = chat(router, dict(CHAT, model="x", fallback_models=["y"]))
+    assert none.status_code == 404
+
+
+def test_fallback_model_is_used_when_every_node_of_the_primary_fails(make_fake, make_router):
+    primary = make_fake(models={"llama3.2": 2.0})
+    other = make_fake(models={"qwen2.5:7b": 4.0})
+    router = make_router(nodes=[("p", primary.url), ("o", other.url)])
+    primary.fail_next(5, status=500)
+    response = chat(router, dict(CHAT, fallback_models=["qwen2.5:7b"]))
+    assert response.status_code == 200 and response.headers["X-Herd-Model"] == "qwen2.5:7b"
+
+
+def vram_fleet(make_fake, make_router):
+    fake = make_fake(models={"llama3.3:70b": 40.0, "llama3.2": 2.0, "llava:7b": 4.5, "nomic-embed-text": 0.3},
+                     loaded=["llama3.2", "llava:7b", "nomic-embed-text"],
+                     capabilities={"llama3.2": ["completion", "tools"], "llava:7b": ["completion", "vision"],
+                                   "nomic-embed-text": ["embedding"], "llama3.3:70b": ["completion", "tools"]})
+    router = make_router()
+    heartbeat(router, "small", fake, memory_budget_gb=16)
+    router.wait_online(1)
+    return fake, router
+
+
+def test_vram_fallback_serves_a_loaded_model_of_the_same_kind(make_fake, make_router):
+    fake, router = vram_fleet(make_fake, make_router)
+    plain = chat(router, dict(CHAT, model="llama3.3:70b"))
+    assert plain.status_code == 200 and plain.headers["X-Herd-Model"] == "llava:7b"  # largest able
+    tools = chat(router, dict(CHAT, model="llama3.3:70b", tools=[{"type": "function", "function": {"name": "f"}}]))
+    assert tools.headers["X-Herd-Model"] == "llama3.2:latest"
+    images = chat(router, dict(CHAT, model="llama3.3:70b",
+                               messages=[{"role": "user", "content": "what is this", "images": ["aGk="]}]))
+    assert images.headers["X-Herd-Model"] == "llava:7b"
+    rows = router.traces("SELECT fallback_used, events FROM request_traces")
+    assert all(used == 1 and "vram_fallback" in ev for used, ev in rows)
+
+
+def test_vram_fallback_never_crosses_capabilities(make_fake, make_router):
+    fake, router = vram_fleet(make_fake, make_router)
+    both = chat(router, dict(CHAT, model="llama3.3:70b", tools=[{"type": "function"}],
+                             messages=[{"role": "user", "content": "x", "images": ["aGk="]}]))
+    assert both.status_code == 507 and "no loaded model of the same kind" in both.json()["error"]
+    openai_image = requests.post(router.url + "/v1/chat/completions", json={
+        "model": "llama3.3:70b", "tools": [{"type": "function", "function": {"name": "f"}}],
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]})
+    assert openai_image.status_code == 507
+    assert not any(body.get("model") == "nomic-embed-text:latest" for _, body in fake.received)
+
+
+def test_vram_fallback_off_gives_507(make_fake, make_router):
+    fake, router = vram_fleet(make_fake, make_router)
+    assert requests.post(router.url + "/dashboard/api/settings", json={"vram_fallback": False}).json()[
+        "vram_fallback"] is False
+    response = chat(router, dict(CHAT, model="llama3.3:70b"))
+    assert response.status_code == 507 and "does not fit" in response.json()["error"]
+
+
+# -- context protection -----------------------------------------------------------------------
+
+def ctx_request(router, num_ctx=None, api="ollama"):
+    if api == "openai":
+        return requests.post(router.url + "/v1/chat/completions", json=OPENAI_CHAT, timeout=10)
+    body = dict(CHAT)
+    if num_ctx is not None:
+        body["options"] = {"num_ctx": num_ctx, "temperature": 0.2}
+    return chat(router, body)
+
+
+def test_num_ctx_at_or_below_the_loaded_default_context_is_stripped(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], context_length=4096)
+    router = make_router(nodes=[("a", fake.url)])
+    for asked in (2048, 4096):
+        assert ctx_request(router, asked).status_code == 200
+        options = fake.received[-1][1]["options"]
+        assert "num_ctx" not in options and options["temperature"] == 0.2
+    assert all("stripped" in ev[0]["context"] for ev in events(router))
+
+
+def test_num_ctx_below_a_non_default_loaded_context_is_raised_to_it(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], context_length=8192)
+    router = make_router(nodes=[("a", fake.url)])
+    ctx_request(router, 2048)
+    assert fake.received[-1][1]["options"]["num_ctx"] == 8192
+    ctx_request(router, 8192)
+    assert fake.received[-1][1]["options"]["num_ctx"] == 8192
+    ctx_request(router, None)  # leaving it out would reload to the default: send what runs
+    assert fake.received[-1][1]["options"]["num_ctx"] == 8192
+
+
+def test_num_ctx_above_prefers_a_node_loaded_with_enough_else_passes_through(make_fake, make_router):
+    small = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], context_length=4096)
+    large = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], context_length=32768)
+    router = make_router(nodes=[("small", small.url), ("large", large.url)])
+    for _ in range(5):
+        assert ctx_request(router, 16384).headers["X-Herd-Node"] == "large"
+    assert large.received[-1][1]["options"]["num_ctx"] == 32768
+    too_big = ctx_request(router, 65536)
+    node = too_big.headers["X-Herd-Node"]
+    sent = (large if node == "large" else small).received[-1][1]["options"]["num_ctx"]
+    assert sent == 65536 and "passed through" in events(router)[-1][0]["context"]
+
+
+def test_openai_requests_prefer_nodes_running_the_default_context(make_fake, make_router):
+    custom = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], context_length=8192)
+    default = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], context_length=4096)
+    router = make_router(nodes=[("custom", custom.url), ("default", default.url)])
+    assert {ctx_request(router, api="openai").headers["X-Herd-Node"] for _ in range(8)} == {"default"}
+    assert {ctx_request(router, None).headers["X-Herd-Node"] for _ in range(8)} == {"custom", "default"}
+
+
+def test_warn_and_passthrough_leave_num_ctx_alone(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    router = make_router(nodes=[("a", fake.url)], context_protection="warn")
+    ctx_request(router, 2048)
+    assert fake.received[-1][1]["options"]["num_ctx"] == 2048
+    assert events(router)[-1][0]["context"].startswith("warn:")
+    router.herd.change_settings({"context_protection": "passthrough"})
+    ctx_request(router, 1024)
+    assert fake.received[-1][1]["options"]["num_ctx"] == 1024 and events(router)[-1] == []
+
+
+def test_other_reload_options_are_held_to_what_the_model_was_loaded_with(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0})  # cold: herd loads it and remembers how
+    router = make_router(nodes=[("a", fake.url)])
+    chat(router, dict(CHAT, options={"num_thread": 8, "num_batch": 256}))
+    assert fake.received[-1][1]["options"] == {"num_thread": 8, "num_batch": 256}
+    chat(router, dict(CHAT, options={"num_thread": 4, "num_gpu": 99, "use_mmap": False}))
+    assert fake.received[-1][1]["options"] == {"num_thread": 8, "num_batch": 256}
+
+
+# -- auto-pull --------------------------------------------------------------------------------
+
+def test_auto_pull_starts_one_pull_onto_the_roomiest_node_and_says_where(make_fake, make_router):
+    roomy = make_fake(models={"llama3.2": 2.0}, token_delay=0.2)
+    tight = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    roomy.pull_steps = 5
+    router = make_router()
+    heartbeat(router, "roomy", roomy, memory_budget_gb=64, interval_s=0.2)
+    heartbeat(router, "tight", tight, memory_budget_gb=8, interval_s=0.2)
+    first = chat(router, dict(CHAT, model="phi4"))
+    assert first.status_code == 404
+    message = first.json()["error"]
+    assert "started pulling it onto roomy" in message and "/dashboard/api/model-management" in message
+    second = chat(router, dict(CHAT, model="phi4"))
+    assert "herd is pulling it onto roomy" in second.json()["error"]  # one pull per model
+    progress = requests.get(router.url + "/dashboard/api/model-management").json()["pulls"]
+    assert [(p["model"], p["node_id"]) for p in progress] == [("phi4:latest", "roomy")]
+    wait_for(lambda: requests.get(router.url + "/dashboard/api/model-management").json()["pulls"][0][
+        "status"] == "success", timeout=5, what="pull finished")
+    assert "phi4:latest" in roomy.models and "phi4:latest" not in tight.models
+    heartbeat(router, "roomy", roomy, memory_budget_gb=64)
+    assert chat(router, dict(CHAT, model="phi4")).status_code == 200
+    assert any("auto_pull" in e for ev in events(router) for e in ev)
+
+
+def test_auto_pull_off_gives_a_plain_404(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0})
+    router = make_router(nodes=[("a", fake.url)])
+    requests.post(router.url + "/dashboard/api/settings", json={"auto_pull": False})
+    response = chat(router, dict(CHAT, model="phi4"))
+    assert response.status_code == 404 and "pulling" not in response.json()["error"]
+    assert "phi4:latest" not in fake.models
+
+
+def test_settings_reject_unknown_keys_and_bad_values(make_router):
+    router = make_router()
+    bad = requests.post(router.url + "/dashboard/api/settings", json={"colour": "red"})
+    assert bad.status_code == 400 and "unknown setting" in bad.json()["error"]
+    bad = requests.post(router.url + "/dashboard/api/settings", json={"context_protection": "always"})
+    assert bad.status_code == 400
+    assert requests.get(router.url + "/dashboard/api/settings").json() == {
+        "auto_pull": True, "vram_fallback": True, "context_protection": "strip"}
