@@ -159,6 +159,7 @@ class Call:
     request_id: str
     started: float  # perf_counter at the door
     prompt_chars: int = 0
+    asked_name: str | None = None  # the model name exactly as the client wrote it
     edited: bool = False  # body must be re-serialised before forwarding
     pin: str | None = None  # a node chosen by the client (X-Herd-Node) for model management
     method: str = "POST"
@@ -229,7 +230,7 @@ def parse_call(api, endpoint, raw, headers, client_ip, request_id):
     return Call(api=api, endpoint=endpoint, body=body, raw=raw, model=normalize_model(model),
                 stream=bool(stream), fallback_models=[normalize_model(m) for m in fallbacks or []],
                 tags=tags, client_ip=client_ip, request_id=request_id, started=time.perf_counter(),
-                prompt_chars=prompt_size(body), edited=edited)
+                prompt_chars=prompt_size(body), asked_name=model, edited=edited)
 
 
 # =============================================================================================
@@ -1315,9 +1316,15 @@ def upstream_message(data):
 
 def forward_body(call, lease, fleet):
     """The bytes to send the node: the client's own unless herd had to change something."""
-    if lease.model != call.model:  # a fallback model serves this request
-        call.body["model"] = lease.model
-        call.edited = True
+    if lease.model != call.model:  # a fallback model serves it
+        if call.body.get("model") != lease.model:
+            log.info("request %s: %s served by fallback model %s on %s", call.request_id, call.model,
+                     lease.model, lease.node_id)
+            call.note({"fallback_model": lease.model})
+            call.body["model"] = lease.model
+            call.edited = True
+    elif call.asked_name is not None and call.body.get("model") != call.asked_name:  # back to the primary
+        call.body["model"] = call.asked_name
     if call.endpoint in INFERENCE_ENDPOINTS:
         protect_context(call, lease, fleet.context_policy)
         if lease.loaded_ctx is None and lease.held:
@@ -1564,6 +1571,7 @@ def protect_context(call, lease, policy):
     if options != original:
         call.body["options"] = options
         call.edited = True
+    log.info("request %s to %s on %s: %s", call.request_id, lease.model, lease.node_id, "; ".join(changes))
     call.note({"context": "; ".join(changes)})
 
 
@@ -2273,12 +2281,20 @@ def parse_node(spec):
               envvar="FLEET_STALL_TIMEOUT", help="Seconds without a byte before a request is reaped.")
 @click.option("--context-protection", default="strip", show_default=True, envvar="FLEET_CONTEXT_PROTECTION",
               type=click.Choice(CONTEXT_POLICIES), help="What to do with num_ctx that would force a reload.")
+@click.option("--connect-timeout", default=3.0, show_default=True, type=click.FloatRange(0.1),
+              envvar="FLEET_CONNECT_TIMEOUT", help="Seconds to connect to a node before trying another.")
+@click.option("--first-byte-timeout", default=300.0, show_default=True, type=click.FloatRange(0.1),
+              envvar="FLEET_FIRST_BYTE_TIMEOUT",
+              help="Seconds a streaming request may wait for its first byte (a cold load) before another node is tried.")
+@click.option("--idle-timeout", default=120.0, show_default=True, type=click.FloatRange(0.1),
+              envvar="FLEET_IDLE_TIMEOUT", help="Longest silence between chunks of a running stream.")
 @click.option("--trace-retention-days", default=30.0, show_default=True, type=click.FloatRange(0.01),
               envvar="FLEET_TRACE_RETENTION_DAYS", help="Trace rows older than this are pruned.")
 @click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(0.01),
               envvar="FLEET_MAX_BODY_MB", help="Largest request body accepted.")
 def main(host, port, data_dir, node_specs, threads, api_key, parallel, no_mdns, no_local, log_level,
-         queue_timeout, max_queue, stall_timeout, context_protection, trace_retention_days, max_body_mb):
+         queue_timeout, max_queue, stall_timeout, context_protection, connect_timeout, first_byte_timeout,
+         idle_timeout, trace_retention_days, max_body_mb):
     """herd: one Ollama/OpenAI endpoint that routes each request to the best Ollama node."""
     specs = list(node_specs) or [s for s in os.environ.get("FLEET_NODES", "").split(",") if s.strip()]
     nodes = [parse_node(spec) for spec in specs]
@@ -2290,7 +2306,8 @@ def main(host, port, data_dir, node_specs, threads, api_key, parallel, no_mdns, 
                     api_key=api_key, parallel=parallel, mdns=not no_mdns, local=not no_local,
                     log_level=log_level, queue_timeout=queue_timeout, max_queue=max_queue,
                     stall_timeout=stall_timeout, context_protection=context_protection,
-                    retention_days=trace_retention_days, max_body_mb=max_body_mb)
+                    connect_timeout=connect_timeout, first_byte_timeout=first_byte_timeout,
+                    idle_timeout=idle_timeout, retention_days=trace_retention_days, max_body_mb=max_body_mb)
     try:
         setup_logging(config.data_dir, log_level)
         app = create_app(config)

@@ -203,6 +203,13 @@ class FakeHandler(BaseHTTPRequestHandler):
         body = self.read_body()
         if body is None:
             return self.send_json(400, {"error": "invalid character in JSON"})
+        if self.path == "/_fake/control":  # for benchmarks that run the fake in another process
+            if "fail" in body:
+                fake.fail_next(int(body["fail"]["count"]), int(body["fail"]["status"]))
+            for key in ("token_delay", "first_byte_delay", "die_after_chunks"):
+                if key in body:
+                    setattr(fake, key, body[key])
+            return self.send_json(200, {"ok": True})
         if self.path == "/api/show":
             return self.show(body)
         if self.path == "/api/pull":

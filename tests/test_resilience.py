@@ -344,3 +344,16 @@ def test_settings_reject_unknown_keys_and_bad_values(make_router):
     assert bad.status_code == 400
     assert requests.get(router.url + "/dashboard/api/settings").json() == {
         "auto_pull": True, "vram_fallback": True, "context_protection": "strip"}
+
+
+def test_retry_after_a_fallback_attempt_sends_the_primary_name_again(make_fake, make_router):
+    both = make_fake(models={"qwen2.5:7b": 4.0})
+    primary = make_fake(models={"llama3.2": 2.0})
+    router = make_router(nodes=[("q", both.url), ("p", primary.url)])
+    primary.fail_next(1, status=500)  # primary fails, so the fallback serves
+    response = chat(router, dict(CHAT, fallback_models=["qwen2.5:7b"]))
+    assert response.headers["X-Herd-Model"] == "qwen2.5:7b"
+    assert both.received[-1][1]["model"] == "qwen2.5:7b"
+    time.sleep(1.1)  # the primary's rest ends
+    assert chat(router, dict(CHAT, fallback_models=["qwen2.5:7b"])).headers["X-Herd-Model"] == "llama3.2:latest"
+    assert primary.received[-1][1]["model"] == "llama3.2"
