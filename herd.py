@@ -29,6 +29,7 @@ import random
 import re
 import socket
 import sqlite3
+import statistics
 import sys
 import threading
 import time
@@ -239,7 +240,7 @@ def parse_call(api, endpoint, raw, headers, client_ip, request_id):
 
 MISSED_INTERVALS_OFFLINE = 3  # a node that misses this many of its own intervals is offline
 RECENT_UNLOAD_S = 600.0  # a model unloaded this recently still counts as a little warm
-LATENCY_WINDOW = 64  # recent latencies kept per node:model for the p75 signal
+SPEED_WINDOW = 32  # recent samples kept per node for each speed estimate
 # A failing node rests 1 s, then 2, 4, ... up to a minute while it keeps failing; the first
 # request after a rest probes it. A good heartbeat ends the rest of a node that was unreachable.
 COOLDOWN_FIRST_S = 1.0
@@ -279,6 +280,10 @@ class Node:
     online_since: float = 0.0
     in_flight: int = 0
     in_flight_by_model: dict = field(default_factory=dict)
+    leases: set = field(default_factory=set)  # requests running there now
+    decode_gbs: list = field(default_factory=list)  # recent decode speed x model size (GB/s)
+    prefill_gbs: list = field(default_factory=list)  # the same for prompt processing
+    load_s_per_gb: list = field(default_factory=list)  # seconds per GB of a model load
     failures: int = 0  # consecutive failed requests
     failure_kind: str | None = None  # unreachable | error
     cooldown_until: float = 0.0
@@ -317,7 +322,7 @@ class RoutingError(HerdError):
     pass
 
 
-@dataclass
+@dataclass(eq=False)
 class Lease:
     """A granted slot: this request may run `model` on `node` until it releases the lease.
     It carries what the node had loaded when it was chosen, for context protection."""
@@ -327,6 +332,8 @@ class Lease:
     model: str
     score: float
     breakdown: dict
+    eta_s: float = 0.0  # expected seconds from now until the reply is complete
+    started: float = 0.0  # time.monotonic() when the slot was taken
     loaded_ctx: int | None = None  # context the model runs with there; None when cold
     default_ctx: int = DEFAULT_NUM_CTX
     load_options: dict = field(default_factory=dict)
@@ -353,8 +360,7 @@ class Fleet:
         self.lock = threading.Lock()
         self.nodes = {}
         self.waiters = []  # oldest first
-        self.latencies = {}  # (node_id, model) -> list of recent latency ms
-        self.p75 = {}  # (node_id, model) -> p75 of the above
+        self.output_tokens = {}  # model -> recent completion token counts
         self.context_policy = config.context_protection
 
     # -- reports from agents and polls ------------------------------------------------------
@@ -562,14 +568,18 @@ class Fleet:
         waiter.lease.queued_ms = (time.perf_counter() - waiter.enqueued) * 1000
         return waiter.lease
 
-    def release(self, lease, served=True, latency_ms=None, sent_ctx=None):
-        """Give a slot back. A model just served is loaded on that node: remember how."""
+    def release(self, lease, served=True, sent_ctx=None, timings=None):
+        """Give a slot back. A model just served is loaded on that node: remember how, and learn
+        the node's speed from the reply's timings."""
         with self.lock:
             if lease.released or not lease.held:
                 return
             lease.released = True
             node = self.nodes.get(lease.node_id)
             if node is not None:
+                node.leases.discard(lease)
+                if served and timings:
+                    self._learn(node, lease.model, timings)
                 node.in_flight -= 1
                 node.in_flight_by_model[lease.model] = node.in_flight_by_model.get(lease.model, 1) - 1
                 if served:
@@ -579,8 +589,6 @@ class Fleet:
                         node.loaded[lease.model] = {"name": lease.model, "size": entry.get("size", 0),
                                                     "size_vram": entry.get("size", 0), "learned": True,
                                                     "context_length": sent_ctx or node.context_default(lease.model)}
-            if latency_ms is not None:
-                self._record_latency(lease.node_id, lease.model, latency_ms)
             self._grant_waiters()
 
     def remember_load(self, lease, options, sent_ctx):
@@ -592,19 +600,20 @@ class Fleet:
                 node.load_options[lease.model] = dict({k: options[k] for k in RELOAD_OPTIONS if k in options},
                                                       num_ctx=sent_ctx)
 
-    def seed_latencies(self, rows):
-        """Start the latency signal from the trace store's recent history."""
-        with self.lock:
-            for node_id, model, latency_ms in rows:
-                self._record_latency(node_id, model, latency_ms)
-
-    def _record_latency(self, node_id, model, latency_ms):
-        window = self.latencies.setdefault((node_id, model), [])
-        window.append(latency_ms)
-        if len(window) > LATENCY_WINDOW:
-            del window[0]
-        ordered = sorted(window)
-        self.p75[(node_id, model)] = ordered[(len(ordered) * 3) // 4 if len(ordered) > 1 else 0]
+    def _learn(self, node, model, timings):
+        """Fold one reply's timings into the node's speed record (see the Scoring section)."""
+        size_gb = model_size(node, model) / GB
+        if not size_gb:
+            return
+        streams = max(1, node.in_flight) ** PARALLEL_SLOWDOWN  # undo the slowdown it ran under
+        if timings.get("eval_count") and timings.get("eval_s"):
+            remember(node.decode_gbs, timings["eval_count"] / timings["eval_s"] * size_gb * streams)
+        if timings.get("prompt_count") and timings.get("prompt_s") and timings["prompt_count"] >= 32:
+            remember(node.prefill_gbs, timings["prompt_count"] / timings["prompt_s"] * size_gb * streams)
+        if timings.get("load_s") and timings["load_s"] > 0.2:
+            remember(node.load_s_per_gb, max(0.01, (timings["load_s"] - LOAD_FIXED_S) / size_gb))
+        if timings.get("eval_count"):
+            remember(self.output_tokens.setdefault(model, []), timings["eval_count"])
 
     def _eligible(self, node, model, now):
         """'ok' (may serve now), 'failing' (has the model but is resting or unreachable), or None."""
@@ -643,15 +652,15 @@ class Fleet:
                            f"{', '.join(installed) or 'no models'}. Pull it with "
                            f"`ollama pull {call.model}` on a node", "model_not_found")
 
-    def _pick(self, call, models, admit=True):
-        """(best free slot, None) or (None, why to wait: 'busy' | 'failing').
+    def _pick(self, call, models, admit=True, waiter=None):
+        """(best slot, None) or (None, why to wait: 'busy' | 'failing').
 
-        Models are tried in order. A model whose healthy nodes are all busy is waited for (busy
-        nodes free up soon); a model whose nodes are all failing gives way to the next model, and
-        is waited for only when no model has a healthy node.
+        Every healthy node with the model is scored by its expected completion time, busy ones
+        included (with the wait for a slot). When the best is busy the request waits for it
+        (late binding re-picks on every freed slot). Models are tried in order; a model whose
+        nodes are all failing gives way to the next, and is waited for only when none is healthy.
         """
         now = time.time()
-        fleet_max = max((n.budget_bytes() or 0) for n in self.nodes.values()) or None
         failing = False
         for model in models:
             healthy = []
@@ -663,38 +672,38 @@ class Fleet:
                     failing = True
             if not healthy:
                 continue
-            best_p75 = self._best_p75(healthy, model)
-            best, best_key = None, None
-            for node in healthy:
-                slots = self._capacity(node)
-                if admit and node.in_flight_by_model.get(model, 0) >= slots:
-                    continue
-                total, breakdown = score_node(node, model, call, now, fleet_max, self.p75, best_p75,
-                                              slots, self.context_policy)
-                key = (total, -node.in_flight, random.random())
-                if best_key is None or key > best_key:
-                    best, best_key = (node, total, breakdown), key
-            if best is None:
-                return None, "busy"  # healthy nodes will free up: wait rather than fall back
-            node, total, breakdown = best
+            ahead = self._waiters_ahead(model, waiter)
+            estimates = [(node, estimate(node, model, call, self, admit, ahead)) for node in healthy]
+            scored = score_candidates(estimates)
+            node, total, breakdown, eta = max(scored, key=lambda c: (c[1], -c[0].in_flight, random.random()))
+            if admit and node.in_flight_by_model.get(model, 0) >= self.capacity(node):
+                return None, "busy"  # the best node is busy: wait for it rather than settle
             loaded = node.loaded.get(model)
             return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
-                         breakdown=breakdown, held=admit,
+                         breakdown=breakdown, held=admit, eta_s=eta,
                          loaded_ctx=(loaded.get("context_length") or node.context_default(model))
                          if loaded is not None else None,
                          default_ctx=node.context_default(model),
                          load_options=dict(node.load_options.get(model, {}))), None
         return None, "failing" if failing else "busy"
 
-    def _best_p75(self, candidates, model):
-        known = [self.p75[(n.node_id, model)] for n in candidates if (n.node_id, model) in self.p75]
-        return min(known) if known else None
+    def _waiters_ahead(self, model, waiter):
+        """Requests for the model already waiting before this one (all of them for a newcomer)."""
+        ahead = 0
+        for other in self.waiters:
+            if other is waiter:
+                break
+            if model in other.models:
+                ahead += 1
+        return ahead
 
-    def _capacity(self, node):
+    def capacity(self, node):
         return max(1, node.num_parallel or self.config.parallel)
 
     def _hold(self, lease):
         node = self.nodes[lease.node_id]
+        lease.started = time.monotonic()
+        node.leases.add(lease)
         node.in_flight += 1
         node.in_flight_by_model[lease.model] = node.in_flight_by_model.get(lease.model, 0) + 1
 
@@ -703,7 +712,7 @@ class Fleet:
         if not self.waiters:
             return
         for waiter in list(self.waiters):
-            lease, _ = self._pick(waiter.call, waiter.models)
+            lease, _ = self._pick(waiter.call, waiter.models, waiter=waiter)
             if lease is not None:
                 self._hold(lease)
                 waiter.lease = lease
@@ -861,94 +870,157 @@ class Advertiser:
 
 
 # =============================================================================================
-# Scoring: eliminate, then seven signals. Every formula lives here.
+# Scoring: eliminate, estimate where the time goes, then seven signals. Every formula lives here.
 # =============================================================================================
 #
 # Elimination (in Fleet._pick): offline or degraded nodes, nodes without the model, nodes whose
-# memory budget is smaller than the model, nodes whose slots for the model are all taken.
+# memory budget is smaller than the model.
 #
-# signal              range     formula
-# thermal             0..+50    50 if the model is loaded and this request will not make Ollama
-#                               reload it (context and load options match, see context protection);
-#                               10 if loaded but a reload is needed, or if unloaded less than 10 min
-#                               ago (fading to 0)
-# memory_fit          0..+20    20 x headroom / budget, headroom = budget - loaded - (model if cold);
-#                               10 when the node does not report a budget
-# queue_depth         -30..0    -30 x min(1, (model in-flight / slots + 0.5 x other in-flight / slots) / 2)
-# latency_history     -25..0    -25 x min(1, (p75 / best p75 among candidates - 1.5) / 3), when
-#                               the two differ by more than 100 ms
-# role_affinity       0..+15    15 x (1 - |node budget share - model's wanted share|), where the
-#                               wanted share is min(1, 4 x model size / largest budget): big models
-#                               go to big machines and small ones leave those free
-# availability_trend  0..+10    10 x min(1, minutes online without a gap / 10), whole points
-# context_fit         0..+15    15 if the loaded context covers the request (num_ctx, else estimated
-#                               tokens) without a reload, 5 if the model is cold (its load sets the
-#                               context), else 0
+# Each remaining node gets an expected completion time for this request, in seconds, built from
+# what herd measured on its own traffic (Ollama reports load, prompt and eval durations with
+# every reply; speeds are kept per node as GB/s, so one model's speed predicts another's):
+#   wait       until a slot for the model frees there (herd never exceeds num_parallel), counting
+#              the requests already queued for the model
+#   load       a cold load or a context reload: 1 s + model GB x the node's seconds per GB
+#   service    prompt tokens / prefill speed + expected output tokens / decode speed, where speed
+#              = the node's GB/s (25th percentile: its p75 time per token) / model GB, slowed by
+#              (streams on the node) ^ -0.4 because parallel streams share memory bandwidth
+#   slowdown   what this request adds to the streams already running there (they slow down too)
+#   eviction   the load time of hot models a cold load would push out of memory, half of it
+#   risk       a node that failed recently may fail again: failures x 25% x its time
+# The seven signals express these seconds as points at one exchange rate per decision (chosen so
+# no signal leaves its range), so the highest total is the soonest expected completion:
+#
+# signal              range     points
+# thermal             0..+50    50 - rate x load (50 when the model is hot and will not reload)
+# memory_fit          0..+20    20 - rate x eviction
+# queue_depth         -30..0    -rate x wait
+# latency_history     -25..0    -rate x (service here - service on the fastest candidate)
+# role_affinity       0..+15    15 - rate x slowdown (small models leave the busy big machine free)
+# availability_trend  0..+10    10 - rate x risk
+# context_fit         0..+15    15 - rate x the part of the load that is a context reload
 #
 # Ties: fewest requests in flight on the whole node, then random, so equal nodes share the load.
 
-CHARS_PER_TOKEN = 4  # rough size of a token in English text, for the context estimate
-# Latencies within this ratio of the best are noise, not a signal: equal nodes must still tie.
-LATENCY_DEAD_BAND = 1.5
-LATENCY_NOISE_MS = 100.0  # and so are differences smaller than this (a connection set-up, a GC)
+CHARS_PER_TOKEN = 4  # rough size of a token in English text
+PARALLEL_SLOWDOWN = 0.4  # per-stream speed x streams ^ -0.4: batching shares the GPU's bandwidth
+LOAD_FIXED_S = 1.0  # starting a runner, before the weights stream in
+PRIOR_DECODE_GBS = 300.0  # a node herd has not measured yet: a mid-range GPU or Apple chip
+PRIOR_PREFILL_RATIO = 20.0  # prompt tokens go this many times faster than generated ones
+PRIOR_LOAD_S_PER_GB = 0.5
+PRIOR_OUTPUT_TOKENS = 250  # a chat reply of a few paragraphs
+SIGNAL_RANGES = {"thermal": 50.0, "memory_fit": 20.0, "queue_depth": 30.0, "latency_history": 25.0,
+                 "role_affinity": 15.0, "availability_trend": 10.0, "context_fit": 15.0}
+# which estimate each signal prices, and whether it is a bonus that the cost reduces (+) or a penalty (-)
+SIGNAL_SECONDS = {"thermal": ("cold_load", +1), "memory_fit": ("eviction", +1), "queue_depth": ("wait", -1),
+                  "latency_history": ("slower_by", -1), "role_affinity": ("slowdown", +1),
+                  "availability_trend": ("risk", +1), "context_fit": ("reload", +1)}
 
 
-def score_node(node, model, call, now, fleet_max_budget, p75, best_p75, slots, context_policy):
-    """Score one candidate node for `model`; returns (total, breakdown by signal)."""
+def remember(samples, value):
+    samples.append(value)
+    if len(samples) > SPEED_WINDOW:
+        del samples[0]
+
+
+def low_quartile(samples, prior):
+    """The 25th percentile of recent samples (a cautious speed), or the prior without any."""
+    if not samples:
+        return prior
+    ordered = sorted(samples)
+    return ordered[len(ordered) // 4]
+
+
+def fleet_prior(fleet, attribute, prior):
+    """Before a node is measured, assume it is like the median measured node."""
+    known = [low_quartile(getattr(n, attribute), prior) for n in fleet.nodes.values() if getattr(n, attribute)]
+    return sorted(known)[len(known) // 2] if known else prior
+
+
+def expected_output(call, fleet, model):
+    """Tokens the reply will have: the client's cap when it is below what the model usually says."""
+    options = call.body.get("options") if isinstance(call.body.get("options"), dict) else {}
+    cap = call.body.get("max_tokens") or call.body.get("max_completion_tokens") or options.get("num_predict")
+    history = fleet.output_tokens.get(model)
+    usual = statistics.median(history) if history else PRIOR_OUTPUT_TOKENS
+    if isinstance(cap, int) and cap > 0:
+        return min(cap, 2 * usual)
+    return usual
+
+
+def estimate(node, model, call, fleet, admit, ahead):
+    """Seconds this request would spend on `node`, by cause (see the table above)."""
+    size_gb = max(model_size(node, model) / GB, 0.05)
+    now = time.monotonic()
+    decode_gbs = low_quartile(node.decode_gbs, fleet_prior(fleet, "decode_gbs", PRIOR_DECODE_GBS))
+    prefill_gbs = low_quartile(node.prefill_gbs, decode_gbs * PRIOR_PREFILL_RATIO)
+    load_per_gb = low_quartile(node.load_s_per_gb, fleet_prior(fleet, "load_s_per_gb", PRIOR_LOAD_S_PER_GB))
+    remaining = {lease: max(0.1 * lease.eta_s, lease.eta_s - (now - lease.started)) for lease in node.leases}
+
     loaded = node.loaded.get(model)
-    size = model_size(node, model)
-    reload = loaded is not None and needs_reload(call, loaded.get("context_length") or node.context_default(model),
-                                                 node.context_default(model),
-                                                 node.load_options.get(model, {}), context_policy)
-
-    if loaded is not None and not reload:
-        thermal = 50.0
-    elif loaded is not None:
-        thermal = 10.0
-    else:
-        unloaded = node.unloaded_at.get(model)
-        thermal = 10.0 * max(0.0, 1 - (now - unloaded) / RECENT_UNLOAD_S) if unloaded else 0.0
-
-    budget = node.budget_bytes()
-    if budget:
-        headroom = budget - node.memory_in_use() - (0 if loaded is not None else size)
-        memory_fit = 20.0 * min(1.0, max(0.0, headroom / budget))
-    else:
-        memory_fit = 10.0
-
-    mine = node.in_flight_by_model.get(model, 0)
-    pressure = (mine + 0.5 * (node.in_flight - mine)) / slots
-    queue_depth = -30.0 * min(1.0, pressure / 2)
-
-    mine_p75 = p75.get((node.node_id, model))
-    if mine_p75 is not None and best_p75 and mine_p75 - best_p75 > LATENCY_NOISE_MS:
-        latency_history = -25.0 * min(1.0, max(0.0, mine_p75 / best_p75 - LATENCY_DEAD_BAND) / 3)
-    else:
-        latency_history = 0.0
-
-    if budget and fleet_max_budget:
-        wanted = min(1.0, 4 * size / fleet_max_budget)
-        role_affinity = 15.0 * (1 - abs(budget / fleet_max_budget - wanted))
-    else:
-        role_affinity = 7.5
-
-    steady_minutes = (now - node.online_since) / 60 if node.online_since else 0
-    availability_trend = float(round(10 * min(1.0, steady_minutes / 10)))
-
+    load = reload = 0.0
     if loaded is None:
-        context_fit = 5.0
-    elif reload:
-        context_fit = 0.0
+        load = LOAD_FIXED_S + size_gb * load_per_gb
     else:
-        loaded_ctx = loaded.get("context_length") or node.context_default(model)
-        wanted_ctx = requested_num_ctx(call) or call.prompt_chars // CHARS_PER_TOKEN
-        context_fit = 15.0 if wanted_ctx <= loaded_ctx else 0.0
+        ctx = loaded.get("context_length") or node.context_default(model)
+        if needs_reload(call, ctx, node.context_default(model), node.load_options.get(model, {}),
+                        fleet.context_policy):
+            drain = max((r for lease, r in remaining.items() if lease.model == model), default=0.0)
+            reload = drain + LOAD_FIXED_S + size_gb * load_per_gb
 
-    breakdown = {"thermal": thermal, "memory_fit": memory_fit, "queue_depth": queue_depth,
-                 "latency_history": latency_history, "role_affinity": role_affinity,
-                 "availability_trend": availability_trend, "context_fit": context_fit}
-    breakdown = {key: round(value, 2) for key, value in breakdown.items()}
-    return sum(breakdown.values()), breakdown
+    wait = 0.0
+    slots = fleet.capacity(node)
+    mine = sorted(r for lease, r in remaining.items() if lease.model == model)
+    if admit and len(mine) >= slots:  # the slots free as running requests end, queued ones first
+        per_slot = statistics.fmean(lease.eta_s for lease in node.leases if lease.model == model) or 1.0
+        wait = mine[ahead] if ahead < len(mine) else mine[-1] + (ahead - len(mine) + 1) / slots * per_slot
+
+    streams = len(node.leases) + 1
+    slowed = streams ** PARALLEL_SLOWDOWN
+    prompt_tokens = call.prompt_chars / CHARS_PER_TOKEN
+    service = prompt_tokens * size_gb / prefill_gbs
+    if "embed" not in call.endpoint:
+        service += expected_output(call, fleet, model) * size_gb / decode_gbs * slowed
+    running = sum(remaining.values())
+    slowdown = running * ((streams / max(1, streams - 1)) ** PARALLEL_SLOWDOWN - 1) if node.leases else 0.0
+
+    eviction = 0.0
+    budget = node.budget_bytes()
+    if loaded is None and budget:
+        free = budget - node.memory_in_use()
+        for name, entry in sorted(node.loaded.items(), key=lambda item: item[1].get("size_vram") or 0):
+            if free >= size_gb * GB:
+                break
+            freed = entry.get("size_vram") or entry.get("size") or 0
+            free += freed
+            if node.in_flight_by_model.get(name):  # Ollama waits for busy models before evicting
+                wait = max(wait, max((r for lease, r in remaining.items() if lease.model == name), default=0.0))
+            eviction += 0.5 * (LOAD_FIXED_S + freed / GB * load_per_gb)
+
+    eta = wait + load + reload + service
+    risk = min(1.0, 0.25 * node.failures) * eta
+    return {"wait": wait, "cold_load": load + reload, "reload": reload, "service": service,
+            "slowdown": slowdown, "eviction": eviction, "risk": risk, "eta": eta}
+
+
+def score_candidates(estimates):
+    """[(node, seconds by cause)] -> [(node, total points, breakdown, eta)] at one exchange rate."""
+    fastest = min(e["service"] for _, e in estimates)
+    for _, e in estimates:
+        e["slower_by"] = e["service"] - fastest
+    rate = 1000.0  # points per second: as fine as the ranges allow
+    for signal, (cause, _) in SIGNAL_SECONDS.items():
+        worst = max(e[cause] for _, e in estimates)
+        if worst > 0:
+            rate = min(rate, SIGNAL_RANGES[signal] / worst)
+    scored = []
+    for node, e in estimates:
+        breakdown = {}
+        for signal, (cause, sign) in SIGNAL_SECONDS.items():
+            points = SIGNAL_RANGES[signal] - rate * e[cause] if sign > 0 else -rate * e[cause]
+            breakdown[signal] = round(points, 2)
+        scored.append((node, sum(breakdown.values()), breakdown, e["eta"]))
+    return scored
 
 
 def requested_num_ctx(call):
@@ -971,7 +1043,8 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "conten
                         "trailer", "upgrade", "proxy-authenticate", "proxy-authorization", "date",
                         "server"})
 TAIL_BYTES = 2048  # the end of a reply, kept to read token counts and the done marker
-TOKEN_FIELD = re.compile(rb'"(prompt_eval_count|eval_count|prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
+TOKEN_FIELD = re.compile(rb'"(prompt_eval_count|eval_count|prompt_tokens|completion_tokens|load_duration|'
+                         rb'prompt_eval_duration|eval_duration)"\s*:\s*(\d+)')
 UPSTREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError)
 
 
@@ -992,6 +1065,20 @@ def reply_tokens(tail):
     prompt = found.get(b"prompt_eval_count") or found.get(b"prompt_tokens")
     completion = found.get(b"eval_count") or found.get(b"completion_tokens")
     return (int(prompt) if prompt else None, int(completion) if completion else None)
+
+
+def reply_timings(tail, ttft_ms=None, latency_ms=None):
+    """What a reply says about the node's speed: Ollama's own durations (native API), else
+    tokens over the time between first byte and end (OpenAI streams)."""
+    found = {key.decode(): int(value) for key, value in TOKEN_FIELD.findall(tail)}
+    if "eval_duration" in found or "prompt_eval_duration" in found:
+        return {"eval_count": found.get("eval_count"), "eval_s": found.get("eval_duration", 0) / 1e9,
+                "prompt_count": found.get("prompt_eval_count"),
+                "prompt_s": found.get("prompt_eval_duration", 0) / 1e9,
+                "load_s": found.get("load_duration", 0) / 1e9}
+    if found.get("completion_tokens") and ttft_ms is not None and latency_ms and latency_ms > ttft_ms:
+        return {"eval_count": found["completion_tokens"], "eval_s": (latency_ms - ttft_ms) / 1000}
+    return None
 
 
 def reply_finished(call, tail):
@@ -1204,7 +1291,8 @@ class Proxy:
             else:
                 outcome.status = "completed"
                 outcome.prompt_tokens, outcome.completion_tokens = reply_tokens(data[-TAIL_BYTES:])
-                self.fleet.release(lease, served=True, latency_ms=latency_ms, sent_ctx=sent_num_ctx(call))
+                self.fleet.release(lease, served=True, sent_ctx=sent_num_ctx(call),
+                                   timings=reply_timings(data[-TAIL_BYTES:]))
             self.finish(call, outcome, latency_ms)
             self._done(flight)
             return Response(data, status=resp.status, headers=headers)
@@ -1294,8 +1382,8 @@ class Relay:
             self.resp.close()
         outcome.prompt_tokens, outcome.completion_tokens = reply_tokens(self.tail)
         latency_ms = (time.perf_counter() - self.call.started) * 1000
-        self.proxy.fleet.release(self.lease, served=completed, latency_ms=latency_ms if completed else None,
-                                 sent_ctx=sent_num_ctx(self.call))
+        timings = reply_timings(self.tail, outcome.ttft_ms, latency_ms) if completed else None
+        self.proxy.fleet.release(self.lease, served=completed, sent_ctx=sent_num_ctx(self.call), timings=timings)
         self.proxy.finish(self.call, outcome, latency_ms)
         self.proxy._done(self.flight)
 
@@ -1729,7 +1817,6 @@ TRACE_COLUMNS = (
 TRACE_BATCH = 500  # rows per transaction: ~2 µs a row on the request path (NOTES-STACK: sqlite3)
 TRACE_QUEUE = 100_000  # rows buffered before request threads wait for the writer (none are dropped)
 PRUNE_EVERY_S = 3600.0
-LATENCY_SEED_ROWS = 5000  # recent completed rows that seed the latency signal at start-up
 
 
 class TraceStore:
@@ -1819,11 +1906,6 @@ class TraceStore:
         with self._connect() as db:
             return db.execute(sql, params).fetchall()
 
-    def recent_latencies(self):
-        return self.query("SELECT node_id, model, latency_ms FROM (SELECT node_id, model, latency_ms, "
-                          "timestamp FROM request_traces WHERE status='completed' AND node_id IS NOT NULL "
-                          "ORDER BY timestamp DESC LIMIT ?) ORDER BY timestamp", (LATENCY_SEED_ROWS,))
-
     def load_settings(self):
         values = dict(RUNTIME_SETTINGS)
         for key, value in self.query("SELECT key, value FROM settings"):
@@ -1891,7 +1973,6 @@ class Herd:
             self.settings["context_protection"] = config.context_protection  # an explicit flag wins
         config.context_protection = self.settings["context_protection"]
         self.fleet = Fleet(config)
-        self.fleet.seed_latencies(self.traces.recent_latencies())
         self.pulls = Pulls()
         self.capabilities = Capabilities(self.fleet)
         self.proxy = Proxy(self.fleet, self.traces, config, self.settings, self.pulls, self.capabilities)

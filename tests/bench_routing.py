@@ -1,0 +1,329 @@
+"""Routing benchmark: does herd finish a home lab's requests sooner than the alternatives?
+
+    python tests/bench_routing.py                 # seeds 1 2 3, about 5 minutes
+    python tests/bench_routing.py --seeds 4 --routers herd least-connections
+
+A simulated fleet (tests/sim_ollama.py) of four unequal machines replays the same seeded,
+open-loop workload (Poisson arrivals; small and large chats, embeddings; streaming and not; both
+APIs; a few large num_ctx) through three routers:
+
+1. herd (its own process, fed by herd-node agents that report each simulated machine);
+2. round-robin over the nodes that have the model (what nginx gives a home lab);
+3. least-connections over the nodes that have the model.
+
+Times are simulated seconds (real time x SCALE). The lower bound serves each request alone on the
+fastest node that has its model, already loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import urllib3
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import herd_node  # noqa: E402
+from bench_proxy import ROOT, free_port, wait_http  # noqa: E402
+from fake_ollama import QuietServer, full_name  # noqa: E402
+from sim_ollama import DEFAULT_CTX, LOAD_FIXED_S, PREFILL_FACTOR, SimNode  # noqa: E402
+
+SCALE = 10.0  # simulated seconds per real second
+DURATION_S = 300.0  # simulated seconds of arrivals
+RATE = 0.45  # requests per simulated second
+
+MODELS = {"llama3.2:3b": 2.0, "qwen2.5:7b": 4.7, "llama3.1:8b": 4.9, "qwen2.5:32b": 19.9,
+          "llama3.3:70b": 42.5, "nomic-embed-text:latest": 0.3}
+SMALL = ["llama3.2:3b", "qwen2.5:7b", "llama3.1:8b", "nomic-embed-text:latest"]
+# name: memory GB, bandwidth GB/s, parallel slots, load GB/s, installed (every model that fits,
+# as a home lab pulls them), loaded at start
+FLEET = {
+    "studio": (192, 800, 4, 4.0, list(MODELS), ["llama3.3:70b", "qwen2.5:32b", "llama3.1:8b", "nomic-embed-text:latest"]),
+    "rtx": (24, 1000, 2, 3.0, SMALL + ["qwen2.5:32b"], ["qwen2.5:7b", "llama3.2:3b", "nomic-embed-text:latest"]),
+    "mini": (16, 100, 1, 1.0, SMALL, ["llama3.2:3b"]),
+    "laptop": (32, 250, 1, 2.0, SMALL + ["qwen2.5:32b"], ["llama3.1:8b", "nomic-embed-text:latest"]),
+}
+# model, share of requests, prompt tokens (range), output tokens (range)
+MIX = [("llama3.2:3b", 0.28, (100, 1500), (50, 250)), ("qwen2.5:7b", 0.18, (100, 1500), (80, 300)),
+       ("llama3.1:8b", 0.10, (200, 2000), (80, 300)), ("qwen2.5:32b", 0.10, (300, 3000), (100, 400)),
+       ("llama3.3:70b", 0.08, (300, 3000), (100, 400)), ("nomic-embed-text:latest", 0.26, (20, 500), (0, 0))]
+
+
+# -- workload ----------------------------------------------------------------------------------
+
+def workload(seed):
+    """The seeded list of requests: (arrival s, path, body, streaming, model, prompt, output)."""
+    rng = random.Random(seed)
+    t, plan = 0.0, []
+    while True:
+        t += rng.expovariate(RATE)
+        if t > DURATION_S:
+            return plan
+        model, _, prompt_range, out_range = rng.choices(MIX, weights=[m[1] for m in MIX])[0]
+        prompt = rng.randint(*prompt_range)
+        out = rng.randint(*out_range) if out_range[1] else 0
+        text = "word " * (prompt * 4 // 5)  # about four characters a token
+        openai = rng.random() < 0.5
+        stream = rng.random() < 0.6
+        if out == 0:
+            path = "/v1/embeddings" if openai else "/api/embed"
+            body, stream = {"model": model, "input": text}, False
+        elif openai:
+            path = "/v1/chat/completions"
+            body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": out,
+                    "stream": stream}
+        else:
+            path = "/api/chat"
+            options = {"num_predict": out}
+            roll = rng.random()
+            if roll < 0.06:
+                options["num_ctx"] = 16384  # a long-document request
+            elif roll < 0.20:
+                options["num_ctx"] = rng.choice([2048, 4096])  # a client that always sets it
+            body = {"model": model, "messages": [{"role": "user", "content": text}], "options": options,
+                    "stream": stream}
+        plan.append((t, path, body, stream, model, prompt, out))
+
+
+def lower_bound(plan):
+    """Each request alone on the fastest node that has its model, already loaded (sim seconds)."""
+    bounds = []
+    for _, _, _, _, model, prompt, out in plan:
+        best = max(spec[1] / MODELS[model] for spec in FLEET.values() if model in spec[4])
+        bounds.append(prompt / (best * PREFILL_FACTOR) + out / best)
+    return bounds
+
+
+# -- the two baselines --------------------------------------------------------------------------
+
+class BaselineProxy:
+    """A minimal streaming proxy that picks a node with the model by round robin or least connections."""
+
+    def __init__(self, nodes, strategy):
+        self.nodes = nodes  # name -> (url, installed models)
+        self.strategy = strategy
+        self.active = {name: 0 for name in nodes}
+        self.turns = {}
+        self.lock = threading.Lock()
+        self.pool = urllib3.PoolManager(maxsize=64, retries=False, timeout=urllib3.Timeout(connect=5, read=600))
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                model = full_name(json.loads(raw)["model"])
+                name = proxy.choose(model)
+                try:
+                    upstream = proxy.pool.urlopen("POST", proxy.nodes[name][0] + self.path, body=raw,
+                                                  headers={"Content-Type": "application/json"},
+                                                  preload_content=False)
+                    self.send_response(upstream.status)
+                    self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/json"))
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for chunk in upstream.stream(None):
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+                    upstream.release_conn()
+                finally:
+                    with proxy.lock:
+                        proxy.active[name] -= 1
+
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def choose(self, model):
+        with self.lock:
+            having = [n for n, (_, models) in self.nodes.items() if model in models]
+            if self.strategy == "round-robin":
+                turn = self.turns.setdefault(model, itertools.count())
+                name = having[next(turn) % len(having)]
+            else:
+                name = min(having, key=lambda n: (self.active[n], random.random()))
+            self.active[name] += 1
+            return name
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# -- one run ------------------------------------------------------------------------------------
+
+def start_fleet():
+    nodes = {}
+    for name, (memory, bandwidth, parallel, load, installed, loaded) in FLEET.items():
+        nodes[name] = SimNode(name, memory, bandwidth, {m: MODELS[m] for m in installed}, loaded,
+                              num_parallel=parallel, load_gbs=load, scale=SCALE).start()
+    return nodes
+
+
+def start_herd(nodes, data_dir):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "herd.py"), "--host", "127.0.0.1", "--port", str(port),
+                             "--no-mdns", "--no-local", "--data-dir", str(data_dir), "--log-level", "WARNING",
+                             "--queue-timeout", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/")
+    agents = [herd_node.Agent(herd_node.AgentConfig(
+        router_url=url, ollama_host=node.url, node_id=name, interval=0.5, num_parallel=FLEET[name][2],
+        memory_gb=FLEET[name][0])).start() for name, node in nodes.items()]
+    deadline = time.monotonic() + 20
+    while json.loads(urllib3.request("GET", url + "/fleet/status").data)["fleet"]["nodes_online"] < len(nodes):
+        if time.monotonic() > deadline:
+            raise RuntimeError("herd did not see the fleet")
+        time.sleep(0.1)
+    return proc, agents, url
+
+
+def replay(url, plan):
+    """Send each request at its arrival time; returns (latency, ttft, ok) per request, sim seconds."""
+    pool = urllib3.PoolManager(maxsize=256, retries=False, timeout=urllib3.Timeout(connect=10, read=900))
+    results = [None] * len(plan)
+    start = time.monotonic()
+
+    def one(index, path, body, stream):
+        sent = time.monotonic()
+        ttft = None
+        try:
+            response = pool.request("POST", url + path, body=json.dumps(body).encode(),
+                                    headers={"Content-Type": "application/json"}, preload_content=False)
+            data = b""
+            for chunk in response.stream(None):
+                if ttft is None:
+                    ttft = time.monotonic() - sent
+                data += chunk
+            response.release_conn()
+            ok = response.status == 200 and b'"error"' not in data[-300:]
+        except Exception:  # noqa: BLE001 - a failure is a result here
+            ok = False
+        latency = time.monotonic() - sent
+        results[index] = (latency * SCALE, (ttft if stream and ttft else latency) * SCALE, ok, stream)
+
+    threads = []
+    for index, (arrival, path, body, stream, *_rest) in enumerate(plan):
+        delay = arrival / SCALE - (time.monotonic() - start)
+        if delay > 0:
+            time.sleep(delay)
+        thread = threading.Thread(target=one, args=(index, path, body, stream))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def run(router, plan, data_dir):
+    nodes = start_fleet()
+    proc, agents, proxy = None, [], None
+    try:
+        if router == "herd":
+            proc, agents, url = start_herd(nodes, data_dir)
+        else:
+            proxy = BaselineProxy({n: (node.url, set(node.models)) for n, node in nodes.items()}, router)
+            url = proxy.url
+        results = replay(url, plan)
+        stats = {}
+        for node in nodes.values():
+            for key, value in node.stats.items():
+                stats[key] = stats.get(key, 0) + value
+        return results, stats
+    finally:
+        for agent in agents:
+            agent.stop()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        if proxy is not None:
+            proxy.stop()
+        for node in nodes.values():
+            node.stop()
+
+
+def pct(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def by_model(plan, results, bound):
+    """Mean latency over the lower bound, per model: where the time goes."""
+    ratios = {}
+    for (_, _, _, _, model, _, _), result, lb in zip(plan, results, bound):
+        ratios.setdefault(model, []).append(result[0] / lb)
+    return "  ".join(f"{m.split(':')[0]} {statistics.fmean(r):.2f}" for m, r in ratios.items())
+
+
+def summary(results, stats):
+    latencies = [r[0] for r in results]
+    ttfts = [r[1] for r in results if r[3]]
+    return {"failures": sum(1 for r in results if not r[2]), "mean": statistics.fmean(latencies),
+            "p95": pct(latencies, 95), "p99": pct(latencies, 99), "ttft_p95": pct(ttfts, 95),
+            "loads": stats["loads"], "reloads": stats["reloads"], "evictions": stats["evictions"],
+            "needless_reloads": stats["needless_reloads"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--routers", nargs="+", default=["herd", "round-robin", "least-connections"])
+    args = parser.parse_args()
+    print(f"simulated fleet: {', '.join(f'{n} ({v[0]} GB, {v[1]} GB/s, {v[2]} slots)' for n, v in FLEET.items())}")
+    print(f"workload: Poisson {RATE}/s for {DURATION_S:g} s, time scale {SCALE:g}x; times in simulated seconds")
+    all_ok = True
+    for seed in args.seeds:
+        plan = workload(seed)
+        bound = lower_bound(plan)
+        lb = {"mean": statistics.fmean(bound), "p95": pct(bound, 95), "p99": pct(bound, 99)}
+        print(f"\nseed {seed}: {len(plan)} requests; lower bound mean {lb['mean']:.2f} s, p95 {lb['p95']:.2f} s, "
+              f"p99 {lb['p99']:.2f} s")
+        print(f"{'router':18} {'fail':>4} {'mean':>7} {'p95':>7} {'p99':>7} {'ttft95':>7} {'loads':>6} "
+              f"{'reloads':>7} {'evict':>6} {'needless':>8} {'mean/LB':>8} {'p95/LB':>7}")
+        rows = {}
+        for router in args.routers:
+            results, stats = run(router, plan, Path(tempfile.mkdtemp(prefix="herd-routing-")))
+            row = rows[router] = summary(results, stats)
+            row["by_model"] = by_model(plan, results, bound)
+            print(f"{router:18} {row['failures']:4d} {row['mean']:7.2f} {row['p95']:7.2f} {row['p99']:7.2f} "
+                  f"{row['ttft_p95']:7.2f} {row['loads']:6d} {row['reloads']:7d} {row['evictions']:6d} "
+                  f"{row['needless_reloads']:8d} {row['mean'] / lb['mean']:8.2f} {row['p95'] / lb['p95']:7.2f}",
+                  flush=True)
+        for router, row in rows.items():
+            print(f"  {router} latency / lower bound by model: {row['by_model']}")
+        if {"herd", "least-connections"} <= set(rows):
+            h, lc = rows["herd"], rows["least-connections"]
+            checks = {
+                "0 failures": h["failures"] == 0,
+                "mean <= 1.5x LB": h["mean"] <= 1.5 * lb["mean"],
+                "p95 <= 1.5x LB": h["p95"] <= 1.5 * lb["p95"],
+                "mean <= 0.5x least-conn": h["mean"] <= 0.5 * lc["mean"],
+                "p95 <= 0.35x least-conn": h["p95"] <= 0.35 * lc["p95"],
+                "cold loads <= half of least-conn": h["loads"] <= 0.5 * lc["loads"],
+                "no needless reloads": h["needless_reloads"] == 0,
+            }
+            all_ok &= all(checks.values())
+            print("targets: " + ", ".join(f"{name} {'PASS' if ok else 'FAIL'}" for name, ok in checks.items()))
+    print("\nALL TARGETS PASS" if all_ok else "\nSOME TARGETS FAIL")
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
