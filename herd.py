@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import logging.handlers
+import math
 import os
 import queue
 import random
@@ -334,6 +335,7 @@ class Lease:
     breakdown: dict
     eta_s: float = 0.0  # expected seconds from now until the reply is complete
     started: float = 0.0  # time.monotonic() when the slot was taken
+    shared_at_start: float = 1.0  # contention() it met when it started
     loaded_ctx: int | None = None  # context the model runs with there; None when cold
     default_ctx: int = DEFAULT_NUM_CTX
     load_options: dict = field(default_factory=dict)
@@ -361,6 +363,8 @@ class Fleet:
         self.nodes = {}
         self.waiters = []  # oldest first
         self.output_tokens = {}  # model -> recent completion token counts
+        self.demand = {}  # model -> times of its recent requests
+        self.preloading = set()  # node ids with a preload under way
         self.context_policy = config.context_protection
 
     # -- reports from agents and polls ------------------------------------------------------
@@ -493,6 +497,42 @@ class Fleet:
                     return node.url
         return None
 
+    def preload_plan(self, window_s, min_requests, faster_by):
+        """(node_id, url, model) to load ahead of demand, or None: a model asked for at least
+        `min_requests` times in the last `window_s` seconds, onto a node that is measurably faster
+        for it than every node where it is hot, has memory free for it without evicting anything,
+        and is not loading something else."""
+        now_mono, now = time.monotonic(), time.time()
+        with self.lock:
+            for model, times in self.demand.items():
+                if sum(1 for t in times if now_mono - t <= window_s) < min_requests:
+                    continue
+                online = [n for n in self.nodes.values() if n.status(now) == "online"]
+                hot = [n for n in online if model in n.loaded]
+                best_hot = max((measured_gbs(n) or 0 for n in hot), default=0)
+                for node in sorted(online, key=lambda n: -(measured_gbs(n) or 0)):
+                    speed = measured_gbs(node)
+                    budget = node.budget_bytes()
+                    if (model in node.loaded or model not in node.models or node.node_id in self.preloading
+                            or speed is None or speed < faster_by * best_hot or not budget
+                            or budget - node.memory_in_use() < model_size(node, model) * (1 + PRELOAD_HEADROOM)):
+                        continue
+                    self.preloading.add(node.node_id)
+                    return node.node_id, node.url, model
+        return None
+
+    def preloaded(self, node_id, model, ok):
+        with self.lock:
+            self.preloading.discard(node_id)
+            node = self.nodes.get(node_id)
+            if ok and node is not None and model not in node.loaded:
+                entry = node.models.get(model, {})
+                node.loaded[model] = {"name": model, "size": entry.get("size", 0),
+                                      "size_vram": entry.get("size", 0), "learned": True,
+                                      "context_length": node.context_default(model)}
+                node.load_options[model] = {"num_ctx": None}
+                self._grant_waiters()
+
     def url_of(self, node_id):
         with self.lock:
             node = self.nodes.get(node_id)
@@ -542,6 +582,8 @@ class Fleet:
         deadline = deadline or (time.monotonic() + self.config.queue_timeout)
         with self.lock:
             models = self._servable_models(call)
+            if admit:
+                remember(self.demand.setdefault(models[0], []), time.monotonic())
             lease, wait = self._pick(call, models, admit)
             if lease is not None:
                 if admit:
@@ -577,9 +619,9 @@ class Fleet:
             lease.released = True
             node = self.nodes.get(lease.node_id)
             if node is not None:
-                node.leases.discard(lease)
                 if served and timings:
-                    self._learn(node, lease.model, timings)
+                    self._learn(node, lease, timings)
+                node.leases.discard(lease)
                 node.in_flight -= 1
                 node.in_flight_by_model[lease.model] = node.in_flight_by_model.get(lease.model, 1) - 1
                 if served:
@@ -600,16 +642,18 @@ class Fleet:
                 node.load_options[lease.model] = dict({k: options[k] for k in RELOAD_OPTIONS if k in options},
                                                       num_ctx=sent_ctx)
 
-    def _learn(self, node, model, timings):
+    def _learn(self, node, lease, timings):
         """Fold one reply's timings into the node's speed record (see the Scoring section)."""
+        model = lease.model
         size_gb = model_size(node, model) / GB
         if not size_gb:
             return
-        streams = max(1, node.in_flight) ** PARALLEL_SLOWDOWN  # undo the slowdown it ran under
+        # undo the sharing it ran under: the mean of what it met at its start and at its end
+        shared = math.sqrt(lease.shared_at_start * contention(node.leases, model))
         if timings.get("eval_count") and timings.get("eval_s"):
-            remember(node.decode_gbs, timings["eval_count"] / timings["eval_s"] * size_gb * streams)
+            remember(node.decode_gbs, timings["eval_count"] / timings["eval_s"] * size_gb * shared)
         if timings.get("prompt_count") and timings.get("prompt_s") and timings["prompt_count"] >= 32:
-            remember(node.prefill_gbs, timings["prompt_count"] / timings["prompt_s"] * size_gb * streams)
+            remember(node.prefill_gbs, timings["prompt_count"] / timings["prompt_s"] * size_gb * shared)
         if timings.get("load_s") and timings["load_s"] > 0.2:
             remember(node.load_s_per_gb, max(0.01, (timings["load_s"] - LOAD_FIXED_S) / size_gb))
         if timings.get("eval_count"):
@@ -703,6 +747,7 @@ class Fleet:
     def _hold(self, lease):
         node = self.nodes[lease.node_id]
         lease.started = time.monotonic()
+        lease.shared_at_start = contention(node.leases, lease.model, extra=1)
         node.leases.add(lease)
         node.in_flight += 1
         node.in_flight_by_model[lease.model] = node.in_flight_by_model.get(lease.model, 0) + 1
@@ -883,9 +928,11 @@ class Advertiser:
 #              the requests already queued for the model
 #   load       a cold load or a context reload: 1 s + model GB x the node's seconds per GB
 #   service    prompt tokens / prefill speed + expected output tokens / decode speed, where speed
-#              = the node's GB/s (25th percentile: its p75 time per token) / model GB, slowed by
-#              (streams on the node) ^ -0.4 because parallel streams share memory bandwidth
-#   slowdown   what this request adds to the streams already running there (they slow down too)
+#              = the node's GB/s (25th percentile: its p75 time per token) / model GB / sharing;
+#              sharing = (streams of this model) ^ 0.3 x (models running): parallel slots of one
+#              model batch well, while different models take turns at the memory bandwidth
+#   slowdown   what this request adds to the streams already running there: they slow down too,
+#              for as long as the two overlap
 #   eviction   the load time of hot models a cold load would push out of memory, half of it
 #   risk       a node that failed recently may fail again: failures x 25% x its time
 # The seven signals express these seconds as points at one exchange rate per decision (chosen so
@@ -903,7 +950,7 @@ class Advertiser:
 # Ties: fewest requests in flight on the whole node, then random, so equal nodes share the load.
 
 CHARS_PER_TOKEN = 4  # rough size of a token in English text
-PARALLEL_SLOWDOWN = 0.4  # per-stream speed x streams ^ -0.4: batching shares the GPU's bandwidth
+BATCH_SLOWDOWN = 0.3  # n streams of one model each run at n ^ -0.3 of one alone (batched decode)
 LOAD_FIXED_S = 1.0  # starting a runner, before the weights stream in
 PRIOR_DECODE_GBS = 300.0  # a node herd has not measured yet: a mid-range GPU or Apple chip
 PRIOR_PREFILL_RATIO = 20.0  # prompt tokens go this many times faster than generated ones
@@ -915,6 +962,18 @@ SIGNAL_RANGES = {"thermal": 50.0, "memory_fit": 20.0, "queue_depth": 30.0, "late
 SIGNAL_SECONDS = {"thermal": ("cold_load", +1), "memory_fit": ("eviction", +1), "queue_depth": ("wait", -1),
                   "latency_history": ("slower_by", -1), "role_affinity": ("slowdown", +1),
                   "availability_trend": ("risk", +1), "context_fit": ("reload", +1)}
+
+
+def contention(leases, model, extra=0):
+    """How much slower than alone a stream of `model` runs among `leases` (plus `extra` more of it)."""
+    same = sum(1 for lease in leases if lease.model == model) + extra
+    models = {lease.model for lease in leases} | ({model} if extra else set())
+    return max(1, same) ** BATCH_SLOWDOWN * max(1, len(models))
+
+
+def measured_gbs(node):
+    """The node's measured decode speed (GB/s), or None before it has served enough to tell."""
+    return low_quartile(node.decode_gbs, None) if len(node.decode_gbs) >= 3 else None
 
 
 def remember(samples, value):
@@ -975,14 +1034,18 @@ def estimate(node, model, call, fleet, admit, ahead):
         per_slot = statistics.fmean(lease.eta_s for lease in node.leases if lease.model == model) or 1.0
         wait = mine[ahead] if ahead < len(mine) else mine[-1] + (ahead - len(mine) + 1) / slots * per_slot
 
-    streams = len(node.leases) + 1
-    slowed = streams ** PARALLEL_SLOWDOWN
+    slowed = contention(node.leases, model, extra=1)
     prompt_tokens = call.prompt_chars / CHARS_PER_TOKEN
-    service = prompt_tokens * size_gb / prefill_gbs
+    service = prompt_tokens * size_gb / prefill_gbs * slowed
     if "embed" not in call.endpoint:
         service += expected_output(call, fleet, model) * size_gb / decode_gbs * slowed
-    running = sum(remaining.values())
-    slowdown = running * ((streams / max(1, streams - 1)) ** PARALLEL_SLOWDOWN - 1) if node.leases else 0.0
+    slowdown = 0.0
+    for other in {lease.model for lease in node.leases}:
+        before = contention(node.leases, other)
+        after = contention(list(node.leases) + [Lease(node.node_id, node.url, model, 0.0, {})], other)
+        # they slow down only while this request runs beside them
+        # (while sharing they progress at before/after of their pace, so they lose that share of the overlap)
+        slowdown += sum(min(r, service) for lease, r in remaining.items() if lease.model == other) * (1 - before / after)
 
     eviction = 0.0
     budget = node.budget_bytes()
@@ -1603,6 +1666,44 @@ class Watchdog:
             self.suspect = counts if counts != self.fleet.in_flight_counts() else None
 
 
+# -- preloading: put a model in demand on a faster node that has room for it ----------------
+
+PRELOAD_EVERY_S = 2.0
+PRELOAD_WINDOW_S = 60.0  # demand is counted over this window
+PRELOAD_MIN_REQUESTS = 3
+PRELOAD_FASTER_BY = 1.15  # the node must be this much faster than where the model is hot
+PRELOAD_HEADROOM = 0.15  # free memory beyond the model, for its context
+
+
+class Warmer:
+    """Background thread: loads a model that traffic keeps asking for onto a faster node with
+    free memory (no eviction), so the next requests find it hot there. Ollama loads a model,
+    and does nothing else, on a /api/generate with no prompt."""
+
+    def __init__(self, fleet):
+        self.fleet = fleet
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="herd-warmer", daemon=True)
+
+    def run(self):
+        while not self.stop.wait(PRELOAD_EVERY_S):
+            plan = self.fleet.preload_plan(PRELOAD_WINDOW_S, PRELOAD_MIN_REQUESTS, PRELOAD_FASTER_BY)
+            if plan is None:
+                continue
+            node_id, url, model = plan
+            log.info("preloading %s on %s: it is in demand and %s is faster with memory free",
+                     model, node_id, node_id)
+            try:
+                ok = self.session.post(url + "/api/generate", json={"model": model},
+                                       timeout=(POLL_TIMEOUT, 600)).status_code == 200
+            except requests.RequestException as exc:
+                log.warning("preload of %s on %s failed: %s", model, node_id, exc)
+                ok = False
+            self.fleet.preloaded(node_id, model, ok)
+
+
 # -- context protection (SPEC §7) ------------------------------------------------------------
 
 def sent_num_ctx(call):
@@ -1977,6 +2078,7 @@ class Herd:
         self.capabilities = Capabilities(self.fleet)
         self.proxy = Proxy(self.fleet, self.traces, config, self.settings, self.pulls, self.capabilities)
         self.watchdog = Watchdog(self.proxy, self.fleet)
+        self.warmer = Warmer(self.fleet)
         self.poller = NodePoller(self.fleet, config)
         self.advertiser = None
         self._ids = itertools.count(1)
@@ -1985,6 +2087,7 @@ class Herd:
     def start(self):
         self.poller.start()
         self.watchdog.thread.start()
+        self.warmer.thread.start()
 
     def advertise(self, port):
         """Announce this router on mDNS (unless --no-mdns) once its port is known."""
@@ -2010,6 +2113,7 @@ class Herd:
     def shutdown(self):
         self.poller.stop.set()
         self.watchdog.stop.set()
+        self.warmer.stop.set()
         if self.advertiser is not None:
             self.advertiser.close()
         self.traces.close()

@@ -51,23 +51,23 @@ SMALL = ["llama3.2:3b", "qwen2.5:7b", "llama3.1:8b", "nomic-embed-text:latest"]
 FLEET = {
     "studio": (192, 800, 4, 4.0, list(MODELS), ["llama3.3:70b", "qwen2.5:32b", "llama3.1:8b", "nomic-embed-text:latest"]),
     "rtx": (24, 1000, 2, 3.0, SMALL + ["qwen2.5:32b"], ["qwen2.5:7b", "llama3.2:3b", "nomic-embed-text:latest"]),
-    "mini": (16, 100, 1, 1.0, SMALL, ["llama3.2:3b"]),
-    "laptop": (32, 250, 1, 2.0, SMALL + ["qwen2.5:32b"], ["llama3.1:8b", "nomic-embed-text:latest"]),
+    "mini": (16, 50, 1, 1.0, SMALL, ["llama3.2:3b"]),  # a CPU-only mini PC: DDR5 bandwidth
+    "laptop": (64, 400, 1, 2.0, list(MODELS), ["llama3.1:8b", "nomic-embed-text:latest"]),
 }
 # model, share of requests, prompt tokens (range), output tokens (range)
-MIX = [("llama3.2:3b", 0.28, (100, 1500), (50, 250)), ("qwen2.5:7b", 0.18, (100, 1500), (80, 300)),
-       ("llama3.1:8b", 0.10, (200, 2000), (80, 300)), ("qwen2.5:32b", 0.10, (300, 3000), (100, 400)),
-       ("llama3.3:70b", 0.08, (300, 3000), (100, 400)), ("nomic-embed-text:latest", 0.26, (20, 500), (0, 0))]
+MIX = [("llama3.2:3b", 0.32, (100, 1500), (50, 250)), ("qwen2.5:7b", 0.22, (100, 1500), (80, 300)),
+       ("llama3.1:8b", 0.14, (200, 2000), (80, 300)), ("qwen2.5:32b", 0.025, (300, 3000), (100, 400)),
+       ("llama3.3:70b", 0.015, (300, 3000), (100, 400)), ("nomic-embed-text:latest", 0.28, (20, 500), (0, 0))]
 
 
 # -- workload ----------------------------------------------------------------------------------
 
-def workload(seed):
+def workload(seed, rate=RATE):
     """The seeded list of requests: (arrival s, path, body, streaming, model, prompt, output)."""
     rng = random.Random(seed)
     t, plan = 0.0, []
     while True:
-        t += rng.expovariate(RATE)
+        t += rng.expovariate(rate)
         if t > DURATION_S:
             return plan
         model, _, prompt_range, out_range = rng.choices(MIX, weights=[m[1] for m in MIX])[0]
@@ -215,9 +215,10 @@ def replay(url, plan):
             response.release_conn()
             ok = response.status == 200 and b'"error"' not in data[-300:]
         except Exception:  # noqa: BLE001 - a failure is a result here
-            ok = False
+            ok, response = False, None
         latency = time.monotonic() - sent
-        results[index] = (latency * SCALE, (ttft if stream and ttft else latency) * SCALE, ok, stream)
+        node = response.headers.get("X-Herd-Node") if ok else None
+        results[index] = (latency * SCALE, (ttft if stream and ttft else latency) * SCALE, ok, stream, node)
 
     threads = []
     for index, (arrival, path, body, stream, *_rest) in enumerate(plan):
@@ -269,7 +270,7 @@ def by_model(plan, results, bound):
     ratios = {}
     for (_, _, _, _, model, _, _), result, lb in zip(plan, results, bound):
         ratios.setdefault(model, []).append(result[0] / lb)
-    return "  ".join(f"{m.split(':')[0]} {statistics.fmean(r):.2f}" for m, r in ratios.items())
+    return "  ".join(f"{m.removesuffix(':latest')} {statistics.fmean(r):.2f}" for m, r in sorted(ratios.items()))
 
 
 def summary(results, stats):
@@ -285,12 +286,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--routers", nargs="+", default=["herd", "round-robin", "least-connections"])
+    parser.add_argument("--slowest", type=int, default=0, help="list herd's N slowest requests")
+    parser.add_argument("--rate", type=float, default=RATE, help="arrivals per simulated second")
     args = parser.parse_args()
     print(f"simulated fleet: {', '.join(f'{n} ({v[0]} GB, {v[1]} GB/s, {v[2]} slots)' for n, v in FLEET.items())}")
-    print(f"workload: Poisson {RATE}/s for {DURATION_S:g} s, time scale {SCALE:g}x; times in simulated seconds")
+    print(f"workload: Poisson {args.rate}/s for {DURATION_S:g} s, time scale {SCALE:g}x; times in simulated seconds")
     all_ok = True
     for seed in args.seeds:
-        plan = workload(seed)
+        plan = workload(seed, args.rate)
         bound = lower_bound(plan)
         lb = {"mean": statistics.fmean(bound), "p95": pct(bound, 95), "p99": pct(bound, 99)}
         print(f"\nseed {seed}: {len(plan)} requests; lower bound mean {lb['mean']:.2f} s, p95 {lb['p95']:.2f} s, "
@@ -302,6 +305,18 @@ def main():
             results, stats = run(router, plan, Path(tempfile.mkdtemp(prefix="herd-routing-")))
             row = rows[router] = summary(results, stats)
             row["by_model"] = by_model(plan, results, bound)
+            if router == "herd" and args.slowest:
+                spread = {}
+                for (_, _, _, _, model, _, _), result in zip(plan, results):
+                    spread.setdefault(model, {}).setdefault(result[4], 0)
+                    spread[model][result[4]] += 1
+                for model, nodes in sorted(spread.items()):
+                    print(f"    {model:24} {nodes}")
+                order = sorted(range(len(plan)), key=lambda i: -results[i][0])[:args.slowest]
+                for i in order:
+                    arrival, path, _, stream, model, prompt, out = plan[i]
+                    print(f"    t={arrival:6.1f} {model:24} {path:22} prompt {prompt:5} out {out:4} -> "
+                          f"{results[i][4]}: {results[i][0]:6.2f} s (bound {bound[i]:.2f})")
             print(f"{router:18} {row['failures']:4d} {row['mean']:7.2f} {row['p95']:7.2f} {row['p99']:7.2f} "
                   f"{row['ttft_p95']:7.2f} {row['loads']:6d} {row['reloads']:7d} {row['evictions']:6d} "
                   f"{row['needless_reloads']:8d} {row['mean'] / lb['mean']:8.2f} {row['p95'] / lb['p95']:7.2f}",

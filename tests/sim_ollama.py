@@ -9,9 +9,9 @@ durations divided by `scale` so that runs stay short:
 - context: a request whose num_ctx differs from the loaded one (or, with none, from the default)
   waits for the model's running requests, then reloads it. /v1 requests use the default.
 - slots: `num_parallel` requests per loaded model at once; the rest queue inside the node.
-- speed: decode tokens/s = bandwidth / model size, per stream x k^-0.4 with k streams running on
-  the node (all models share its memory bandwidth); prefill = 20x decode speed per token;
-  embeddings cost prefill only.
+- speed: decode tokens/s = bandwidth / model size; n streams of one model batch (each at n^-0.25
+  of alone), m models running at once share the bandwidth (each at 1/m); prefill = 20x decode
+  speed per token; embeddings cost prefill only.
 - /api/ps and /api/tags tell the truth; /sim/stats returns counters: loads (cold), reloads,
   evictions, and reloads caused by a request whose num_ctx was at or below the loaded context.
 
@@ -74,9 +74,12 @@ class SimNode:
         size = self.models[name]
         return size * (1 + KV_SHARE_PER_4K * ctx / DEFAULT_CTX)
 
-    def decode_tps(self, name, streams):
-        """Tokens/s of one stream while `streams` run on the node (they share its bandwidth)."""
-        return self.bandwidth / self.models[name] * max(1, streams) ** -0.4
+    def decode_tps(self, name):
+        """Tokens/s of one stream of `name` now. Streams of one model batch (each runs at
+        n ^ -0.25 of alone); different models take turns at the memory bandwidth."""
+        running = {i.name: i.running for i in list(self.instances.values()) if i.running}
+        same = max(1, running.get(name, 1))
+        return self.bandwidth / self.models[name] * same ** -0.25 / max(1, len(running))
 
     def load_seconds(self, name):
         return LOAD_FIXED_S + self.models[name] / self.load_gbs
@@ -146,9 +149,6 @@ class SimNode:
                 inst.running -= 1
                 inst.last_used = time.monotonic()
             self.cond.notify_all()
-
-    def streams(self):
-        return max(1, sum(i.running for i in list(self.instances.values())))
 
     # -- server -------------------------------------------------------------------------------
 
@@ -245,9 +245,12 @@ class SimHandler(BaseHTTPRequestHandler):
         out_tokens = int(body.get("max_tokens") or options.get("num_predict") or 100)
         node.stats["requests"] += 1
         load_real = node.acquire(name, ctx, asked_ctx)
+        if self.path == "/api/generate" and not body.get("prompt") and not body.get("messages"):
+            node.release(name)  # Ollama: no prompt means load the model and return
+            return self.send_json(200, {"model": name, "done": True, "done_reason": "load", "response": ""})
         try:
             started = time.monotonic()
-            node.sleep(prompt_tokens / (node.decode_tps(name, node.streams()) * PREFILL_FACTOR))
+            node.sleep(prompt_tokens / (node.decode_tps(name) * PREFILL_FACTOR))
             prefill_real = time.monotonic() - started
             if "embed" in self.path:
                 return self.embed(name, body, prompt_tokens, load_real, prefill_real)
@@ -278,7 +281,7 @@ class SimHandler(BaseHTTPRequestHandler):
         emitted = 0
         decode_started = time.monotonic()
         while emitted < out_tokens:
-            rate = node.scale * node.decode_tps(name, node.streams())  # tokens per real second
+            rate = node.scale * node.decode_tps(name)  # tokens per real second
             tick = time.monotonic()
             time.sleep(min(CHUNK_REAL_S, (out_tokens - produced) / rate))
             produced += (time.monotonic() - tick) * rate
