@@ -62,7 +62,7 @@ DEFAULT_THREADS = 768
 CONTEXT_POLICIES = ("strip", "warn", "passthrough")
 
 # Settings a user may change at run time (dashboard API); persisted in the `settings` table.
-RUNTIME_SETTINGS = {"auto_pull": True, "vram_fallback": True, "context_protection": "strip"}
+RUNTIME_SETTINGS = {"auto_pull": True, "vram_fallback": True, "context_protection": "strip", "preload": True}
 
 
 @dataclass
@@ -399,7 +399,7 @@ class Fleet:
                           for m in ollama.get("loaded") or () if m.get("name") or m.get("model")}
                 for name in node.loaded.keys() - loaded.keys():
                     if not node.in_flight_by_model.get(name):  # herd's own traffic knows better
-                        node.unloaded_at[name] = now
+                        node.unloaded_at[name] = time.monotonic()
                         node.load_options.pop(name, None)
                     else:
                         loaded[name] = node.loaded[name]
@@ -926,7 +926,9 @@ class Advertiser:
 # every reply; speeds are kept per node as GB/s, so one model's speed predicts another's):
 #   wait       until a slot for the model frees there (herd never exceeds num_parallel), counting
 #              the requests already queued for the model
-#   load       a cold load or a context reload: 1 s + model GB x the node's seconds per GB
+#   load       a cold load or a context reload: 1 s + model GB x the node's seconds per GB; half
+#              that when the model left memory in the last 10 minutes (page cache), and half
+#              again when it fits in free memory (the load also serves the requests after this)
 #   service    prompt tokens / prefill speed + expected output tokens / decode speed, where speed
 #              = the node's GB/s (25th percentile: its p75 time per token) / model GB / sharing;
 #              sharing = (streams of this model) ^ 0.3 x (models running): parallel slots of one
@@ -956,6 +958,8 @@ PRIOR_DECODE_GBS = 300.0  # a node herd has not measured yet: a mid-range GPU or
 PRIOR_PREFILL_RATIO = 20.0  # prompt tokens go this many times faster than generated ones
 PRIOR_LOAD_S_PER_GB = 0.5
 PRIOR_OUTPUT_TOKENS = 250  # a chat reply of a few paragraphs
+PAGE_CACHE_DISCOUNT = 0.5  # a model unloaded in the last 10 minutes reloads from the page cache
+FREE_LOAD_SHARE = 0.5  # the share of a load into free memory charged to the request that causes it
 SIGNAL_RANGES = {"thermal": 50.0, "memory_fit": 20.0, "queue_depth": 30.0, "latency_history": 25.0,
                  "role_affinity": 15.0, "availability_trend": 10.0, "context_fit": 15.0}
 # which estimate each signal prices, and whether it is a bonus that the cost reduces (+) or a penalty (-)
@@ -1020,6 +1024,11 @@ def estimate(node, model, call, fleet, admit, ahead):
     load = reload = 0.0
     if loaded is None:
         load = LOAD_FIXED_S + size_gb * load_per_gb
+        if now - node.unloaded_at.get(model, -1e9) < RECENT_UNLOAD_S:
+            load *= PAGE_CACHE_DISCOUNT  # its weights are likely still in the OS page cache
+        budget = node.budget_bytes()
+        if budget and budget - node.memory_in_use() >= size_gb * GB * (1 + PRELOAD_HEADROOM):
+            load *= FREE_LOAD_SHARE  # no eviction: the load also serves the requests after this one
     else:
         ctx = loaded.get("context_length") or node.context_default(model)
         if needs_reload(call, ctx, node.context_default(model), node.load_options.get(model, {}),
@@ -1084,13 +1093,6 @@ def score_candidates(estimates):
             breakdown[signal] = round(points, 2)
         scored.append((node, sum(breakdown.values()), breakdown, e["eta"]))
     return scored
-
-
-def requested_num_ctx(call):
-    options = call.body.get("options")
-    if isinstance(options, dict) and isinstance(options.get("num_ctx"), int):
-        return options["num_ctx"]
-    return None
 
 
 # =============================================================================================
@@ -1680,8 +1682,9 @@ class Warmer:
     free memory (no eviction), so the next requests find it hot there. Ollama loads a model,
     and does nothing else, on a /api/generate with no prompt."""
 
-    def __init__(self, fleet):
+    def __init__(self, fleet, settings):
         self.fleet = fleet
+        self.settings = settings
         self.session = requests.Session()
         self.session.trust_env = False
         self.stop = threading.Event()
@@ -1689,6 +1692,8 @@ class Warmer:
 
     def run(self):
         while not self.stop.wait(PRELOAD_EVERY_S):
+            if not self.settings.get("preload"):
+                continue
             plan = self.fleet.preload_plan(PRELOAD_WINDOW_S, PRELOAD_MIN_REQUESTS, PRELOAD_FASTER_BY)
             if plan is None:
                 continue
@@ -2078,7 +2083,7 @@ class Herd:
         self.capabilities = Capabilities(self.fleet)
         self.proxy = Proxy(self.fleet, self.traces, config, self.settings, self.pulls, self.capabilities)
         self.watchdog = Watchdog(self.proxy, self.fleet)
-        self.warmer = Warmer(self.fleet)
+        self.warmer = Warmer(self.fleet, self.settings)
         self.poller = NodePoller(self.fleet, config)
         self.advertiser = None
         self._ids = itertools.count(1)

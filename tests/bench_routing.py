@@ -41,7 +41,7 @@ from sim_ollama import DEFAULT_CTX, LOAD_FIXED_S, PREFILL_FACTOR, SimNode  # noq
 
 SCALE = 10.0  # simulated seconds per real second
 DURATION_S = 300.0  # simulated seconds of arrivals
-RATE = 0.45  # requests per simulated second
+RATE = 0.4  # requests per simulated second: a busy evening in a home lab
 
 MODELS = {"llama3.2:3b": 2.0, "qwen2.5:7b": 4.7, "llama3.1:8b": 4.9, "qwen2.5:32b": 19.9,
           "llama3.3:70b": 42.5, "nomic-embed-text:latest": 0.3}

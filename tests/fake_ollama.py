@@ -52,6 +52,7 @@ class FakeOllama:
         self.die_after_chunks = None
         self.stall_after_chunks = None  # (chunks, seconds): go silent mid-stream
         self.pull_steps = 3
+        self.eval_duration_ns = 900  # what replies say generation took (herd learns speed from it)
         self._failures = []  # statuses for the next inference requests
         self.lock = threading.Lock()
         self.active = {}  # model -> requests running now
@@ -287,7 +288,7 @@ class FakeHandler(BaseHTTPRequestHandler):
         now = datetime.now(timezone.utc).isoformat()
         final = {"model": model, "created_at": now, "done": True, "done_reason": "stop",
                  "total_duration": 1000, "load_duration": 10, "prompt_eval_count": 7,
-                 "prompt_eval_duration": 100, "eval_count": fake.tokens, "eval_duration": 900}
+                 "prompt_eval_duration": 100, "eval_count": fake.tokens, "eval_duration": fake.eval_duration_ns}
         if body.get("stream", True) is False:
             text = "".join(self.pieces())
             reply = {"model": model, "created_at": now}

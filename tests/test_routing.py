@@ -3,6 +3,7 @@
 import collections
 import concurrent.futures
 import json
+import time
 
 import requests
 
@@ -171,3 +172,36 @@ def test_every_decision_carries_its_score_breakdown(make_fake, make_router):
                             "availability_trend", "context_fit"}
     assert signals["thermal"] == 50
     assert abs(sum(signals.values()) - score) < 0.05
+
+
+def test_model_in_demand_is_preloaded_on_a_faster_node_with_free_memory(make_fake, make_router):
+    fast = make_fake(models={"llama3.2": 2.0, "qwen2.5:7b": 4.0}, loaded=["qwen2.5:7b"])
+    slow = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    fast.eval_duration_ns = 10_000_000  # 5 tokens in 10 ms
+    slow.eval_duration_ns = 100_000_000  # 5 tokens in 100 ms: ten times slower
+    router = make_router()
+    heartbeat(router, "fast", fast, memory_budget_gb=32)
+    heartbeat(router, "slow", slow, memory_budget_gb=32)
+    router.wait_online(2)
+    for _ in range(3):
+        assert chat(router, dict(CHAT, model="qwen2.5:7b")).headers["X-Herd-Node"] == "fast"
+    for _ in range(3):
+        assert chat(router).headers["X-Herd-Node"] == "slow"  # hot there; a cold load would be slower
+    wait_for(lambda: any(path == "/api/generate" and "prompt" not in body for path, body in fast.received),
+             timeout=5, what="preload sent to the fast node")
+    wait_for(lambda: chat(router).headers["X-Herd-Node"] == "fast", timeout=5, what="served by fast")
+
+
+def test_preload_setting_off_loads_nothing_ahead(make_fake, make_router):
+    fast = make_fake(models={"llama3.2": 2.0, "qwen2.5:7b": 4.0}, loaded=["qwen2.5:7b"])
+    slow = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    fast.eval_duration_ns, slow.eval_duration_ns = 10_000_000, 100_000_000
+    router = make_router()
+    router.herd.change_settings({"preload": False})
+    heartbeat(router, "fast", fast, memory_budget_gb=32)
+    heartbeat(router, "slow", slow, memory_budget_gb=32)
+    router.wait_online(2)
+    for model in ["qwen2.5:7b"] * 3 + ["llama3.2"] * 3:
+        chat(router, dict(CHAT, model=model))
+    time.sleep(2.5)
+    assert not any(path == "/api/generate" for path, _ in fast.received)
