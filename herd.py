@@ -281,7 +281,9 @@ class Node:
     online_since: float = 0.0
     in_flight: int = 0
     in_flight_by_model: dict = field(default_factory=dict)
-    leases: set = field(default_factory=set)  # requests running there now
+    running: dict = field(default_factory=dict)  # model -> leases of the requests running there now
+    eta_sum: dict = field(default_factory=dict)  # model -> sum of those leases' eta_s
+    start_sum: dict = field(default_factory=dict)  # model -> sum of their start times
     decode_gbs: list = field(default_factory=list)  # recent decode speed x model size (GB/s)
     prefill_gbs: list = field(default_factory=list)  # the same for prompt processing
     load_s_per_gb: list = field(default_factory=list)  # seconds per GB of a model load
@@ -335,7 +337,7 @@ class Lease:
     breakdown: dict
     eta_s: float = 0.0  # expected seconds from now until the reply is complete
     started: float = 0.0  # time.monotonic() when the slot was taken
-    shared_at_start: float = 1.0  # contention() it met when it started
+    shared_at_start: float = 1.0  # sharing() it met when it started
     loaded_ctx: int | None = None  # context the model runs with there; None when cold
     default_ctx: int = DEFAULT_NUM_CTX
     load_options: dict = field(default_factory=dict)
@@ -380,6 +382,7 @@ class Fleet:
                 if previous is not None:  # same id from a new address: keep the live counts
                     node.in_flight = previous.in_flight
                     node.in_flight_by_model = previous.in_flight_by_model
+                    node.running, node.eta_sum, node.start_sum = previous.running, previous.eta_sum, previous.start_sum
                 self.nodes[node_id] = node
                 log.info("node %s registered at %s (%s)", node_id, url, source)
             was_online = node.status(now) == "online"
@@ -621,7 +624,10 @@ class Fleet:
             if node is not None:
                 if served and timings:
                     self._learn(node, lease, timings)
-                node.leases.discard(lease)
+                if lease in node.running.get(lease.model, ()):
+                    node.running[lease.model].discard(lease)
+                    node.eta_sum[lease.model] -= lease.eta_s
+                    node.start_sum[lease.model] -= lease.started
                 node.in_flight -= 1
                 node.in_flight_by_model[lease.model] = node.in_flight_by_model.get(lease.model, 1) - 1
                 if served:
@@ -649,7 +655,7 @@ class Fleet:
         if not size_gb:
             return
         # undo the sharing it ran under: the mean of what it met at its start and at its end
-        shared = math.sqrt(lease.shared_at_start * contention(node.leases, model))
+        shared = math.sqrt(lease.shared_at_start * sharing(node.in_flight_by_model, model))
         if timings.get("eval_count") and timings.get("eval_s"):
             remember(node.decode_gbs, timings["eval_count"] / timings["eval_s"] * size_gb * shared)
         if timings.get("prompt_count") and timings.get("prompt_s") and timings["prompt_count"] >= 32:
@@ -696,7 +702,7 @@ class Fleet:
                            f"{', '.join(installed) or 'no models'}. Pull it with "
                            f"`ollama pull {call.model}` on a node", "model_not_found")
 
-    def _pick(self, call, models, admit=True, waiter=None):
+    def _pick(self, call, models, admit=True, ahead=None):
         """(best slot, None) or (None, why to wait: 'busy' | 'failing').
 
         Every healthy node with the model is scored by its expected completion time, busy ones
@@ -716,8 +722,8 @@ class Fleet:
                     failing = True
             if not healthy:
                 continue
-            ahead = self._waiters_ahead(model, waiter)
-            estimates = [(node, estimate(node, model, call, self, admit, ahead)) for node in healthy]
+            queued = ahead.get(model, 0) if ahead is not None else sum(model in w.models for w in self.waiters)
+            estimates = [(node, estimate(node, model, call, self, admit, queued)) for node in healthy]
             scored = score_candidates(estimates)
             node, total, breakdown, eta = max(scored, key=lambda c: (c[1], -c[0].in_flight, random.random()))
             if admit and node.in_flight_by_model.get(model, 0) >= self.capacity(node):
@@ -731,38 +737,45 @@ class Fleet:
                          load_options=dict(node.load_options.get(model, {}))), None
         return None, "failing" if failing else "busy"
 
-    def _waiters_ahead(self, model, waiter):
-        """Requests for the model already waiting before this one (all of them for a newcomer)."""
-        ahead = 0
-        for other in self.waiters:
-            if other is waiter:
-                break
-            if model in other.models:
-                ahead += 1
-        return ahead
-
     def capacity(self, node):
         return max(1, node.num_parallel or self.config.parallel)
 
     def _hold(self, lease):
         node = self.nodes[lease.node_id]
         lease.started = time.monotonic()
-        lease.shared_at_start = contention(node.leases, lease.model, extra=1)
-        node.leases.add(lease)
+        lease.shared_at_start = sharing(node.in_flight_by_model, lease.model, extra=1)
+        node.running.setdefault(lease.model, set()).add(lease)
+        node.eta_sum[lease.model] = node.eta_sum.get(lease.model, 0.0) + lease.eta_s
+        node.start_sum[lease.model] = node.start_sum.get(lease.model, 0.0) + lease.started
         node.in_flight += 1
         node.in_flight_by_model[lease.model] = node.in_flight_by_model.get(lease.model, 0) + 1
 
     def _grant_waiters(self):
-        """Late binding: hand every free slot to the oldest waiter that can use it."""
+        """Late binding: hand every free slot to the oldest waiter that wants it. Waiters for a
+        model with no free slot anywhere are passed over without scoring (a long queue stays cheap)."""
         if not self.waiters:
             return
+        ahead = {}  # model -> waiters still queued before the one being looked at
+        full = set()
         for waiter in list(self.waiters):
-            lease, _ = self._pick(waiter.call, waiter.models, waiter=waiter)
+            lease = None
+            if not all(model in full for model in waiter.models):
+                lease, _ = self._pick(waiter.call, waiter.models, ahead=ahead)
             if lease is not None:
                 self._hold(lease)
                 waiter.lease = lease
                 self.waiters.remove(waiter)
                 waiter.event.set()
+                continue
+            for model in waiter.models:
+                ahead[model] = ahead.get(model, 0) + 1
+                if not self._free_slot(model):
+                    full.add(model)
+
+    def _free_slot(self, model):
+        now = time.time()
+        return any(self._eligible(n, model, now) == "ok" and n.in_flight_by_model.get(model, 0) < self.capacity(n)
+                   for n in self.nodes.values())
 
     # -- views -------------------------------------------------------------------------------
 
@@ -968,11 +981,26 @@ SIGNAL_SECONDS = {"thermal": ("cold_load", +1), "memory_fit": ("eviction", +1), 
                   "availability_trend": ("risk", +1), "context_fit": ("reload", +1)}
 
 
-def contention(leases, model, extra=0):
-    """How much slower than alone a stream of `model` runs among `leases` (plus `extra` more of it)."""
-    same = sum(1 for lease in leases if lease.model == model) + extra
-    models = {lease.model for lease in leases} | ({model} if extra else set())
-    return max(1, same) ** BATCH_SLOWDOWN * max(1, len(models))
+def sharing(counts, model, extra=0):
+    """How much slower than alone a stream of `model` runs beside `counts` ({model: streams}),
+    with `extra` more streams of its own."""
+    same = counts.get(model, 0) + extra
+    models = sum(1 for n in counts.values() if n) + (1 if extra and not counts.get(model) else 0)
+    return max(1, same) ** BATCH_SLOWDOWN * max(1, models)
+
+
+def remaining_s(lease, now):
+    """Expected seconds left for a running request (at least a tenth of its estimate)."""
+    return max(0.1 * lease.eta_s, lease.eta_s - (now - lease.started))
+
+
+def mean_remaining_s(node, model, now):
+    """The same, on average over the model's running requests on the node, in O(1)."""
+    n = node.in_flight_by_model.get(model, 0)
+    if n <= 0:
+        return 0.0
+    mean_eta = node.eta_sum.get(model, 0.0) / n
+    return max(0.1 * mean_eta, mean_eta - (now - node.start_sum.get(model, now * n) / n))
 
 
 def measured_gbs(node):
@@ -1018,7 +1046,8 @@ def estimate(node, model, call, fleet, admit, ahead):
     decode_gbs = low_quartile(node.decode_gbs, fleet_prior(fleet, "decode_gbs", PRIOR_DECODE_GBS))
     prefill_gbs = low_quartile(node.prefill_gbs, decode_gbs * PRIOR_PREFILL_RATIO)
     load_per_gb = low_quartile(node.load_s_per_gb, fleet_prior(fleet, "load_s_per_gb", PRIOR_LOAD_S_PER_GB))
-    remaining = {lease: max(0.1 * lease.eta_s, lease.eta_s - (now - lease.started)) for lease in node.leases}
+    counts = node.in_flight_by_model
+    mine = node.running.get(model, ())
 
     loaded = node.loaded.get(model)
     load = reload = 0.0
@@ -1033,28 +1062,29 @@ def estimate(node, model, call, fleet, admit, ahead):
         ctx = loaded.get("context_length") or node.context_default(model)
         if needs_reload(call, ctx, node.context_default(model), node.load_options.get(model, {}),
                         fleet.context_policy):
-            drain = max((r for lease, r in remaining.items() if lease.model == model), default=0.0)
+            drain = max((remaining_s(lease, now) for lease in mine), default=0.0)
             reload = drain + LOAD_FIXED_S + size_gb * load_per_gb
 
     wait = 0.0
     slots = fleet.capacity(node)
-    mine = sorted(r for lease, r in remaining.items() if lease.model == model)
     if admit and len(mine) >= slots:  # the slots free as running requests end, queued ones first
-        per_slot = statistics.fmean(lease.eta_s for lease in node.leases if lease.model == model) or 1.0
-        wait = mine[ahead] if ahead < len(mine) else mine[-1] + (ahead - len(mine) + 1) / slots * per_slot
+        ends = sorted(remaining_s(lease, now) for lease in mine)
+        per_slot = node.eta_sum.get(model, 0.0) / len(mine) or 1.0
+        wait = ends[ahead] if ahead < len(ends) else ends[-1] + (ahead - len(ends) + 1) / slots * per_slot
 
-    slowed = contention(node.leases, model, extra=1)
+    slowed = sharing(counts, model, extra=1)
     prompt_tokens = call.prompt_chars / CHARS_PER_TOKEN
     service = prompt_tokens * size_gb / prefill_gbs * slowed
     if "embed" not in call.endpoint:
         service += expected_output(call, fleet, model) * size_gb / decode_gbs * slowed
     slowdown = 0.0
-    for other in {lease.model for lease in node.leases}:
-        before = contention(node.leases, other)
-        after = contention(list(node.leases) + [Lease(node.node_id, node.url, model, 0.0, {})], other)
-        # they slow down only while this request runs beside them
-        # (while sharing they progress at before/after of their pace, so they lose that share of the overlap)
-        slowdown += sum(min(r, service) for lease, r in remaining.items() if lease.model == other) * (1 - before / after)
+    with_me = dict(counts, **{model: counts.get(model, 0) + 1})
+    for other, n in counts.items():
+        if n > 0:
+            # while they share the node they progress at before/after of their pace, and they
+            # share it only while this request runs beside them
+            loss = 1 - sharing(counts, other) / sharing(with_me, other)
+            slowdown += n * min(mean_remaining_s(node, other, now), service) * loss
 
     eviction = 0.0
     budget = node.budget_bytes()
@@ -1065,8 +1095,9 @@ def estimate(node, model, call, fleet, admit, ahead):
                 break
             freed = entry.get("size_vram") or entry.get("size") or 0
             free += freed
-            if node.in_flight_by_model.get(name):  # Ollama waits for busy models before evicting
-                wait = max(wait, max((r for lease, r in remaining.items() if lease.model == name), default=0.0))
+            if counts.get(name):  # Ollama waits for busy models before evicting
+                wait = max(wait, max((remaining_s(lease, now) for lease in node.running.get(name, ())),
+                                     default=0.0))
             eviction += 0.5 * (LOAD_FIXED_S + freed / GB * load_per_gb)
 
     eta = wait + load + reload + service
