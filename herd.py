@@ -13,12 +13,13 @@ Data:        ~/.fleet-manager (``--data-dir`` / FLEET_DATA_DIR): latency.db (tra
              logs/herd.jsonl (one JSON object a line).
 
 Sections, in the order a request travels:
-    settings -> helpers -> fleet state -> node polling -> scoring -> admission -> proxying
-    -> trace store -> HTTP routes -> server -> command line
+    settings -> helpers -> fleet state (with the admission queue) -> node polling and discovery
+    -> scoring -> proxying -> resilience -> trace store -> HTTP routes -> server -> command line
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -826,7 +827,7 @@ class Fleet:
 
 
 # =============================================================================================
-# Node polling: agentless `--node URL` nodes and the `local` Ollama
+# Node polling and discovery: agentless `--node URL` nodes, the `local` Ollama, mDNS
 # =============================================================================================
 
 POLL_TIMEOUT = 3.0
@@ -1584,17 +1585,14 @@ class Flight:
         self.lease = lease
         self.started = self.last_byte = time.monotonic()
 
+    @contextlib.contextmanager
     def watching(self):
-        flight = self
-
-        class Scope:
-            def __enter__(self):
-                _watched.flight = flight
-
-            def __exit__(self, *exc):
-                _watched.flight = None
-
-        return Scope()
+        """While open, the connection this thread opens upstream is handed to this flight."""
+        _watched.flight = self
+        try:
+            yield
+        finally:
+            _watched.flight = None
 
     def attach(self, conn):
         with self.lock:
