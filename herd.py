@@ -2204,48 +2204,44 @@ def create_app(config):
         app.add_url_rule(path, view_func=proxied(path, api), methods=["POST"])
     app.add_url_rule("/api/show", view_func=proxied("/api/show", "ollama"), methods=["POST"])
 
-    @app.post("/api/pull")
-    def pull():
+    def management_call(endpoint, method, verb):
+        """(Call, None) for a pull or delete body, or (None, the 4xx to answer)."""
         if not changes_fleet_allowed():
-            return error_response("ollama", 403, "pulling changes the fleet: call from the router's "
-                                  "own machine or start herd with --api-key", "forbidden")
+            return None, error_response("ollama", 403, f"{verb} changes the fleet: call from the router's "
+                                        "own machine or start herd with --api-key", "forbidden")
         raw = request.get_data(cache=False)
         try:
             body = json.loads(raw or b"{}")
             model = normalize_model(body.get("model") or body.get("name"))
         except (ValueError, AttributeError):
-            return error_response("ollama", 400, "request body is not valid JSON", "invalid_json")
+            return None, error_response("ollama", 400, "request body is not valid JSON", "invalid_json")
         if not model:
-            return error_response("ollama", 400, 'name the model to pull in "model"', "missing_model")
-        node_id = request.headers.get("X-Herd-Node") or herd.fleet.pull_target(model)
-        if node_id is None:
+            return None, error_response("ollama", 400, f'name the model in "model" for {verb}', "missing_model")
+        streaming = endpoint == "/api/pull" and body.get("stream", True) is not False
+        return Call(api="ollama", endpoint=endpoint, body=body, raw=raw, model=model, stream=streaming,
+                    fallback_models=[], tags=[], client_ip=request.remote_addr, request_id=herd.request_id(),
+                    started=time.perf_counter(), method=method), None
+
+    @app.post("/api/pull")
+    def pull():
+        call, refusal = management_call("/api/pull", "POST", "pulling")
+        if refusal:
+            return refusal
+        call.pin = request.headers.get("X-Herd-Node") or herd.fleet.pull_target(call.model)
+        if call.pin is None:
             return error_response("ollama", 503, "no node is online to pull onto; start herd-node "
                                   "or pass --node", "no_nodes", retry_after=5)
-        call = Call(api="ollama", endpoint="/api/pull", body=body, raw=raw, model=model,
-                    stream=body.get("stream", True) is not False, fallback_models=[], tags=[],
-                    client_ip=request.remote_addr, request_id=herd.request_id(),
-                    started=time.perf_counter(), pin=node_id)
         return herd.proxy.serve(call, admit=False)
 
     @app.delete("/api/delete")
     def delete():
-        if not changes_fleet_allowed():
-            return error_response("ollama", 403, "deleting changes the fleet: call from the router's "
-                                  "own machine or start herd with --api-key", "forbidden")
-        node_id = request.headers.get("X-Herd-Node")
-        if not node_id:
+        call, refusal = management_call("/api/delete", "DELETE", "deleting")
+        if refusal:
+            return refusal
+        call.pin = request.headers.get("X-Herd-Node")
+        if not call.pin:
             return error_response("ollama", 400, "say which node to delete from with the X-Herd-Node "
                                   "header; herd never deletes a model fleet-wide", "node_required")
-        raw = request.get_data(cache=False)
-        try:
-            body = json.loads(raw or b"{}")
-            model = normalize_model(body.get("model") or body.get("name"))
-        except (ValueError, AttributeError):
-            return error_response("ollama", 400, "request body is not valid JSON", "invalid_json")
-        call = Call(api="ollama", endpoint="/api/delete", body=body, raw=raw, model=model, stream=False,
-                    fallback_models=[], tags=[], client_ip=request.remote_addr,
-                    request_id=herd.request_id(), started=time.perf_counter(), pin=node_id,
-                    method="DELETE")
         return herd.proxy.serve(call, admit=False)
 
     def not_implemented(**_):

@@ -24,9 +24,8 @@ import json
 import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler
 
-from fake_ollama import QuietServer, full_name
+from fake_ollama import FakeHandler, QuietServer, full_name
 
 GB = 1024 ** 3
 DEFAULT_CTX = 4096
@@ -179,29 +178,10 @@ def prompt_chars(body):
     return total
 
 
-class SimHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class SimHandler(FakeHandler):
+    """The fake's HTTP plumbing (keep-alive, JSON, chunks) with the simulation's routes."""
+
     node: SimNode
-
-    def setup(self):
-        super().setup()
-        import socket
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def log_message(self, *args):
-        pass
-
-    def send_json(self, status, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def chunk(self, data):
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
 
     def tag(self, name):
         size = int(self.node.models[name] * GB)
