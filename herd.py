@@ -208,7 +208,7 @@ def parse_call(api, endpoint, raw, headers, client_ip, request_id):
                         "invalid_json") from None
     if not isinstance(body, dict):
         raise HerdError(400, "request body must be a JSON object", "invalid_json")
-    model = body.get("model")
+    model = body.get("model") or body.get("name")  # Ollama still accepts the older "name"
     if not isinstance(model, str) or not model.strip():
         raise HerdError(400, 'the request has no "model"; name the model to run, e.g. "llama3.2"',
                         "missing_model")
@@ -1740,6 +1740,13 @@ class Warmer:
 
 # -- context protection (SPEC §7) ------------------------------------------------------------
 
+def context_number(value):
+    """num_ctx as a whole number, whether the client wrote 8192 or 8192.0; None when absent."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    return None
+
+
 def sent_num_ctx(call):
     options = call.body.get("options")
     return options.get("num_ctx") if isinstance(options, dict) else None
@@ -1750,10 +1757,10 @@ def needs_reload(call, loaded_ctx, default_ctx, load_options, policy):
     if call.api == "openai":  # /v1 cannot set options: it runs with the defaults
         return loaded_ctx != default_ctx or any(load_options.get(k) is not None for k in RELOAD_OPTIONS)
     options = call.body.get("options") if isinstance(call.body.get("options"), dict) else {}
-    asked = options.get("num_ctx")
+    asked = context_number(options.get("num_ctx"))
     if policy == "strip":  # herd rewrites whatever would reload, except a context that is too small
-        return isinstance(asked, int) and asked > loaded_ctx
-    wanted = asked if isinstance(asked, int) else default_ctx
+        return asked is not None and asked > loaded_ctx
+    wanted = asked if asked is not None else default_ctx
     return wanted != loaded_ctx or any(options.get(k) != load_options.get(k) for k in RELOAD_OPTIONS)
 
 
@@ -1764,7 +1771,7 @@ def protect_context(call, lease, policy):
     original = call.body.get("options") if isinstance(call.body.get("options"), dict) else {}
     options = dict(original)
     loaded, default = lease.loaded_ctx, lease.default_ctx
-    asked = options.get("num_ctx") if isinstance(options.get("num_ctx"), int) else None
+    asked = context_number(options.get("num_ctx"))
     changes = []
     if asked is not None and asked > loaded:
         changes.append(f"num_ctx {asked} > loaded {loaded}: passed through (reload)")

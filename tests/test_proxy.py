@@ -217,3 +217,10 @@ def test_fallback_model_serves_when_primary_is_nowhere(make_fake, make_router):
     assert fake.received[-1][1]["model"] == "qwen2.5:7b"
     assert router.traces("SELECT model, original_model, fallback_used FROM request_traces") == [
         ("qwen2.5:7b", "missing:latest", 1)]
+
+
+def test_older_name_field_is_accepted_for_the_model(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0})
+    router = make_router(nodes=[("a", fake.url)])
+    response = requests.post(router.url + "/api/show", json={"name": "llama3.2"}, timeout=5)
+    assert response.status_code == 200 and "capabilities" in response.json()

@@ -357,3 +357,10 @@ def test_retry_after_a_fallback_attempt_sends_the_primary_name_again(make_fake, 
     time.sleep(1.1)  # the primary's rest ends
     assert chat(router, dict(CHAT, fallback_models=["qwen2.5:7b"])).headers["X-Herd-Model"] == "llama3.2:latest"
     assert primary.received[-1][1]["model"] == "llama3.2"
+
+
+def test_num_ctx_written_as_a_float_is_protected_too(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], context_length=8192)
+    router = make_router(nodes=[("a", fake.url)])
+    chat(router, dict(CHAT, options={"num_ctx": 2048.0}))
+    assert fake.received[-1][1]["options"]["num_ctx"] == 8192
