@@ -154,13 +154,14 @@ def collect_gpu():
         return None
 
 
-def ollama_num_parallel():
-    """OLLAMA_NUM_PARALLEL from the running Ollama server's environment, when readable."""
+def ollama_setting(name):
+    """A whole-number setting (OLLAMA_NUM_PARALLEL, OLLAMA_CONTEXT_LENGTH) from the running
+    Ollama server's environment, when this user may read it; else None."""
     try:
         for proc in psutil.process_iter(["name"]):
             if (proc.info.get("name") or "").lower().startswith("ollama"):
                 try:
-                    value = proc.environ().get("OLLAMA_NUM_PARALLEL")
+                    value = proc.environ().get(name)
                 except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess, OSError):
                     continue
                 if value and value.strip().isdigit() and int(value) > 0:
@@ -245,7 +246,8 @@ class Agent:
         self.router_up = None  # unknown until the first post
         self.ollama_up = None
         self.warned_loopback = False
-        self.num_parallel = config.num_parallel or ollama_num_parallel()
+        self.num_parallel = config.num_parallel or ollama_setting("OLLAMA_NUM_PARALLEL")
+        self.context_length = ollama_setting("OLLAMA_CONTEXT_LENGTH")
         self.thread = None
 
     # -- one heartbeat ----------------------------------------------------------------------
@@ -257,7 +259,7 @@ class Agent:
         return {"node_id": self.config.node_id, "hostname": socket.gethostname(),
                 "ollama_url": ollama_url_for_router(self.config.ollama_host, self.router_url),
                 "memory": host["memory"], "gpu": gpu, "cpu_percent": host["cpu_percent"],
-                "num_parallel": self.num_parallel,
+                "num_parallel": self.num_parallel, "default_context_length": self.context_length,
                 "memory_budget_gb": memory_budget_gb(self.config.memory_gb, gpu, host["memory"]),
                 "interval_s": self.config.interval, "ollama": ollama, "agent_version": __version__}
 

@@ -152,3 +152,20 @@ def test_ollama_url_is_rewritten_to_the_lan_address_only_for_a_remote_router():
         "http://localhost:11434"
     assert herd_node.ollama_url_for_router("http://10.1.2.3:11434", "http://127.0.0.1:11435") == \
         "http://10.1.2.3:11434"
+
+
+@pytest.mark.skipif(not Path("/bin/sleep").exists() or sys.platform == "win32", reason="needs /bin/sleep")
+def test_ollama_settings_are_read_from_the_running_ollama_process(tmp_path):
+    """A process named ollama with OLLAMA_NUM_PARALLEL in its environment, as the agent finds it."""
+    import shutil
+    fake_ollama = tmp_path / "ollama"
+    shutil.copy("/bin/sleep", fake_ollama)
+    proc = subprocess.Popen([str(fake_ollama), "30"], env={**os.environ, "OLLAMA_NUM_PARALLEL": "6",
+                                                           "OLLAMA_CONTEXT_LENGTH": "8192"})
+    try:
+        wait_for(lambda: herd_node.ollama_setting("OLLAMA_NUM_PARALLEL") == 6, timeout=5, what="setting read")
+        assert herd_node.ollama_setting("OLLAMA_CONTEXT_LENGTH") == 8192
+    finally:
+        proc.kill()
+        proc.wait()
+    assert herd_node.ollama_setting("OLLAMA_NUM_PARALLEL") is None
