@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import herd_node  # noqa: E402
 from bench_proxy import ROOT, free_port, wait_http  # noqa: E402
 from fake_ollama import QuietServer, full_name  # noqa: E402
-from sim_ollama import DEFAULT_CTX, LOAD_FIXED_S, PREFILL_FACTOR, SimNode  # noqa: E402
+from sim_ollama import PREFILL_FACTOR, SimNode  # noqa: E402
 
 SCALE = 10.0  # simulated seconds per real second
 DURATION_S = 300.0  # simulated seconds of arrivals

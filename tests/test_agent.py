@@ -8,11 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 import herd_node
 from conftest import ROOT, wait_for
-from test_routing import CHAT, chat
+from test_routing import chat
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

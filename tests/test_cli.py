@@ -5,7 +5,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 
 import requests
 

@@ -5,7 +5,7 @@ import time
 import requests
 
 from conftest import wait_for
-from test_routing import CHAT, chat, heartbeat
+from test_routing import chat, heartbeat
 
 
 def test_root_and_version_answer_locally(make_router):

@@ -8,7 +8,7 @@ import time
 import requests
 
 from conftest import wait_for
-from test_routing import CHAT, chat, heartbeat
+from test_routing import CHAT, chat
 
 OPENAI_CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 
