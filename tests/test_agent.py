@@ -168,3 +168,12 @@ def test_ollama_settings_are_read_from_the_running_ollama_process(tmp_path):
         proc.kill()
         proc.wait()
     assert herd_node.ollama_setting("OLLAMA_NUM_PARALLEL") is None
+
+
+def test_agent_sends_the_api_key_and_a_wrong_key_is_refused(make_fake, make_router, make_agent):
+    fake = make_fake()
+    router = make_router(api_key="k3y")
+    wrong = make_agent(router_url=router.url, ollama_host=fake.url, node_id="wrong", api_key="nope")
+    make_agent(router_url=router.url, ollama_host=fake.url, node_id="right", api_key="k3y")
+    wait_for(lambda: node(router, "right"), what="agent with the key registered")
+    assert node(router, "wrong") is None and wrong.router_up is False
