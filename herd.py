@@ -286,6 +286,7 @@ class Node:
     eta_sum: dict = field(default_factory=dict)  # model -> sum of those leases' eta_s
     start_sum: dict = field(default_factory=dict)  # model -> sum of their start times
     decode_gbs: list = field(default_factory=list)  # recent decode speed x model size (GB/s)
+    decode_gbs_alone: list = field(default_factory=list)  # the same, from requests that ran alone
     prefill_gbs: list = field(default_factory=list)  # the same for prompt processing
     load_s_per_gb: list = field(default_factory=list)  # seconds per GB of a model load
     failures: int = 0  # consecutive failed requests
@@ -658,7 +659,10 @@ class Fleet:
         # undo the sharing it ran under: the mean of what it met at its start and at its end
         shared = math.sqrt(lease.shared_at_start * sharing(node.in_flight_by_model, model))
         if timings.get("eval_count") and timings.get("eval_s"):
-            remember(node.decode_gbs, timings["eval_count"] / timings["eval_s"] * size_gb * shared)
+            speed = timings["eval_count"] / timings["eval_s"] * size_gb
+            if lease.shared_at_start == 1 and sharing(node.in_flight_by_model, model) == 1:
+                remember(node.decode_gbs_alone, speed)  # ran alone from start to end: a clean sample
+            remember(node.decode_gbs, speed * shared)
         if timings.get("prompt_count") and timings.get("prompt_s") and timings["prompt_count"] >= 32:
             remember(node.prefill_gbs, timings["prompt_count"] / timings["prompt_s"] * size_gb * shared)
         if timings.get("load_s") and timings["load_s"] > 0.2:
@@ -1044,7 +1048,8 @@ def estimate(node, model, call, fleet, admit, ahead):
     """Seconds this request would spend on `node`, by cause (see the table above)."""
     size_gb = max(model_size(node, model) / GB, 0.05)
     now = time.monotonic()
-    decode_gbs = low_quartile(node.decode_gbs, fleet_prior(fleet, "decode_gbs", PRIOR_DECODE_GBS))
+    clean = node.decode_gbs_alone if len(node.decode_gbs_alone) >= 3 else node.decode_gbs
+    decode_gbs = low_quartile(clean, fleet_prior(fleet, "decode_gbs", PRIOR_DECODE_GBS))
     prefill_gbs = low_quartile(node.prefill_gbs, decode_gbs * PRIOR_PREFILL_RATIO)
     load_per_gb = low_quartile(node.load_s_per_gb, fleet_prior(fleet, "load_s_per_gb", PRIOR_LOAD_S_PER_GB))
     counts = node.in_flight_by_model
