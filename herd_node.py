@@ -45,6 +45,7 @@ POST_TIMEOUT = 5.0
 # While the router is down, tries slow to one every 8 intervals (at most a minute), so a router
 # that comes back is found again soon without a node hammering one that stays down.
 MAX_BACKOFF_INTERVALS = 8
+REDISCOVER_AFTER = 3  # failed heartbeats before an agent that found its router over mDNS looks again
 MAX_BACKOFF_S = 60.0
 GB = 1024 ** 3
 
@@ -303,7 +304,8 @@ class Agent:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self):
-        if self.router_url is None:
+        discovered = self.router_url is None
+        if discovered:
             self.router_url = self._discover()
             if self.router_url is None:
                 return
@@ -311,6 +313,12 @@ class Agent:
         while not self.stop_event.is_set():
             started = time.monotonic()
             failures = 0 if self.beat() else failures + 1
+            if discovered and failures == REDISCOVER_AFTER:  # the router may have moved: look again
+                found = discover_router(self.config.discovery_timeout, self.config.mdns_interfaces, self.stop_event)
+                if found and found != self.router_url:
+                    log.info("router moved: now %s (found over mDNS)", found)
+                    self.router_url, failures, self.router_up = found, 0, None
+                    continue
             pause = self.config.interval * min(2 ** failures, MAX_BACKOFF_INTERVALS) if failures else self.config.interval
             self.stop_event.wait(max(0.0, min(pause, MAX_BACKOFF_S) - (time.monotonic() - started)))
 

@@ -177,3 +177,16 @@ def test_agent_sends_the_api_key_and_a_wrong_key_is_refused(make_fake, make_rout
     make_agent(router_url=router.url, ollama_host=fake.url, node_id="right", api_key="k3y")
     wait_for(lambda: node(router, "right"), what="agent with the key registered")
     assert node(router, "wrong") is None and wrong.router_up is False
+
+
+def test_agent_that_discovered_its_router_follows_it_when_it_moves(make_fake, make_router, make_agent):
+    fake = make_fake()
+    first = make_router(mdns=True)
+    first.herd.advertise(first.server.effective_port)
+    agent = make_agent(ollama_host=fake.url, node_id="mover")
+    wait_for(lambda: node(first, "mover"), timeout=15, what="registered with the first router")
+    first.stop()
+    second = make_router(mdns=True)
+    second.herd.advertise(second.server.effective_port)
+    wait_for(lambda: node(second, "mover"), timeout=30, what="registered with the second router")
+    assert agent.router_url == second.url
