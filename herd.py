@@ -106,6 +106,14 @@ def normalize_model(name):
     return name if ":" in last else name + ":latest"
 
 
+def control_session():
+    """A requests Session for herd's own calls to nodes (polls, /api/show, pulls, preloads):
+    proxy settings from the environment must not reroute traffic inside the home lab."""
+    session = requests.Session()
+    session.trust_env = False
+    return session
+
+
 class HerdError(Exception):
     """An error with a status and a message meant for the client."""
 
@@ -129,13 +137,11 @@ def error_body(api, status, message, code="herd_error"):
     return {"error": message}
 
 
-def error_response(api, status, message, code="herd_error", retry_after=None, headers=None):
+def error_response(api, status, message, code="herd_error", retry_after=None):
     response = Response(json.dumps(error_body(api, status, message, code)), status=status,
                         mimetype="application/json")
     if retry_after is not None:
         response.headers["Retry-After"] = str(int(retry_after))
-    for key, value in (headers or {}).items():
-        response.headers[key] = value
     return response
 
 
@@ -242,6 +248,7 @@ def parse_call(api, endpoint, raw, headers, client_ip, request_id):
 
 MISSED_INTERVALS_OFFLINE = 3  # a node that misses this many of its own intervals is offline
 RECENT_UNLOAD_S = 600.0  # a model unloaded this recently still counts as a little warm
+CLIENT_CHECK_S = 0.25  # how often a queued request checks that its client is still there
 SPEED_WINDOW = 32  # recent samples kept per node for each speed estimate
 # A failing node rests 1 s, then 2, 4, ... up to a minute while it keeps failing; the first
 # request after a rest probes it. A good heartbeat ends the rest of a node that was unreachable.
@@ -279,7 +286,6 @@ class Node:
     load_options: dict = field(default_factory=dict)  # name -> reload options herd loaded it with
     default_ctx: dict = field(default_factory=dict)  # name -> context it gets without num_ctx
     last_seen: float = 0.0  # time.time() of the last good report
-    online_since: float = 0.0
     in_flight: int = 0
     in_flight_by_model: dict = field(default_factory=dict)
     running: dict = field(default_factory=dict)  # model -> leases of the requests running there now
@@ -417,7 +423,6 @@ class Fleet:
                     node.failures, node.failure_kind, node.cooldown_until = 0, None, 0.0
             node.last_seen = now
             if not was_online and node.status(now) == "online":
-                node.online_since = now
                 log.info("node %s online", node_id)
             self._grant_waiters()
 
@@ -728,7 +733,8 @@ class Fleet:
             if not healthy:
                 continue
             queued = ahead.get(model, 0) if ahead is not None else sum(model in w.models for w in self.waiters)
-            estimates = [(node, estimate(node, model, call, self, admit, queued)) for node in healthy]
+            priors = fleet_priors(self)
+            estimates = [(node, estimate(node, model, call, self, admit, queued, priors)) for node in healthy]
             scored = score_candidates(estimates)
             node, total, breakdown, eta = max(scored, key=lambda c: (c[1], -c[0].in_flight, random.random()))
             if admit and node.in_flight_by_model.get(model, 0) >= self.capacity(node):
@@ -855,8 +861,7 @@ class NodePoller:
     def __init__(self, fleet, config):
         self.fleet = fleet
         self.config = config
-        self.session = requests.Session()
-        self.session.trust_env = False
+        self.session = control_session()
         self.stop = threading.Event()
         targets = list(config.nodes)
         if not targets and config.local:
@@ -1027,6 +1032,12 @@ def low_quartile(samples, prior):
     return ordered[len(ordered) // 4]
 
 
+def fleet_priors(fleet):
+    """(decode GB/s, load s/GB) to assume for a node not measured yet: the median measured node."""
+    return (fleet_prior(fleet, "decode_gbs", PRIOR_DECODE_GBS),
+            fleet_prior(fleet, "load_s_per_gb", PRIOR_LOAD_S_PER_GB))
+
+
 def fleet_prior(fleet, attribute, prior):
     """Before a node is measured, assume it is like the median measured node."""
     known = [low_quartile(getattr(n, attribute), prior) for n in fleet.nodes.values() if getattr(n, attribute)]
@@ -1044,14 +1055,15 @@ def expected_output(call, fleet, model):
     return usual
 
 
-def estimate(node, model, call, fleet, admit, ahead):
-    """Seconds this request would spend on `node`, by cause (see the table above)."""
+def estimate(node, model, call, fleet, admit, ahead, priors):
+    """Seconds this request would spend on `node`, by cause (see the table above). `priors`
+    (decode GB/s, load s/GB) stand in for what the node has not measured yet."""
     size_gb = max(model_size(node, model) / GB, 0.05)
     now = time.monotonic()
     clean = node.decode_gbs_alone if len(node.decode_gbs_alone) >= 3 else node.decode_gbs
-    decode_gbs = low_quartile(clean, fleet_prior(fleet, "decode_gbs", PRIOR_DECODE_GBS))
+    decode_gbs = low_quartile(clean, priors[0])
     prefill_gbs = low_quartile(node.prefill_gbs, decode_gbs * PRIOR_PREFILL_RATIO)
-    load_per_gb = low_quartile(node.load_s_per_gb, fleet_prior(fleet, "load_s_per_gb", PRIOR_LOAD_S_PER_GB))
+    load_per_gb = low_quartile(node.load_s_per_gb, priors[1])
     counts = node.in_flight_by_model
     mine = node.running.get(model, ())
 
@@ -1527,7 +1539,6 @@ def forward_body(call, lease, fleet):
 # =============================================================================================
 
 WATCHDOG_PERIOD_S = 0.2  # how often running requests are checked: a client that left is cut within it
-CLIENT_CHECK_S = 0.25  # how often a queued request checks that its client is still there
 RECONCILE_EVERY_S = 10.0
 INFERENCE_ENDPOINTS = frozenset({"/api/chat", "/api/generate", "/api/embed", "/api/embeddings"})
 _watched = threading.local()  # the Flight whose upstream connection the current thread opens
@@ -1719,8 +1730,7 @@ class Warmer:
     def __init__(self, fleet, settings):
         self.fleet = fleet
         self.settings = settings
-        self.session = requests.Session()
-        self.session.trust_env = False
+        self.session = control_session()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, name="herd-warmer", daemon=True)
 
@@ -1854,8 +1864,7 @@ class Capabilities:
 
     def __init__(self, fleet):
         self.fleet = fleet
-        self.session = requests.Session()
-        self.session.trust_env = False
+        self.session = control_session()
         self.known = {}
         self.failed = {}
         self.lock = threading.Lock()
@@ -1888,8 +1897,7 @@ class Pulls:
     """Model pulls started by herd (auto-pull, dashboard): at most one per model at a time."""
 
     def __init__(self):
-        self.session = requests.Session()
-        self.session.trust_env = False
+        self.session = control_session()
         self.lock = threading.Lock()
         self.pulls = {}  # model -> progress dict
 
@@ -1973,7 +1981,6 @@ class TraceStore:
         self.path = Path(path)
         self.retention_days = retention_days
         self.queue = queue.Queue(maxsize=TRACE_QUEUE)
-        self.written = 0
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             columns = ", ".join(f"{name} {kind}" for name, kind in TRACE_COLUMNS)
@@ -2020,7 +2027,6 @@ class TraceStore:
                     except sqlite3.OperationalError as exc:  # locked by a reader: try again, keep rows
                         log.warning("trace write failed (%s), retrying", exc)
                         time.sleep(0.2 * (attempt + 1))
-                self.written += len(rows)
             for flushed in flushes:
                 flushed.set()
             if time.time() >= next_prune:

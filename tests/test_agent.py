@@ -32,6 +32,13 @@ def make_agent():
         agent.stop()
 
 
+def advertised_router(make_router):
+    """A router that announces itself over mDNS on 127.0.0.1."""
+    router = make_router(mdns=True)
+    router.herd.advertise(router.server.effective_port)
+    return router
+
+
 def node(router, node_id):
     for entry in router.status()["nodes"]:
         if entry["node_id"] == node_id:
@@ -93,8 +100,7 @@ def test_unreachable_ollama_is_reported_with_reason_and_not_routed(make_fake, ma
 
 def test_agent_finds_the_router_over_mdns_on_loopback(make_fake, make_router, make_agent):
     fake = make_fake()
-    router = make_router(mdns=True)
-    router.herd.advertise(router.server.effective_port)
+    router = advertised_router(make_router)
     agent = make_agent(ollama_host=fake.url, node_id="found")
     wait_for(lambda: node(router, "found"), timeout=15, what="registered via mDNS")
     assert agent.router_url == router.url
@@ -181,12 +187,10 @@ def test_agent_sends_the_api_key_and_a_wrong_key_is_refused(make_fake, make_rout
 
 def test_agent_that_discovered_its_router_follows_it_when_it_moves(make_fake, make_router, make_agent):
     fake = make_fake()
-    first = make_router(mdns=True)
-    first.herd.advertise(first.server.effective_port)
+    first = advertised_router(make_router)
     agent = make_agent(ollama_host=fake.url, node_id="mover")
     wait_for(lambda: node(first, "mover"), timeout=15, what="registered with the first router")
     first.stop()
-    second = make_router(mdns=True)
-    second.herd.advertise(second.server.effective_port)
+    second = advertised_router(make_router)
     wait_for(lambda: node(second, "mover"), timeout=30, what="registered with the second router")
     assert agent.router_url == second.url

@@ -174,15 +174,22 @@ def test_every_decision_carries_its_score_breakdown(make_fake, make_router):
     assert abs(sum(signals.values()) - score) < 0.05
 
 
-def test_model_in_demand_is_preloaded_on_a_faster_node_with_free_memory(make_fake, make_router):
+def fast_and_slow(make_fake, make_router, preload=True):
+    """Two nodes with llama3.2: `slow` has it hot, `fast` (ten times faster) has room for it."""
     fast = make_fake(models={"llama3.2": 2.0, "qwen2.5:7b": 4.0}, loaded=["qwen2.5:7b"])
     slow = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
     fast.eval_duration_ns = 10_000_000  # 5 tokens in 10 ms
-    slow.eval_duration_ns = 100_000_000  # 5 tokens in 100 ms: ten times slower
+    slow.eval_duration_ns = 100_000_000  # 5 tokens in 100 ms
     router = make_router()
+    router.herd.change_settings({"preload": preload})
     heartbeat(router, "fast", fast, memory_budget_gb=32)
     heartbeat(router, "slow", slow, memory_budget_gb=32)
     router.wait_online(2)
+    return fast, slow, router
+
+
+def test_model_in_demand_is_preloaded_on_a_faster_node_with_free_memory(make_fake, make_router):
+    fast, slow, router = fast_and_slow(make_fake, make_router)
     for _ in range(3):
         assert chat(router, dict(CHAT, model="qwen2.5:7b")).headers["X-Herd-Node"] == "fast"
     for _ in range(3):
@@ -193,14 +200,7 @@ def test_model_in_demand_is_preloaded_on_a_faster_node_with_free_memory(make_fak
 
 
 def test_preload_setting_off_loads_nothing_ahead(make_fake, make_router):
-    fast = make_fake(models={"llama3.2": 2.0, "qwen2.5:7b": 4.0}, loaded=["qwen2.5:7b"])
-    slow = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
-    fast.eval_duration_ns, slow.eval_duration_ns = 10_000_000, 100_000_000
-    router = make_router()
-    router.herd.change_settings({"preload": False})
-    heartbeat(router, "fast", fast, memory_budget_gb=32)
-    heartbeat(router, "slow", slow, memory_budget_gb=32)
-    router.wait_online(2)
+    fast, slow, router = fast_and_slow(make_fake, make_router, preload=False)
     for model in ["qwen2.5:7b"] * 3 + ["llama3.2"] * 3:
         chat(router, dict(CHAT, model=model))
     time.sleep(2.5)
