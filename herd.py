@@ -294,7 +294,7 @@ class Node:
     decode_gbs: list = field(default_factory=list)  # recent decode speed x model size (GB/s)
     decode_gbs_alone: list = field(default_factory=list)  # the same, from requests that ran alone
     prefill_gbs: list = field(default_factory=list)  # the same for prompt processing
-    load_s_per_gb: list = field(default_factory=list)  # seconds per GB of a model load
+    loads: list = field(default_factory=list)  # (GB, seconds) of recent model loads
     failures: int = 0  # consecutive failed requests
     failure_kind: str | None = None  # unreachable | error
     cooldown_until: float = 0.0
@@ -311,16 +311,35 @@ class Node:
         return None
 
     def memory_in_use(self):
-        return sum(entry.get("size_vram") or entry.get("size") or 0 for entry in self.loaded.values())
+        return sum(entry_bytes(entry) for entry in self.loaded.values())
+
+    def gpu_share(self):
+        """The share of its loaded models' bytes Ollama holds in VRAM; None with nothing loaded."""
+        sizes = [(entry.get("size") or 0, entry.get("size_vram")) for entry in self.loaded.values()]
+        total = sum(size for size, vram in sizes if vram is not None)
+        if not total:
+            return None
+        return min(1.0, sum(vram for size, vram in sizes if vram is not None) / total)
 
     def context_default(self, model):
         return self.default_ctx.get(model) or self.default_context_length or DEFAULT_NUM_CTX
 
 
+def entry_bytes(entry):
+    """Memory a /api/ps (or /api/tags) entry takes: in VRAM, or all of it when on the CPU."""
+    return entry.get("size_vram") or entry.get("size") or 0
+
+
 def model_size(node, model):
     """Bytes a model needs on a node: its loaded size if loaded, else its size on disk."""
-    entry = node.loaded.get(model) or node.models.get(model) or {}
-    return entry.get("size_vram") or entry.get("size") or 0
+    return entry_bytes(node.loaded.get(model) or node.models.get(model) or {})
+
+
+def weights_gb(node, model):
+    """GB of weights: what a token streams through memory and a load reads from disk. The /api/tags
+    size, not the loaded one, which adds the context's KV cache."""
+    entry = node.models.get(model) or node.loaded.get(model) or {}
+    return max((entry.get("size") or model_size(node, model)) / GB, 0.05)
 
 
 def fits(node, model):
@@ -347,6 +366,7 @@ class Lease:
     started: float = 0.0  # time.monotonic() when the slot was taken
     shared_at_start: float = 1.0  # sharing() it met when it started
     loaded_ctx: int | None = None  # context the model runs with there; None when cold
+    cold: bool = False  # herd expected a load or a context reload
     default_ctx: int = DEFAULT_NUM_CTX
     load_options: dict = field(default_factory=dict)
     queued_ms: float = 0.0
@@ -537,8 +557,7 @@ class Fleet:
             node = self.nodes.get(node_id)
             if ok and node is not None and model not in node.loaded:
                 entry = node.models.get(model, {})
-                node.loaded[model] = {"name": model, "size": entry.get("size", 0),
-                                      "size_vram": entry.get("size", 0), "learned": True,
+                node.loaded[model] = {"name": model, "size": entry.get("size", 0), "learned": True,
                                       "context_length": node.context_default(model)}
                 node.load_options[model] = {"num_ctx": None}
                 self._grant_waiters()
@@ -641,8 +660,7 @@ class Fleet:
                     node.failures, node.failure_kind = 0, None
                     if lease.loaded_ctx is None and lease.model not in node.loaded:
                         entry = node.models.get(lease.model, {})
-                        node.loaded[lease.model] = {"name": lease.model, "size": entry.get("size", 0),
-                                                    "size_vram": entry.get("size", 0), "learned": True,
+                        node.loaded[lease.model] = {"name": lease.model, "size": entry.get("size", 0), "learned": True,
                                                     "context_length": sent_ctx or node.context_default(lease.model)}
             self._grant_waiters()
 
@@ -658,9 +676,7 @@ class Fleet:
     def _learn(self, node, lease, timings):
         """Fold one reply's timings into the node's speed record (see the Scoring section)."""
         model = lease.model
-        size_gb = model_size(node, model) / GB
-        if not size_gb:
-            return
+        size_gb = weights_gb(node, model)
         # undo the sharing it ran under: the mean of what it met at its start and at its end
         shared = math.sqrt(lease.shared_at_start * sharing(node.in_flight_by_model, model))
         if timings.get("eval_count") and timings.get("eval_s"):
@@ -670,8 +686,8 @@ class Fleet:
             remember(node.decode_gbs, speed * shared)
         if timings.get("prompt_count") and timings.get("prompt_s") and timings["prompt_count"] >= 32:
             remember(node.prefill_gbs, timings["prompt_count"] / timings["prompt_s"] * size_gb * shared)
-        if timings.get("load_s") and timings["load_s"] > 0.2:
-            remember(node.load_s_per_gb, max(0.01, (timings["load_s"] - LOAD_FIXED_S) / size_gb))
+        if lease.cold and (timings.get("load_s") or 0) > HOT_LOAD_S:
+            remember(node.loads, (size_gb, timings["load_s"]))
         if timings.get("eval_count"):
             remember(self.output_tokens.setdefault(model, []), timings["eval_count"])
 
@@ -737,11 +753,16 @@ class Fleet:
             estimates = [(node, estimate(node, model, call, self, admit, queued, priors)) for node in healthy]
             scored = score_candidates(estimates)
             node, total, breakdown, eta = max(scored, key=lambda c: (c[1], -c[0].in_flight, random.random()))
+            chosen = next(e for n, e in estimates if n is node)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request %s %s -> %s; %s", call.request_id, model, node.node_id, "; ".join(
+                    f"{n.node_id} eta {e['eta']:.2f} s (" + " ".join(f"{k} {v:.2f}" for k, v in e.items()
+                                                          if v and k != "eta") + ")" for n, e in estimates))
             if admit and node.in_flight_by_model.get(model, 0) >= self.capacity(node):
                 return None, "busy"  # the best node is busy: wait for it rather than settle
             loaded = node.loaded.get(model)
             return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
-                         breakdown=breakdown, held=admit, eta_s=eta,
+                         breakdown=breakdown, held=admit, eta_s=eta, cold=chosen["cold_load"] > 0,
                          loaded_ctx=(loaded.get("context_length") or node.context_default(model))
                          if loaded is not None else None,
                          default_ctx=node.context_default(model),
@@ -809,7 +830,7 @@ class Fleet:
                     "num_parallel": node.num_parallel or self.config.parallel,
                     "memory_budget_gb": node.memory_budget_gb, "ollama_version": node.ollama_version,
                     "ollama_error": node.ollama_error, "models_available": sorted(node.models),
-                    "models_loaded": [{"name": name, "size_vram": entry.get("size_vram"),
+                    "models_loaded": [{"name": name, "size_vram": entry.get("size_vram", entry.get("size")),
                                        "context_length": entry.get("context_length"),
                                        "requests_active": node.in_flight_by_model.get(name, 0)}
                                       for name, entry in node.loaded.items()],
@@ -976,8 +997,10 @@ class Advertiser:
 
 CHARS_PER_TOKEN = 4  # rough size of a token in English text
 BATCH_SLOWDOWN = 0.3  # n streams of one model each run at n ^ -0.3 of one alone (batched decode)
-LOAD_FIXED_S = 1.0  # starting a runner, before the weights stream in
+LOAD_FIXED_S = 1.0  # starting a runner, before the weights stream in (at most; learned per node)
+HOT_LOAD_S = 0.05  # a load_duration below this is Ollama finding the model already loaded
 PRIOR_DECODE_GBS = 300.0  # a node herd has not measured yet: a mid-range GPU or Apple chip
+PRIOR_CPU_GBS = 60.0  # the part of a model Ollama keeps in system RAM: dual-channel DDR5
 PRIOR_PREFILL_RATIO = 20.0  # prompt tokens go this many times faster than generated ones
 PRIOR_LOAD_S_PER_GB = 0.5
 PRIOR_OUTPUT_TOKENS = 250  # a chat reply of a few paragraphs
@@ -999,6 +1022,35 @@ def sharing(counts, model, extra=0):
     return max(1, same) ** BATCH_SLOWDOWN * max(1, models)
 
 
+def shared_run(node, model, work, start, now):
+    """(seconds, slowdown): how long a request needing `work` seconds alone takes on `node` when
+    it starts in `start` seconds, beside the requests running there that have not ended by then
+    (each model's group is taken to end at its mean remaining time, stretched by the share this
+    request takes), and the seconds it adds to theirs while they overlap."""
+    counts = {}
+    groups = []
+    for other, n in node.in_flight_by_model.items():
+        left = mean_remaining_s(node, other, now) if n > 0 else 0.0
+        if left > start:
+            counts[other] = n
+            groups.append((left, other))
+    with_me = dict(counts, **{model: counts.get(model, 0) + 1})
+    stretch = {other: sharing(with_me, other) / sharing(counts, other) for other in counts}
+    ends = sorted((start + (left - start) * stretch[other], other) for left, other in groups)
+    t, todo, running = start, work, dict(counts)
+    for end, other in ends:
+        pace = 1 / sharing(running, model, extra=1)
+        if todo <= (end - t) * pace:
+            break
+        todo -= (end - t) * pace
+        t = end
+        del running[other]
+    finish = t + todo * sharing(running, model, extra=1)
+    slowdown = sum(counts[other] * (min(end, finish) - start) * (1 - 1 / stretch[other])
+                   for end, other in ends)
+    return finish - start, slowdown
+
+
 def remaining_s(lease, now):
     """Expected seconds left for a running request (at least a tenth of its estimate)."""
     return max(0.1 * lease.eta_s, lease.eta_s - (now - lease.started))
@@ -1014,8 +1066,19 @@ def mean_remaining_s(node, model, now):
 
 
 def measured_gbs(node):
-    """The node's measured decode speed (GB/s), or None before it has served enough to tell."""
-    return low_quartile(node.decode_gbs, None) if len(node.decode_gbs) >= 3 else None
+    """The node's measured decode speed (GB/s), or None before it has served enough to tell:
+    from requests that ran alone there when it has three of those."""
+    clean = node.decode_gbs_alone if len(node.decode_gbs_alone) >= 3 else node.decode_gbs
+    return low_quartile(clean, None) if len(clean) >= 3 else None
+
+
+def load_costs(loads):
+    """(fixed s, s per GB) of a node's model loads, from its (GB, seconds) samples, or None: the
+    fixed part (starting a runner) is at most half the quickest load."""
+    if not loads:
+        return None
+    fixed = min(LOAD_FIXED_S, 0.5 * min(seconds for _, seconds in loads))
+    return fixed, statistics.median((seconds - fixed) / gb for gb, seconds in loads)
 
 
 def remember(samples, value):
@@ -1033,9 +1096,20 @@ def low_quartile(samples, prior):
 
 
 def fleet_priors(fleet):
-    """(decode GB/s, load s/GB) to assume for a node not measured yet: the median measured node."""
-    return (fleet_prior(fleet, "decode_gbs", PRIOR_DECODE_GBS),
-            fleet_prior(fleet, "load_s_per_gb", PRIOR_LOAD_S_PER_GB))
+    """(decode GB/s, (load fixed s, load s/GB)) to assume for a node not measured yet: the median
+    measured node."""
+    known = sorted(costs for costs in (load_costs(n.loads) for n in fleet.nodes.values()) if costs)
+    middle = (statistics.median(c[0] for c in known), statistics.median(c[1] for c in known)) if known else None
+    return (fleet_prior(fleet, "decode_gbs", PRIOR_DECODE_GBS), middle or (LOAD_FIXED_S, PRIOR_LOAD_S_PER_GB))
+
+
+def offload_prior(node, gpu_gbs):
+    """Decode GB/s to assume for an unmeasured node from where Ollama put its loaded models: the
+    share in VRAM (size_vram / size in /api/ps) streams at GPU speed, the rest at CPU speed."""
+    share = node.gpu_share()
+    if share is None or share >= 0.99:
+        return gpu_gbs
+    return 1 / (share / gpu_gbs + (1 - share) / PRIOR_CPU_GBS)
 
 
 def fleet_prior(fleet, attribute, prior):
@@ -1058,19 +1132,20 @@ def expected_output(call, fleet, model):
 def estimate(node, model, call, fleet, admit, ahead, priors):
     """Seconds this request would spend on `node`, by cause (see the table above). `priors`
     (decode GB/s, load s/GB) stand in for what the node has not measured yet."""
-    size_gb = max(model_size(node, model) / GB, 0.05)
+    size_gb = max(model_size(node, model) / GB, 0.05)  # memory it takes
+    weights = weights_gb(node, model)
     now = time.monotonic()
     clean = node.decode_gbs_alone if len(node.decode_gbs_alone) >= 3 else node.decode_gbs
-    decode_gbs = low_quartile(clean, priors[0])
+    decode_gbs = low_quartile(clean, offload_prior(node, priors[0]))
     prefill_gbs = low_quartile(node.prefill_gbs, decode_gbs * PRIOR_PREFILL_RATIO)
-    load_per_gb = low_quartile(node.load_s_per_gb, priors[1])
+    load_fixed, load_per_gb = load_costs(node.loads) or priors[1]
     counts = node.in_flight_by_model
     mine = node.running.get(model, ())
 
     loaded = node.loaded.get(model)
     load = reload = 0.0
     if loaded is None:
-        load = LOAD_FIXED_S + size_gb * load_per_gb
+        load = load_fixed + weights * load_per_gb
         if now - node.unloaded_at.get(model, -1e9) < RECENT_UNLOAD_S:
             load *= PAGE_CACHE_DISCOUNT  # its weights are likely still in the OS page cache
         budget = node.budget_bytes()
@@ -1081,7 +1156,7 @@ def estimate(node, model, call, fleet, admit, ahead, priors):
         if needs_reload(call, ctx, node.context_default(model), node.load_options.get(model, {}),
                         fleet.context_policy):
             drain = max((remaining_s(lease, now) for lease in mine), default=0.0)
-            reload = drain + LOAD_FIXED_S + size_gb * load_per_gb
+            reload = drain + load_fixed + weights * load_per_gb
 
     wait = 0.0
     slots = fleet.capacity(node)
@@ -1090,33 +1165,25 @@ def estimate(node, model, call, fleet, admit, ahead, priors):
         per_slot = node.eta_sum.get(model, 0.0) / len(mine) or 1.0
         wait = ends[ahead] if ahead < len(ends) else ends[-1] + (ahead - len(ends) + 1) / slots * per_slot
 
-    slowed = sharing(counts, model, extra=1)
-    prompt_tokens = call.prompt_chars / CHARS_PER_TOKEN
-    service = prompt_tokens * size_gb / prefill_gbs * slowed
-    if "embed" not in call.endpoint:
-        service += expected_output(call, fleet, model) * size_gb / decode_gbs * slowed
-    slowdown = 0.0
-    with_me = dict(counts, **{model: counts.get(model, 0) + 1})
-    for other, n in counts.items():
-        if n > 0:
-            # while they share the node they progress at before/after of their pace, and they
-            # share it only while this request runs beside them
-            loss = 1 - sharing(counts, other) / sharing(with_me, other)
-            slowdown += n * min(mean_remaining_s(node, other, now), service) * loss
-
     eviction = 0.0
     budget = node.budget_bytes()
     if loaded is None and budget:
         free = budget - node.memory_in_use()
-        for name, entry in sorted(node.loaded.items(), key=lambda item: item[1].get("size_vram") or 0):
+        for name, entry in sorted(node.loaded.items(), key=lambda item: entry_bytes(item[1])):
             if free >= size_gb * GB:
                 break
-            freed = entry.get("size_vram") or entry.get("size") or 0
+            freed = entry_bytes(entry)
             free += freed
             if counts.get(name):  # Ollama waits for busy models before evicting
                 wait = max(wait, max((remaining_s(lease, now) for lease in node.running.get(name, ())),
                                      default=0.0))
-            eviction += 0.5 * (LOAD_FIXED_S + freed / GB * load_per_gb)
+            eviction += 0.5 * (load_fixed + freed / GB * load_per_gb)
+
+    prompt_tokens = call.prompt_chars / CHARS_PER_TOKEN
+    work = prompt_tokens * weights / prefill_gbs  # seconds alone on the node
+    if "embed" not in call.endpoint:
+        work += expected_output(call, fleet, model) * weights / decode_gbs
+    service, slowdown = shared_run(node, model, work, wait + load + reload, now)
 
     eta = wait + load + reload + service
     risk = min(1.0, 0.25 * node.failures) * eta

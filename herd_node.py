@@ -59,6 +59,7 @@ class AgentConfig:
     api_key: str | None = None
     num_parallel: int | None = None
     memory_gb: float | None = None
+    context_length: int | None = None  # None: Ollama's OLLAMA_CONTEXT_LENGTH if readable
     mdns_interfaces: list | None = None  # None: all interfaces
     discovery_timeout: float = 10.0
 
@@ -248,7 +249,7 @@ class Agent:
         self.ollama_up = None
         self.warned_loopback = False
         self.num_parallel = config.num_parallel or ollama_setting("OLLAMA_NUM_PARALLEL")
-        self.context_length = ollama_setting("OLLAMA_CONTEXT_LENGTH")
+        self.context_length = config.context_length or ollama_setting("OLLAMA_CONTEXT_LENGTH")
         self.thread = None
 
     # -- one heartbeat ----------------------------------------------------------------------
@@ -397,13 +398,17 @@ def discover_router(timeout, interfaces=None, stop_event=None):
 @click.option("--api-key", envvar="FLEET_NODE_API_KEY", default=None, help="The router's --api-key.")
 @click.option("--num-parallel", envvar="FLEET_NODE_NUM_PARALLEL", default=None, type=click.IntRange(1, 4096),
               help="Requests Ollama runs at once per model (default: its OLLAMA_NUM_PARALLEL if readable).")
+@click.option("--context-length", envvar="FLEET_NODE_CONTEXT_LENGTH", default=None, type=click.IntRange(256),
+              help="The context Ollama loads models with when a request does not set num_ctx (default: its "
+                   "OLLAMA_CONTEXT_LENGTH if readable, which a service or container often is not).")
 @click.option("--memory-gb", envvar="FLEET_NODE_MEMORY_GB", default=None, type=click.FloatRange(0.1),
               help="Memory the router may plan models into (default: VRAM, Apple unified memory, else RAM).")
 @click.option("--mdns-interface", "mdns_interfaces", envvar="FLEET_NODE_MDNS_INTERFACE", multiple=True,
               help="Browse for the router on this interface address only (repeatable).")
 @click.option("--log-level", envvar="FLEET_NODE_LOG_LEVEL", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def main(router_url, ollama_host, node_id, interval, api_key, num_parallel, memory_gb, mdns_interfaces, log_level):
+def main(router_url, ollama_host, node_id, interval, api_key, num_parallel, context_length, memory_gb,
+         mdns_interfaces, log_level):
     """herd-node: report this Ollama machine to the herd router."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s herd-node %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
@@ -412,6 +417,7 @@ def main(router_url, ollama_host, node_id, interval, api_key, num_parallel, memo
             raise click.BadParameter(f"{url!r} is not an http(s) URL", param_hint=flag)
     config = AgentConfig(router_url=router_url, ollama_host=ollama_host, node_id=node_id, interval=interval,
                          api_key=api_key, num_parallel=num_parallel, memory_gb=memory_gb,
+                         context_length=context_length,
                          mdns_interfaces=list(mdns_interfaces) or None)
     agent = Agent(config)
     click.echo(f"herd-node {__version__}: node {node_id}, Ollama {ollama_host}, reporting to "

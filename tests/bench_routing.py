@@ -21,6 +21,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
@@ -39,6 +40,7 @@ from bench_proxy import ROOT, free_port, wait_http  # noqa: E402
 from fake_ollama import QuietServer, full_name  # noqa: E402
 from sim_ollama import PREFILL_FACTOR, SimNode  # noqa: E402
 
+HERD_LOG_LEVEL = os.environ.get("HERD_BENCH_LOG", "WARNING")  # DEBUG: every decision's estimates in the log
 SCALE = 10.0  # simulated seconds per real second
 DURATION_S = 300.0  # simulated seconds of arrivals
 RATE = 0.4  # requests per simulated second: a busy evening in a home lab
@@ -54,6 +56,9 @@ FLEET = {
     "mini": (16, 50, 1, 1.0, SMALL, ["llama3.2:3b"]),  # a CPU-only mini PC: DDR5 bandwidth
     "laptop": (64, 400, 1, 2.0, list(MODELS), ["llama3.1:8b", "nomic-embed-text:latest"]),
 }
+# the big machine's owner raised Ollama's default context (OLLAMA_CONTEXT_LENGTH; recent Ollama
+# picks a large one itself on machines with 48 GB or more); the others run with 4096
+CONTEXT = {"studio": 32768}
 # model, share of requests, prompt tokens (range), output tokens (range)
 MIX = [("llama3.2:3b", 0.32, (100, 1500), (50, 250)), ("qwen2.5:7b", 0.22, (100, 1500), (80, 300)),
        ("llama3.1:8b", 0.14, (200, 2000), (80, 300)), ("qwen2.5:32b", 0.025, (300, 3000), (100, 400)),
@@ -173,20 +178,21 @@ def start_fleet():
     nodes = {}
     for name, (memory, bandwidth, parallel, load, installed, loaded) in FLEET.items():
         nodes[name] = SimNode(name, memory, bandwidth, {m: MODELS[m] for m in installed}, loaded,
-                              num_parallel=parallel, load_gbs=load, scale=SCALE).start()
+                              num_parallel=parallel, load_gbs=load, scale=SCALE, gpu=name != "mini",
+                              default_ctx=CONTEXT.get(name, 4096)).start()
     return nodes
 
 
 def start_herd(nodes, data_dir):
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "herd.py"), "--host", "127.0.0.1", "--port", str(port),
-                             "--no-mdns", "--no-local", "--data-dir", str(data_dir), "--log-level", "WARNING",
+                             "--no-mdns", "--no-local", "--data-dir", str(data_dir), "--log-level", HERD_LOG_LEVEL,
                              "--queue-timeout", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/")
     agents = [herd_node.Agent(herd_node.AgentConfig(
         router_url=url, ollama_host=node.url, node_id=name, interval=0.5, num_parallel=FLEET[name][2],
-        memory_gb=FLEET[name][0])).start() for name, node in nodes.items()]
+        memory_gb=FLEET[name][0], context_length=CONTEXT.get(name))).start() for name, node in nodes.items()]
     deadline = time.monotonic() + 20
     while json.loads(urllib3.request("GET", url + "/fleet/status").data)["fleet"]["nodes_online"] < len(nodes):
         if time.monotonic() > deadline:

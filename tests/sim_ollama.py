@@ -48,13 +48,15 @@ class Instance:
 
 class SimNode:
     def __init__(self, name, memory_gb, bandwidth_gbs, models, loaded=(), num_parallel=1, load_gbs=2.0,
-                 scale=10.0, capabilities=None, port=0):
+                 scale=10.0, capabilities=None, port=0, gpu=True, default_ctx=DEFAULT_CTX):
         self.name = name
+        self.gpu = gpu  # False: a CPU-only machine, whose /api/ps says size_vram 0 as Ollama's does
         self.memory_gb = memory_gb
         self.bandwidth = bandwidth_gbs
         self.models = {full_name(m): size for m, size in models.items()}  # name -> GB
         self.capabilities = {full_name(m): c for m, c in (capabilities or {}).items()}
         self.num_parallel = num_parallel
+        self.default_ctx = default_ctx  # OLLAMA_CONTEXT_LENGTH: the context without num_ctx
         self.load_gbs = load_gbs
         self.scale = scale
         self.port = port
@@ -64,7 +66,7 @@ class SimNode:
         self.stats = {"loads": 0, "reloads": 0, "evictions": 0, "needless_reloads": 0, "requests": 0}
         for model in loaded:
             name = full_name(model)
-            self.instances[name] = Instance(name, DEFAULT_CTX, self.footprint(name, DEFAULT_CTX))
+            self.instances[name] = Instance(name, default_ctx, self.footprint(name, default_ctx))
         self.server = None
 
     # -- the model of a machine ---------------------------------------------------------------
@@ -198,7 +200,7 @@ class SimHandler(FakeHandler):
             return self.send_json(200, {"models": [self.tag(m) for m in node.models]})
         if self.path == "/api/ps":
             with node.cond:
-                loaded = [dict(self.tag(i.name), size_vram=int(i.memory * GB), context_length=i.ctx,
+                loaded = [dict(self.tag(i.name), size_vram=int(i.memory * GB) if node.gpu else 0, context_length=i.ctx,
                                expires_at="2099-01-01T00:00:00Z")
                           for i in node.instances.values() if not i.reloading]
             return self.send_json(200, {"models": loaded})
@@ -220,7 +222,7 @@ class SimHandler(FakeHandler):
         openai = self.path.startswith("/v1/")
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         asked_ctx = None if openai else options.get("num_ctx")
-        ctx = asked_ctx or DEFAULT_CTX
+        ctx = asked_ctx or node.default_ctx
         prompt_tokens = max(1, prompt_chars(body) // 4)
         out_tokens = int(body.get("max_tokens") or options.get("num_predict") or 100)
         node.stats["requests"] += 1
