@@ -295,6 +295,7 @@ class Node:
     decode_gbs_alone: list = field(default_factory=list)  # the same, from requests that ran alone
     prefill_gbs: list = field(default_factory=list)  # the same for prompt processing
     loads: list = field(default_factory=list)  # (GB, seconds) of recent model loads
+    calibrated_at: float = -1e9  # time.monotonic() of the last calibration sent
     failures: int = 0  # consecutive failed requests
     failure_kind: str | None = None  # unreachable | error
     cooldown_until: float = 0.0
@@ -527,6 +528,37 @@ class Fleet:
                     return node.url
         return None
 
+    def calibration_plan(self):
+        """(node_id, url, [(model, context)] hot there, smallest first) for an online, idle node
+        herd has no decode speed for, at most once a CALIBRATE_RETRY_S per node; else None."""
+        now_mono, now = time.monotonic(), time.time()
+        with self.lock:
+            for node in self.nodes.values():
+                if (node.decode_gbs or node.in_flight or not node.loaded or node.status(now) != "online"
+                        or node.node_id in self.preloading
+                        or now_mono - node.calibrated_at < CALIBRATE_RETRY_S):
+                    continue
+                node.calibrated_at = now_mono
+                hot = sorted(node.loaded.items(), key=lambda item: entry_bytes(item[1]))
+                return node.node_id, node.url, [(name, entry.get("context_length") or node.context_default(name))
+                                                for name, entry in hot]
+        return None
+
+    def calibrated(self, node_id, model, timings):
+        """Fold a calibration's timings into the node's speeds (a clean sample when it ran alone)."""
+        with self.lock:
+            node = self.nodes.get(node_id)
+            if node is None or not timings.get("eval_count") or not timings.get("eval_s"):
+                return
+            size_gb = weights_gb(node, model)
+            speed = timings["eval_count"] / timings["eval_s"] * size_gb
+            if not node.in_flight:
+                remember(node.decode_gbs_alone, speed)
+            remember(node.decode_gbs, speed)
+            if (timings.get("prompt_count") or 0) >= 32 and timings.get("prompt_s"):
+                remember(node.prefill_gbs, timings["prompt_count"] / timings["prompt_s"] * size_gb)
+        log.info("calibrated %s with %s: %.0f GB/s of weights per token", node_id, model, speed)
+
     def preload_plan(self, window_s, min_requests, faster_by):
         """(node_id, url, model) to load ahead of demand, or None: a model asked for at least
         `min_requests` times in the last `window_s` seconds, onto a node that is measurably faster
@@ -758,7 +790,7 @@ class Fleet:
                 log.debug("request %s %s -> %s; %s", call.request_id, model, node.node_id, "; ".join(
                     f"{n.node_id} eta {e['eta']:.2f} s (" + " ".join(f"{k} {v:.2f}" for k, v in e.items()
                                                           if v and k != "eta") + ")" for n, e in estimates))
-            if admit and node.in_flight_by_model.get(model, 0) >= self.capacity(node):
+            if admit and (node.in_flight_by_model.get(model, 0) >= self.capacity(node) or chosen["defer"]):
                 return None, "busy"  # the best node is busy: wait for it rather than settle
             loaded = node.loaded.get(model)
             return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
@@ -835,6 +867,7 @@ class Fleet:
                                        "requests_active": node.in_flight_by_model.get(name, 0)}
                                       for name, entry in node.loaded.items()],
                     "requests_active": node.in_flight, "last_seen": node.last_seen,
+                    "decode_gbs": round(speed, 1) if (speed := node_speed(node)) else None,
                     "failures": node.failures, "last_failure": node.last_failure,
                     "cooling_down_s": round(max(0.0, node.cooldown_until - now), 1),
                 })
@@ -967,20 +1000,27 @@ class Advertiser:
 #
 # Each remaining node gets an expected completion time for this request, in seconds, built from
 # what herd measured on its own traffic (Ollama reports load, prompt and eval durations with
-# every reply; speeds are kept per node as GB/s, so one model's speed predicts another's):
+# every reply; speeds are kept per node as GB of weights per second, so one model's speed
+# predicts another's). A node herd has not measured yet is timed once when it joins (Warmer:
+# calibration); until then it counts as the slowest measured node, or, when /api/ps shows
+# Ollama keeps its models in system RAM (size_vram < size), at CPU speed for that share.
 #   wait       until a slot for the model frees there (herd never exceeds num_parallel), counting
 #              the requests already queued for the model
-#   load       a cold load or a context reload: 1 s + model GB x the node's seconds per GB; half
-#              that when the model left memory in the last 10 minutes (page cache), and half
-#              again when it fits in free memory (the load also serves the requests after this)
+#   load       a cold load or a context reload: the node's fixed start-up + weights GB x its
+#              seconds per GB (both learned from its loads); half when the model left memory in
+#              the last 10 minutes (page cache)
 #   service    prompt tokens / prefill speed + expected output tokens / decode speed, where speed
-#              = the node's GB/s (25th percentile: its p75 time per token) / model GB / sharing;
+#              = the node's GB/s (25th percentile: its p75 time per token) / weights GB / sharing;
 #              sharing = (streams of this model) ^ 0.3 x (models running): parallel slots of one
-#              model batch well, while different models take turns at the memory bandwidth
+#              model batch well, while different models take turns at the memory bandwidth. It is
+#              integrated over time: each model running there speeds this one up when it ends
 #   slowdown   what this request adds to the streams already running there: they slow down too,
 #              for as long as the two overlap
 #   eviction   the load time of hot models a cold load would push out of memory, half of it
 #   risk       a node that failed recently may fail again: failures x 25% x its time
+# Deferring: when waiting for a node's other models to finish and then running alone there is
+# sooner (counting the slowdown avoided) than sharing it now, the wait is the estimate and, if
+# that node wins, the request waits in herd's queue for it (two models at once finish both late).
 # The seven signals express these seconds as points at one exchange rate per decision (chosen so
 # no signal leaves its range), so the highest total is the soonest expected completion:
 #
@@ -1005,7 +1045,6 @@ PRIOR_PREFILL_RATIO = 20.0  # prompt tokens go this many times faster than gener
 PRIOR_LOAD_S_PER_GB = 0.5
 PRIOR_OUTPUT_TOKENS = 250  # a chat reply of a few paragraphs
 PAGE_CACHE_DISCOUNT = 0.5  # a model unloaded in the last 10 minutes reloads from the page cache
-FREE_LOAD_SHARE = 0.5  # the share of a load into free memory charged to the request that causes it
 SIGNAL_RANGES = {"thermal": 50.0, "memory_fit": 20.0, "queue_depth": 30.0, "latency_history": 25.0,
                  "role_affinity": 15.0, "availability_trend": 10.0, "context_fit": 15.0}
 # which estimate each signal prices, and whether it is a bonus that the cost reduces (+) or a penalty (-)
@@ -1072,6 +1111,12 @@ def measured_gbs(node):
     return low_quartile(clean, None) if len(clean) >= 3 else None
 
 
+def node_speed(node):
+    """The decode speed (GB/s) herd routes on for a node, or None before any sample."""
+    clean = node.decode_gbs_alone if len(node.decode_gbs_alone) >= 3 else node.decode_gbs
+    return low_quartile(clean, None)
+
+
 def load_costs(loads):
     """(fixed s, s per GB) of a node's model loads, from its (GB, seconds) samples, or None: the
     fixed part (starting a runner) is at most half the quickest load."""
@@ -1099,7 +1144,7 @@ def fleet_priors(fleet):
     """(decode GB/s, (load fixed s, load s/GB)) to assume for a node not measured yet: the median
     measured node."""
     known = sorted(costs for costs in (load_costs(n.loads) for n in fleet.nodes.values()) if costs)
-    middle = (statistics.median(c[0] for c in known), statistics.median(c[1] for c in known)) if known else None
+    middle = (max(c[0] for c in known), max(c[1] for c in known)) if known else None
     return (fleet_prior(fleet, "decode_gbs", PRIOR_DECODE_GBS), middle or (LOAD_FIXED_S, PRIOR_LOAD_S_PER_GB))
 
 
@@ -1115,7 +1160,7 @@ def offload_prior(node, gpu_gbs):
 def fleet_prior(fleet, attribute, prior):
     """Before a node is measured, assume it is like the median measured node."""
     known = [low_quartile(getattr(n, attribute), prior) for n in fleet.nodes.values() if getattr(n, attribute)]
-    return sorted(known)[len(known) // 2] if known else prior
+    return min(known) if known else prior
 
 
 def expected_output(call, fleet, model):
@@ -1148,9 +1193,6 @@ def estimate(node, model, call, fleet, admit, ahead, priors):
         load = load_fixed + weights * load_per_gb
         if now - node.unloaded_at.get(model, -1e9) < RECENT_UNLOAD_S:
             load *= PAGE_CACHE_DISCOUNT  # its weights are likely still in the OS page cache
-        budget = node.budget_bytes()
-        if budget and budget - node.memory_in_use() >= size_gb * GB * (1 + PRELOAD_HEADROOM):
-            load *= FREE_LOAD_SHARE  # no eviction: the load also serves the requests after this one
     else:
         ctx = loaded.get("context_length") or node.context_default(model)
         if needs_reload(call, ctx, node.context_default(model), node.load_options.get(model, {}),
@@ -1184,11 +1226,21 @@ def estimate(node, model, call, fleet, admit, ahead, priors):
     if "embed" not in call.endpoint:
         work += expected_output(call, fleet, model) * weights / decode_gbs
     service, slowdown = shared_run(node, model, work, wait + load + reload, now)
+    # Models running side by side take turns at the memory bandwidth, so both finish late. When
+    # it is sooner overall, wait in herd's queue for the node's other models to finish instead
+    # (late binding re-picks on every finished request, so the wait ends as soon as they do).
+    defer = False
+    others = [lease for other, leases in node.running.items() if other != model for lease in leases]
+    if admit and others and not load and not reload:
+        free_in = max(remaining_s(lease, now) for lease in others)
+        alone = work * sharing({model: counts.get(model, 0)}, model, extra=1)
+        if max(wait, free_in) + alone < wait + service + slowdown:
+            wait, service, slowdown, defer = max(wait, free_in), alone, 0.0, True
 
     eta = wait + load + reload + service
     risk = min(1.0, 0.25 * node.failures) * eta
     return {"wait": wait, "cold_load": load + reload, "reload": reload, "service": service,
-            "slowdown": slowdown, "eviction": eviction, "risk": risk, "eta": eta}
+            "slowdown": slowdown, "eviction": eviction, "risk": risk, "eta": eta, "defer": defer}
 
 
 def score_candidates(estimates):
@@ -1787,37 +1839,75 @@ PRELOAD_WINDOW_S = 60.0  # demand is counted over this window
 PRELOAD_MIN_REQUESTS = 3
 PRELOAD_FASTER_BY = 1.15  # the node must be this much faster than where the model is hot
 PRELOAD_HEADROOM = 0.15  # free memory beyond the model, for its context
+CALIBRATE_EVERY_S = 0.5
+CALIBRATE_RETRY_S = 60.0  # a node still unmeasured after a calibration is tried again after this
+CALIBRATION_TOKENS = 32
+CALIBRATION_PROMPT = ("herd is timing this machine so it can route requests to it well. "
+                      "Please answer with a short list of animals that live in the sea.") * 2
 
 
 class Warmer:
-    """Background thread: loads a model that traffic keeps asking for onto a faster node with
-    free memory (no eviction), so the next requests find it hot there. Ollama loads a model,
-    and does nothing else, on a /api/generate with no prompt."""
+    """Background thread with two jobs that keep routing informed ahead of traffic:
 
-    def __init__(self, fleet, settings):
+    - calibration: a node herd has no speed for yet gets one short generation (32 tokens) on
+      its smallest hot chat model while it is idle, so the first real requests are routed on a
+      measured speed rather than a guess;
+    - preloading: a model that traffic keeps asking for is loaded onto a faster node with free
+      memory (no eviction), so the next requests find it hot there. Ollama loads a model, and
+      does nothing else, on a /api/generate with no prompt."""
+
+    def __init__(self, fleet, settings, capabilities):
         self.fleet = fleet
         self.settings = settings
+        self.capabilities = capabilities
         self.session = control_session()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, name="herd-warmer", daemon=True)
 
     def run(self):
-        while not self.stop.wait(PRELOAD_EVERY_S):
-            if not self.settings.get("preload"):
+        next_preload = 0.0
+        while not self.stop.wait(CALIBRATE_EVERY_S):
+            plan = self.fleet.calibration_plan()
+            if plan is not None:
+                self.calibrate(*plan)
+            if time.monotonic() < next_preload:
                 continue
-            plan = self.fleet.preload_plan(PRELOAD_WINDOW_S, PRELOAD_MIN_REQUESTS, PRELOAD_FASTER_BY)
-            if plan is None:
-                continue
-            node_id, url, model = plan
-            log.info("preloading %s on %s: it is in demand and %s is faster with memory free",
-                     model, node_id, node_id)
+            next_preload = time.monotonic() + PRELOAD_EVERY_S
+            if self.settings.get("preload"):
+                self.preload()
+
+    def calibrate(self, node_id, url, hot):
+        """Time one short generation on the first chat model among `hot` ([(model, ctx)])."""
+        for model, ctx in hot:
+            caps = self.capabilities.get(model)
+            if caps is not None and "completion" not in caps:
+                continue  # an embedding model cannot generate
+            body = {"model": model, "prompt": CALIBRATION_PROMPT, "stream": False,
+                    "options": {"num_predict": CALIBRATION_TOKENS, "num_ctx": ctx}}  # its context: no reload
             try:
-                ok = self.session.post(url + "/api/generate", json={"model": model},
-                                       timeout=(POLL_TIMEOUT, 600)).status_code == 200
+                resp = self.session.post(url + "/api/generate", json=body, timeout=(POLL_TIMEOUT, 120))
+                timings = reply_timings(resp.content[-TAIL_BYTES:]) if resp.status_code == 200 else None
             except requests.RequestException as exc:
-                log.warning("preload of %s on %s failed: %s", model, node_id, exc)
-                ok = False
-            self.fleet.preloaded(node_id, model, ok)
+                log.debug("calibration of %s failed: %s", node_id, exc)
+                timings = None
+            if timings:
+                self.fleet.calibrated(node_id, model, timings)
+            return
+
+    def preload(self):
+        plan = self.fleet.preload_plan(PRELOAD_WINDOW_S, PRELOAD_MIN_REQUESTS, PRELOAD_FASTER_BY)
+        if plan is None:
+            return
+        node_id, url, model = plan
+        log.info("preloading %s on %s: it is in demand and %s is faster with memory free",
+                 model, node_id, node_id)
+        try:
+            ok = self.session.post(url + "/api/generate", json={"model": model},
+                                   timeout=(POLL_TIMEOUT, 600)).status_code == 200
+        except requests.RequestException as exc:
+            log.warning("preload of %s on %s failed: %s", model, node_id, exc)
+            ok = False
+        self.fleet.preloaded(node_id, model, ok)
 
 
 # -- context protection (SPEC §7) ------------------------------------------------------------
@@ -2197,7 +2287,7 @@ class Herd:
         self.capabilities = Capabilities(self.fleet)
         self.proxy = Proxy(self.fleet, self.traces, config, self.settings, self.pulls, self.capabilities)
         self.watchdog = Watchdog(self.proxy, self.fleet)
-        self.warmer = Warmer(self.fleet, self.settings)
+        self.warmer = Warmer(self.fleet, self.settings, self.capabilities)
         self.poller = NodePoller(self.fleet, config)
         self.advertiser = None
         self._ids = itertools.count(1)

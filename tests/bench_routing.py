@@ -194,11 +194,13 @@ def start_herd(nodes, data_dir):
         router_url=url, ollama_host=node.url, node_id=name, interval=0.5, num_parallel=FLEET[name][2],
         memory_gb=FLEET[name][0], context_length=CONTEXT.get(name))).start() for name, node in nodes.items()]
     deadline = time.monotonic() + 20
-    while json.loads(urllib3.request("GET", url + "/fleet/status").data)["fleet"]["nodes_online"] < len(nodes):
+    while True:  # every node online and calibrated (herd times each node once when it joins)
+        status = json.loads(urllib3.request("GET", url + "/fleet/status").data)
+        if sum(1 for n in status["nodes"] if n["status"] == "online" and n["decode_gbs"]) == len(nodes):
+            return proc, agents, url
         if time.monotonic() > deadline:
-            raise RuntimeError("herd did not see the fleet")
+            raise RuntimeError(f"herd did not see and calibrate the fleet: {status['nodes']}")
         time.sleep(0.1)
-    return proc, agents, url
 
 
 def replay(url, plan):
