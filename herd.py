@@ -63,7 +63,8 @@ DEFAULT_THREADS = 768
 CONTEXT_POLICIES = ("strip", "warn", "passthrough")
 
 # Settings a user may change at run time (dashboard API); persisted in the `settings` table.
-RUNTIME_SETTINGS = {"auto_pull": True, "vram_fallback": True, "context_protection": "strip", "preload": True}
+RUNTIME_SETTINGS = {"auto_pull": True, "vram_fallback": True, "context_protection": "strip", "preload": True,
+                    "calibrate": True}
 
 
 @dataclass
@@ -560,10 +561,12 @@ class Fleet:
         log.info("calibrated %s with %s: %.0f GB/s of weights per token", node_id, model, speed)
 
     def preload_plan(self, window_s, min_requests, faster_by):
-        """(node_id, url, model) to load ahead of demand, or None: a model asked for at least
-        `min_requests` times in the last `window_s` seconds, onto a node that is measurably faster
-        for it than every node where it is hot, has memory free for it without evicting anything,
-        and is not loading something else."""
+        """(node_id, url, model, why) to load ahead of demand, or None: a model asked for at least
+        `min_requests` times in the last `window_s` seconds, onto a measured node that has memory
+        free for it without evicting anything, is not loading something else, and is either
+        faster than every node where the model is hot or, keeping a quarter of its memory free,
+        a second home for a model that only one fast node holds (overflow and large contexts
+        then find it hot)."""
         now_mono, now = time.monotonic(), time.time()
         with self.lock:
             for model, times in self.demand.items():
@@ -571,16 +574,23 @@ class Fleet:
                     continue
                 online = [n for n in self.nodes.values() if n.status(now) == "online"]
                 hot = [n for n in online if model in n.loaded]
-                best_hot = max((measured_gbs(n) or 0 for n in hot), default=0)
-                for node in sorted(online, key=lambda n: -(measured_gbs(n) or 0)):
-                    speed = measured_gbs(node)
+                best_hot = max((node_speed(n) or 0 for n in hot), default=0)
+                for node in sorted(online, key=lambda n: -(node_speed(n) or 0)):
+                    speed = node_speed(node)
                     budget = node.budget_bytes()
                     if (model in node.loaded or model not in node.models or node.node_id in self.preloading
-                            or speed is None or speed < faster_by * best_hot or not budget
-                            or budget - node.memory_in_use() < model_size(node, model) * (1 + PRELOAD_HEADROOM)):
+                            or speed is None or not budget):
+                        continue
+                    free_after = budget - node.memory_in_use() - model_size(node, model) * (1 + PRELOAD_HEADROOM)
+                    # faster than where it is hot, or a second home on a roomy node for overflow
+                    rivals = sum(1 for n in hot if (node_speed(n) or 0) * faster_by >= speed)
+                    if free_after < 0 or (speed < faster_by * best_hot
+                                          and (rivals >= 2 or free_after < PRELOAD_SPARE * budget)):
                         continue
                     self.preloading.add(node.node_id)
-                    return node.node_id, node.url, model
+                    why = ("it is faster than where the model is hot" if speed >= faster_by * best_hot
+                           else "it has room to spare and the model has no other fast home")
+                    return node.node_id, node.url, model, why
         return None
 
     def preloaded(self, node_id, model, ok):
@@ -860,7 +870,8 @@ class Fleet:
                     "source": node.source, "hostname": node.hostname, "memory": node.memory,
                     "gpu": node.gpu, "cpu_percent": node.cpu_percent,
                     "num_parallel": node.num_parallel or self.config.parallel,
-                    "memory_budget_gb": node.memory_budget_gb, "ollama_version": node.ollama_version,
+                    "memory_budget_gb": node.memory_budget_gb, "default_context_length": node.default_context_length,
+                    "ollama_version": node.ollama_version,
                     "ollama_error": node.ollama_error, "models_available": sorted(node.models),
                     "models_loaded": [{"name": name, "size_vram": entry.get("size_vram", entry.get("size")),
                                        "context_length": entry.get("context_length"),
@@ -1102,13 +1113,6 @@ def mean_remaining_s(node, model, now):
         return 0.0
     mean_eta = node.eta_sum.get(model, 0.0) / n
     return max(0.1 * mean_eta, mean_eta - (now - node.start_sum.get(model, now * n) / n))
-
-
-def measured_gbs(node):
-    """The node's measured decode speed (GB/s), or None before it has served enough to tell:
-    from requests that ran alone there when it has three of those."""
-    clean = node.decode_gbs_alone if len(node.decode_gbs_alone) >= 3 else node.decode_gbs
-    return low_quartile(clean, None) if len(clean) >= 3 else None
 
 
 def node_speed(node):
@@ -1839,6 +1843,7 @@ PRELOAD_WINDOW_S = 60.0  # demand is counted over this window
 PRELOAD_MIN_REQUESTS = 3
 PRELOAD_FASTER_BY = 1.15  # the node must be this much faster than where the model is hot
 PRELOAD_HEADROOM = 0.15  # free memory beyond the model, for its context
+PRELOAD_SPARE = 0.25  # a second home for a model hot on one node only keeps this share of memory free
 CALIBRATE_EVERY_S = 0.5
 CALIBRATE_RETRY_S = 60.0  # a node still unmeasured after a calibration is tried again after this
 CALIBRATION_TOKENS = 32
@@ -1867,7 +1872,7 @@ class Warmer:
     def run(self):
         next_preload = 0.0
         while not self.stop.wait(CALIBRATE_EVERY_S):
-            plan = self.fleet.calibration_plan()
+            plan = self.fleet.calibration_plan() if self.settings.get("calibrate") else None
             if plan is not None:
                 self.calibrate(*plan)
             if time.monotonic() < next_preload:
@@ -1898,9 +1903,8 @@ class Warmer:
         plan = self.fleet.preload_plan(PRELOAD_WINDOW_S, PRELOAD_MIN_REQUESTS, PRELOAD_FASTER_BY)
         if plan is None:
             return
-        node_id, url, model = plan
-        log.info("preloading %s on %s: it is in demand and %s is faster with memory free",
-                 model, node_id, node_id)
+        node_id, url, model, why = plan
+        log.info("preloading %s on %s: it is in demand, and %s", model, node_id, why)
         try:
             ok = self.session.post(url + "/api/generate", json={"model": model},
                                    timeout=(POLL_TIMEOUT, 600)).status_code == 200

@@ -29,10 +29,13 @@ def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
 class Router:
     """A real herd router on a loopback port, served by Waitress in a thread."""
 
-    def __init__(self, config):
+    def __init__(self, config, calibrate=False):
         self.config = config
         self.app = herd.create_app(config)
         self.herd = self.app.herd
+        # Calibration sends its own generation to each new node: off unless a test is about it,
+        # so that tests can count what their fake nodes receive.
+        self.herd.change_settings({"calibrate": calibrate})
         self.server = herd.make_server(self.app, config)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -73,12 +76,12 @@ def make_fake():
 def make_router(tmp_path):
     routers = []
 
-    def make(nodes=(), **overrides):
+    def make(nodes=(), calibrate=False, **overrides):
         settings = dict(host="127.0.0.1", port=0, data_dir=tmp_path / f"data{len(routers)}",
                         nodes=[(name, url) for name, url in nodes], threads=64, mdns=False,
                         local=False, poll_interval=0.2)
         settings.update(overrides)
-        router = Router(herd.Config(**settings))
+        router = Router(herd.Config(**settings), calibrate)
         routers.append(router)
         if nodes:
             router.wait_online(len(nodes))

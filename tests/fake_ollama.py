@@ -53,6 +53,7 @@ class FakeOllama:
         self.stall_after_chunks = None  # (chunks, seconds): go silent mid-stream
         self.pull_steps = 3
         self.eval_duration_ns = 900  # what replies say generation took (herd learns speed from it)
+        self.gpu = True  # False: /api/ps says size_vram 0, as Ollama does for a model in system RAM
         self._failures = []  # statuses for the next inference requests
         self.lock = threading.Lock()
         self.active = {}  # model -> requests running now
@@ -102,7 +103,7 @@ class FakeOllama:
 
     def ps_entry(self, name):
         entry = self.tag_entry(name)
-        entry.update(expires_at="2099-01-01T00:00:00Z", size_vram=entry["size"],
+        entry.update(expires_at="2099-01-01T00:00:00Z", size_vram=entry["size"] if self.gpu else 0,
                      context_length=self.loaded[name])
         return entry
 

@@ -13,7 +13,9 @@ durations divided by `scale` so that runs stay short:
   of alone), m models running at once share the bandwidth (each at 1/m); prefill = 20x decode
   speed per token; embeddings cost prefill only.
 - /api/ps and /api/tags tell the truth; /sim/stats returns counters: loads (cold), reloads,
-  evictions, and reloads caused by a request whose num_ctx was at or below the loaded context.
+  evictions, reloads caused by a request whose num_ctx was at or below the loaded context, and
+  requests that started while another model was running.
+- gpu=False makes a CPU-only machine: /api/ps says size_vram 0, as Ollama does.
 
 Final Ollama chunks carry load_duration, prompt_eval_duration and eval_duration (real time, ns).
 """
@@ -63,7 +65,8 @@ class SimNode:
         self.cond = threading.Condition()
         self.instances = {}
         self.load_lock = threading.Lock()
-        self.stats = {"loads": 0, "reloads": 0, "evictions": 0, "needless_reloads": 0, "requests": 0}
+        self.stats = {"loads": 0, "reloads": 0, "evictions": 0, "needless_reloads": 0, "requests": 0,
+                      "side_by_side": 0}
         for model in loaded:
             name = full_name(model)
             self.instances[name] = Instance(name, default_ctx, self.footprint(name, default_ctx))
@@ -100,6 +103,7 @@ class SimNode:
                 inst = self.instances.get(name)
                 if inst is not None and inst.ctx == ctx and not inst.reloading:
                     if inst.running < self.num_parallel:
+                        self.note_side_by_side(inst)
                         inst.running += 1
                         inst.last_used = time.monotonic()
                         return 0.0
@@ -138,10 +142,16 @@ class SimNode:
             self.sleep(self.load_seconds(name))
         with self.cond:
             placeholder.reloading = False
+            self.note_side_by_side(placeholder)
             placeholder.running = 1
             placeholder.last_used = time.monotonic()
             self.cond.notify_all()
         return time.monotonic() - started
+
+    def note_side_by_side(self, inst):
+        """Count requests that start while another model runs here (both then run slower)."""
+        if any(other.running for other in self.instances.values() if other is not inst):
+            self.stats["side_by_side"] += 1
 
     def release(self, name):
         with self.cond:

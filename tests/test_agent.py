@@ -49,11 +49,13 @@ def node(router, node_id):
 def test_agent_reports_models_memory_and_loads(make_fake, make_router, make_agent):
     fake = make_fake(models={"llama3.2": 2.0, "qwen2.5:7b": 4.5})
     router = make_router()
-    make_agent(router_url=router.url, ollama_host=fake.url, node_id="studio", num_parallel=4, memory_gb=16)
+    make_agent(router_url=router.url, ollama_host=fake.url, node_id="studio", num_parallel=4, memory_gb=16,
+               context_length=32768)
     entry = wait_for(lambda: node(router, "studio"), what="node registered")
     assert entry["status"] == "online" and entry["ollama_url"] == fake.url  # same host: no LAN rewrite
     assert entry["models_available"] == ["llama3.2:latest", "qwen2.5:7b"]
     assert entry["num_parallel"] == 4 and entry["memory_budget_gb"] == 16
+    assert entry["default_context_length"] == 32768
     assert entry["memory"]["total_gb"] > 0 and entry["models_loaded"] == []
     fake.loaded["qwen2.5:7b"] = 8192  # someone ran it locally
     loaded = wait_for(lambda: node(router, "studio")["models_loaded"], what="load seen")

@@ -337,13 +337,14 @@ def test_auto_pull_off_gives_a_plain_404(make_fake, make_router):
 
 
 def test_settings_reject_unknown_keys_and_bad_values(make_router):
-    router = make_router()
+    router = make_router(calibrate=True)
     bad = requests.post(router.url + "/dashboard/api/settings", json={"colour": "red"})
     assert bad.status_code == 400 and "unknown setting" in bad.json()["error"]
     bad = requests.post(router.url + "/dashboard/api/settings", json={"context_protection": "always"})
     assert bad.status_code == 400
     assert requests.get(router.url + "/dashboard/api/settings").json() == {
-        "auto_pull": True, "vram_fallback": True, "context_protection": "strip", "preload": True}
+        "auto_pull": True, "vram_fallback": True, "context_protection": "strip", "preload": True,
+        "calibrate": True}
 
 
 def test_retry_after_a_fallback_attempt_sends_the_primary_name_again(make_fake, make_router):

@@ -204,4 +204,50 @@ def test_preload_setting_off_loads_nothing_ahead(make_fake, make_router):
     for model in ["qwen2.5:7b"] * 3 + ["llama3.2"] * 3:
         chat(router, dict(CHAT, model=model))
     time.sleep(2.5)
-    assert not any(path == "/api/generate" for path, _ in fast.received)
+    assert not any(path == "/api/generate" and "prompt" not in body for path, body in fast.received)
+
+
+def test_a_new_node_is_timed_once_on_its_smallest_chat_model(make_fake, make_router):
+    fake = make_fake(models={"nomic-embed-text": 0.3, "llama3.2": 2.0, "qwen2.5:7b": 4.0},
+                     loaded=["nomic-embed-text", "llama3.2", "qwen2.5:7b"], context_length=8192)
+    fake.eval_duration_ns = 10_000_000  # 5 tokens in 10 ms
+    router = make_router(nodes=[("a", fake.url)], calibrate=True)
+    speed = wait_for(lambda: router.status()["nodes"][0]["decode_gbs"], what="node timed")
+    assert abs(speed - 5 / 0.01 * 2.0) < 1  # tokens/s x GB of weights
+    time.sleep(1.5)  # three more rounds of the warmer: a timed node is not timed again
+    assert len(fake.received) == 1
+    path, body = fake.received[0]
+    assert path == "/api/generate" and body["model"] == "llama3.2:latest" and body["prompt"]
+    assert body["options"] == {"num_predict": 32, "num_ctx": 8192}  # the context it runs with: no reload
+
+
+def test_a_node_running_models_in_system_ram_is_not_tried_before_gpu_nodes(make_fake, make_router):
+    gpu = make_fake(loaded=["llama3.2"])
+    cpu = make_fake(loaded=["llama3.2"])
+    cpu.gpu = False  # /api/ps: size_vram 0, the model runs from system RAM
+    for fake in (gpu, cpu):
+        fake.eval_duration_ns = 10_000_000
+    router = make_router(nodes=[("gpu", gpu.url), ("cpu", cpu.url)])
+    assert [chat(router).headers["X-Herd-Node"] for _ in range(12)] == ["gpu"] * 12
+
+
+def test_a_request_waits_for_another_model_to_finish_rather_than_share_the_node(make_router):
+    from sim_ollama import SimNode
+
+    node = SimNode("gpu", memory_gb=24, bandwidth_gbs=400, models={"llama3.2": 2.0, "qwen2.5:7b": 2.0},
+                   loaded=["llama3.2", "qwen2.5:7b"], scale=1.0).start()  # 100 tokens: 0.5 s alone
+    try:
+        router = make_router(nodes=[("gpu", node.url)])
+        bodies = [{"model": model, "stream": False, "options": {"num_predict": 100},
+                   "messages": [{"role": "user", "content": "tell me a story"}]}
+                  for model in ("llama3.2", "qwen2.5:7b")]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(chat, router, bodies[0])
+            wait_for(lambda: node.instances["llama3.2:latest"].running, what="first request running")
+            second = pool.submit(chat, router, bodies[1])
+            assert first.result().status_code == 200 and second.result().status_code == 200
+        assert node.stats["side_by_side"] == 0  # sharing would have made both finish late
+        queued = dict(router.traces("SELECT model, queue_ms FROM request_traces"))
+        assert queued["qwen2.5:7b"] > 100
+    finally:
+        node.stop()
