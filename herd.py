@@ -593,10 +593,12 @@ class Fleet:
                     return node.node_id, node.url, model, why
         return None
 
-    def preloaded(self, node_id, model, ok):
+    def preloaded(self, node_id, model, ok, seconds):
         with self.lock:
             self.preloading.discard(node_id)
             node = self.nodes.get(node_id)
+            if ok and node is not None and seconds > HOT_LOAD_S:
+                remember(node.loads, (weights_gb(node, model), seconds))  # a load timed by herd itself
             if ok and node is not None and model not in node.loaded:
                 entry = node.models.get(model, {})
                 node.loaded[model] = {"name": model, "size": entry.get("size", 0), "learned": True,
@@ -1233,12 +1235,15 @@ def estimate(node, model, call, fleet, admit, ahead, priors):
     # Models running side by side take turns at the memory bandwidth, so both finish late. When
     # it is sooner overall, wait in herd's queue for the node's other models to finish instead
     # (late binding re-picks on every finished request, so the wait ends as soon as they do).
+    # A request defers for at most as long as it would take alone, so a steady stream of other
+    # models cannot hold it back for ever.
     defer = False
     others = [lease for other, leases in node.running.items() if other != model for lease in leases]
     if admit and others and not load and not reload:
         free_in = max(remaining_s(lease, now) for lease in others)
         alone = work * sharing({model: counts.get(model, 0)}, model, extra=1)
-        if max(wait, free_in) + alone < wait + service + slowdown:
+        waited = time.perf_counter() - call.started
+        if waited < alone and max(wait, free_in) + alone < wait + service + slowdown:
             wait, service, slowdown, defer = max(wait, free_in), alone, 0.0, True
 
     eta = wait + load + reload + service
@@ -1905,13 +1910,14 @@ class Warmer:
             return
         node_id, url, model, why = plan
         log.info("preloading %s on %s: it is in demand, and %s", model, node_id, why)
+        started = time.monotonic()
         try:
             ok = self.session.post(url + "/api/generate", json={"model": model},
                                    timeout=(POLL_TIMEOUT, 600)).status_code == 200
         except requests.RequestException as exc:
             log.warning("preload of %s on %s failed: %s", model, node_id, exc)
             ok = False
-        self.fleet.preloaded(node_id, model, ok)
+        self.fleet.preloaded(node_id, model, ok, time.monotonic() - started)
 
 
 # -- context protection (SPEC §7) ------------------------------------------------------------
