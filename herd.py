@@ -1843,13 +1843,12 @@ class Watchdog:
 
 # -- preloading: put a model in demand on a faster node that has room for it ----------------
 
-PRELOAD_EVERY_S = 2.0
+WARMER_EVERY_S = 0.5  # how often the warmer looks for a node to calibrate and a model to preload
 PRELOAD_WINDOW_S = 60.0  # demand is counted over this window
 PRELOAD_MIN_REQUESTS = 3
 PRELOAD_FASTER_BY = 1.15  # the node must be this much faster than where the model is hot
 PRELOAD_HEADROOM = 0.15  # free memory beyond the model, for its context
 PRELOAD_SPARE = 0.25  # a second home for a model hot on one node only keeps this share of memory free
-CALIBRATE_EVERY_S = 0.5
 CALIBRATE_RETRY_S = 60.0  # a node still unmeasured after a calibration is tried again after this
 CALIBRATION_TOKENS = 32
 CALIBRATION_PROMPT = ("herd is timing this machine so it can route requests to it well. "
@@ -1875,14 +1874,10 @@ class Warmer:
         self.thread = threading.Thread(target=self.run, name="herd-warmer", daemon=True)
 
     def run(self):
-        next_preload = 0.0
-        while not self.stop.wait(CALIBRATE_EVERY_S):
+        while not self.stop.wait(WARMER_EVERY_S):
             plan = self.fleet.calibration_plan() if self.settings.get("calibrate") else None
             if plan is not None:
                 self.calibrate(*plan)
-            if time.monotonic() < next_preload:
-                continue
-            next_preload = time.monotonic() + PRELOAD_EVERY_S
             if self.settings.get("preload"):
                 self.preload()
 
