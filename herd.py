@@ -541,8 +541,8 @@ class Fleet:
                     continue
                 node.calibrated_at = now_mono
                 hot = sorted(node.loaded.items(), key=lambda item: entry_bytes(item[1]))
-                return node.node_id, node.url, [(name, entry.get("context_length") or node.context_default(name))
-                                                for name, entry in hot]
+                contexts = [(name, entry.get("context_length") or node.context_default(name)) for name, entry in hot]
+                return node.node_id, node.url, contexts
         return None
 
     def calibrated(self, node_id, model, timings):
@@ -581,7 +581,8 @@ class Fleet:
                     if (model in node.loaded or model not in node.models or node.node_id in self.preloading
                             or speed is None or not budget):
                         continue
-                    free_after = budget - node.memory_in_use() - model_size(node, model) * (1 + PRELOAD_HEADROOM)
+                    need = model_size(node, model) * (1 + PRELOAD_HEADROOM)
+                    free_after = budget - node.memory_in_use() - need
                     # faster than where it is hot, or a second home on a roomy node for overflow
                     rivals = sum(1 for n in hot if (node_speed(n) or 0) * faster_by >= speed)
                     if free_after < 0 or (speed < faster_by * best_hot
@@ -704,7 +705,8 @@ class Fleet:
                     node.failures, node.failure_kind = 0, None
                     if lease.loaded_ctx is None and lease.model not in node.loaded:
                         entry = node.models.get(lease.model, {})
-                        node.loaded[lease.model] = {"name": lease.model, "size": entry.get("size", 0), "learned": True,
+                        node.loaded[lease.model] = {"name": lease.model, "size": entry.get("size", 0),
+                                                    "learned": True,
                                                     "context_length": sent_ctx or node.context_default(lease.model)}
             self._grant_waiters()
 
@@ -872,7 +874,8 @@ class Fleet:
                     "source": node.source, "hostname": node.hostname, "memory": node.memory,
                     "gpu": node.gpu, "cpu_percent": node.cpu_percent,
                     "num_parallel": node.num_parallel or self.config.parallel,
-                    "memory_budget_gb": node.memory_budget_gb, "default_context_length": node.default_context_length,
+                    "memory_budget_gb": node.memory_budget_gb,
+                    "default_context_length": node.default_context_length,
                     "ollama_version": node.ollama_version,
                     "ollama_error": node.ollama_error, "models_available": sorted(node.models),
                     "models_loaded": [{"name": name, "size_vram": entry.get("size_vram", entry.get("size")),
