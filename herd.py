@@ -530,8 +530,8 @@ class Fleet:
         return None
 
     def calibration_plan(self):
-        """(node_id, url, [(model, context)] hot there, smallest first) for an online, idle node
-        herd has no decode speed for, at most once a CALIBRATE_RETRY_S per node; else None."""
+        """(node_id, url, [(model, options it runs with)] hot there, smallest first) for an online,
+        idle node herd has no decode speed for, at most once a CALIBRATE_RETRY_S per node; else None."""
         now_mono, now = time.monotonic(), time.time()
         with self.lock:
             for node in self.nodes.values():
@@ -540,9 +540,13 @@ class Fleet:
                         or now_mono - node.calibrated_at < CALIBRATE_RETRY_S):
                     continue
                 node.calibrated_at = now_mono
-                hot = sorted(node.loaded.items(), key=lambda item: entry_bytes(item[1]))
-                contexts = [(name, entry.get("context_length") or node.context_default(name)) for name, entry in hot]
-                return node.node_id, node.url, contexts
+                # only models whose running context /api/ps reports: any other context would reload them
+                hot = sorted((item for item in node.loaded.items() if item[1].get("context_length")),
+                             key=lambda item: entry_bytes(item[1]))
+                options = [(name, dict({k: v for k, v in node.load_options.get(name, {}).items()
+                                        if k in RELOAD_OPTIONS and v is not None},
+                                       num_ctx=entry["context_length"])) for name, entry in hot]
+                return node.node_id, node.url, options
         return None
 
     def calibrated(self, node_id, model, timings):
@@ -1885,13 +1889,14 @@ class Warmer:
                 self.preload()
 
     def calibrate(self, node_id, url, hot):
-        """Time one short generation on the first chat model among `hot` ([(model, ctx)])."""
-        for model, ctx in hot:
+        """Time one short generation on the first chat model among `hot` ([(model, the options it
+        runs with)]), sent with those options so that Ollama does not reload it."""
+        for model, options in hot:
             caps = self.capabilities.get(model)
             if caps is not None and "completion" not in caps:
                 continue  # an embedding model cannot generate
             body = {"model": model, "prompt": CALIBRATION_PROMPT, "stream": False,
-                    "options": {"num_predict": CALIBRATION_TOKENS, "num_ctx": ctx}}  # its context: no reload
+                    "options": dict(options, num_predict=CALIBRATION_TOKENS)}
             try:
                 resp = self.session.post(url + "/api/generate", json=body, timeout=(POLL_TIMEOUT, 120))
                 timings = reply_timings(resp.content[-TAIL_BYTES:]) if resp.status_code == 200 else None
