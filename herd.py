@@ -1852,7 +1852,7 @@ class Watchdog:
 
 WARMER_EVERY_S = 0.5  # how often the warmer looks for a node to calibrate and a model to preload
 PRELOAD_WINDOW_S = 60.0  # demand is counted over this window
-PRELOAD_MIN_REQUESTS = 3
+PRELOAD_MIN_REQUESTS = 2
 PRELOAD_FASTER_BY = 1.15  # the node must be this much faster than where the model is hot
 PRELOAD_HEADROOM = 0.15  # free memory beyond the model, for its context
 PRELOAD_SPARE = 0.25  # a second home for a model hot on one node only keeps this share of memory free
