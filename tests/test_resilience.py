@@ -279,7 +279,8 @@ def test_openai_requests_prefer_nodes_running_the_default_context(make_fake, mak
     default = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], context_length=4096)
     router = make_router(nodes=[("custom", custom.url), ("default", default.url)])
     assert {ctx_request(router, api="openai").headers["X-Herd-Node"] for _ in range(8)} == {"default"}
-    assert {ctx_request(router, None).headers["X-Herd-Node"] for _ in range(8)} == {"custom", "default"}
+    # native requests run on either (herd sends the running context); equal nodes share at random
+    assert {ctx_request(router, None).headers["X-Herd-Node"] for _ in range(24)} == {"custom", "default"}
 
 
 def test_warn_and_passthrough_leave_num_ctx_alone(make_fake, make_router):
