@@ -54,6 +54,7 @@ class FakeOllama:
         self.pull_steps = 3
         self.eval_duration_ns = 900  # what replies say generation took (herd learns speed from it)
         self.gpu = True  # False: /api/ps says size_vram 0, as Ollama does for a model in system RAM
+        self.reports_context = True  # False: /api/ps has no context_length, as older Ollama
         self._failures = []  # statuses for the next inference requests
         self.lock = threading.Lock()
         self.active = {}  # model -> requests running now
@@ -103,8 +104,9 @@ class FakeOllama:
 
     def ps_entry(self, name):
         entry = self.tag_entry(name)
-        entry.update(expires_at="2099-01-01T00:00:00Z", size_vram=entry["size"] if self.gpu else 0,
-                     context_length=self.loaded[name])
+        entry.update(expires_at="2099-01-01T00:00:00Z", size_vram=entry["size"] if self.gpu else 0)
+        if self.reports_context:
+            entry["context_length"] = self.loaded[name]
         return entry
 
     def begin(self, model):

@@ -221,6 +221,14 @@ def test_a_new_node_is_timed_once_on_its_smallest_chat_model(make_fake, make_rou
     assert body["options"] == {"num_predict": 32, "num_ctx": 8192}  # the context it runs with: no reload
 
 
+def test_a_model_whose_running_context_is_unknown_is_never_timed(make_fake, make_router):
+    fake = make_fake(loaded=["llama3.2"], context_length=8192)
+    fake.reports_context = False  # an older Ollama: a guessed num_ctx could reload the model
+    router = make_router(nodes=[("a", fake.url)], calibrate=True)
+    time.sleep(1.5)  # three rounds of the warmer
+    assert fake.received == [] and router.status()["nodes"][0]["decode_gbs"] is None
+
+
 def test_a_node_running_models_in_system_ram_is_not_tried_before_gpu_nodes(make_fake, make_router):
     gpu = make_fake(loaded=["llama3.2"])
     cpu = make_fake(loaded=["llama3.2"])
