@@ -381,6 +381,7 @@ class Waiter:
     call: Call
     models: list
     enqueued: float
+    deferred: bool = False  # waiting by choice while a slot is free (see Scoring: deferring)
     event: threading.Event = field(default_factory=threading.Event)
     lease: Lease | None = None
 
@@ -472,13 +473,17 @@ class Fleet:
                         node.failures, reason)
 
     def tick(self):
-        """Called a few times a second: hand slots to waiters when a node's rest has ended."""
+        """Called a few times a second: hand slots to waiters when a node's rest has ended, and
+        decide again for waiters that chose to wait (a deferral is bounded in time, and the
+        requests it waits for may run much longer than herd expected)."""
         now = time.time()
         with self.lock:
-            if self.waiters and any(0 < n.cooldown_until <= now for n in self.nodes.values()):
-                for node in self.nodes.values():
-                    if 0 < node.cooldown_until <= now:
-                        node.cooldown_until = 0.0
+            if not self.waiters:
+                return
+            rested = [n for n in self.nodes.values() if 0 < n.cooldown_until <= now]
+            for node in rested:
+                node.cooldown_until = 0.0
+            if rested or any(waiter.deferred for waiter in self.waiters):
                 self._grant_waiters()
 
     def reconcile(self, counts):
@@ -670,7 +675,7 @@ class Fleet:
             if len(self.waiters) >= self.config.max_queue:
                 raise RoutingError(503, f"herd's queue is full ({self.config.max_queue} requests "
                                    "waiting); retry shortly or add nodes", "queue_full", retry_after=5)
-            waiter = Waiter(call=call, models=models, enqueued=time.perf_counter())
+            waiter = Waiter(call=call, models=models, enqueued=time.perf_counter(), deferred=wait == "defer")
             self.waiters.append(waiter)
         while not waiter.event.wait(min(CLIENT_CHECK_S, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline or call.client_gone():
@@ -779,7 +784,7 @@ class Fleet:
                            f"`ollama pull {call.model}` on a node", "model_not_found")
 
     def _pick(self, call, models, admit=True, ahead=None):
-        """(best slot, None) or (None, why to wait: 'busy' | 'failing').
+        """(best slot, None) or (None, why to wait: 'busy' | 'defer' | 'failing').
 
         Every healthy node with the model is scored by its expected completion time, busy ones
         included (with the wait for a slot). When the best is busy the request waits for it
@@ -808,8 +813,10 @@ class Fleet:
                 log.debug("request %s %s -> %s; %s", call.request_id, model, node.node_id, "; ".join(
                     f"{n.node_id} eta {e['eta']:.2f} s (" + " ".join(f"{k} {v:.2f}" for k, v in e.items()
                                                           if v and k != "eta") + ")" for n, e in estimates))
-            if admit and (node.in_flight_by_model.get(model, 0) >= self.capacity(node) or chosen["defer"]):
+            if admit and node.in_flight_by_model.get(model, 0) >= self.capacity(node):
                 return None, "busy"  # the best node is busy: wait for it rather than settle
+            if admit and chosen["defer"]:
+                return None, "defer"  # the best is to let the node's other models finish first
             loaded = node.loaded.get(model)
             return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
                          breakdown=breakdown, held=admit, eta_s=eta, cold=chosen["cold_load"] > 0,
@@ -840,9 +847,10 @@ class Fleet:
         ahead = {}  # model -> waiters still queued before the one being looked at
         full = set()
         for waiter in list(self.waiters):
-            lease = None
+            lease, wait = None, "busy"
             if not all(model in full for model in waiter.models):
-                lease, _ = self._pick(waiter.call, waiter.models, ahead=ahead)
+                lease, wait = self._pick(waiter.call, waiter.models, ahead=ahead)
+            waiter.deferred = wait == "defer"
             if lease is not None:
                 self._hold(lease)
                 waiter.lease = lease

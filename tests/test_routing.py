@@ -259,3 +259,26 @@ def test_a_request_waits_for_another_model_to_finish_rather_than_share_the_node(
         assert queued["qwen2.5:7b"] > 100
     finally:
         node.stop()
+
+
+def test_a_deferred_request_stops_waiting_when_the_other_model_runs_long(make_router):
+    from sim_ollama import SimNode
+
+    node = SimNode("gpu", memory_gb=24, bandwidth_gbs=400, models={"llama3.2": 2.0, "qwen2.5:7b": 2.0},
+                   loaded=["llama3.2", "qwen2.5:7b"], scale=1.0).start()
+    try:
+        router = make_router(nodes=[("gpu", node.url)], poll_interval=30)  # no report re-decides either
+        # herd expects the long reply to be ~500 tokens (twice a usual reply); it runs to 2400 (12 s)
+        long, short = ({"model": model, "stream": False, "options": {"num_predict": tokens},
+                        "messages": [{"role": "user", "content": "tell me a story"}]}
+                       for model, tokens in (("llama3.2", 2400), ("qwen2.5:7b", 300)))
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        first = pool.submit(chat, router, long)
+        wait_for(lambda: node.instances["llama3.2:latest"].running, what="long request running")
+        assert chat(router, short).status_code == 200  # deferred for a while, then run beside it
+        assert not first.done()
+        queued = router.traces("SELECT queue_ms FROM request_traces WHERE model = 'qwen2.5:7b'")
+        assert queued[0][0] > 0 and node.stats["side_by_side"] == 1
+        pool.shutdown(wait=False)  # the long one ends when the router stops
+    finally:
+        node.stop()
