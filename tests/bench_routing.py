@@ -296,9 +296,13 @@ def main():
     parser.add_argument("--routers", nargs="+", default=["herd", "round-robin", "least-connections"])
     parser.add_argument("--slowest", type=int, default=0, help="list herd's N slowest requests")
     parser.add_argument("--rate", type=float, default=RATE, help="arrivals per simulated second")
+    parser.add_argument("--studio-context", type=int, default=CONTEXT["studio"],
+                        help="studio's default context (4096: every machine at Ollama's old default)")
     args = parser.parse_args()
+    CONTEXT["studio"] = args.studio_context
     print(f"simulated fleet: {', '.join(f'{n} ({v[0]} GB, {v[1]} GB/s, {v[2]} slots)' for n, v in FLEET.items())}")
-    print(f"workload: Poisson {args.rate}/s for {DURATION_S:g} s, time scale {SCALE:g}x; times in simulated seconds")
+    print(f"workload: Poisson {args.rate}/s for {DURATION_S:g} s, time scale {SCALE:g}x; times in simulated seconds; "
+          f"studio's default context {args.studio_context}")
     all_ok = True
     for seed in args.seeds:
         plan = workload(seed, args.rate)
