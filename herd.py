@@ -1197,7 +1197,7 @@ def expected_output(call, fleet, model):
 
 def estimate(node, model, call, fleet, admit, ahead, priors):
     """Seconds this request would spend on `node`, by cause (see the table above). `priors`
-    (decode GB/s, load s/GB) stand in for what the node has not measured yet."""
+    (decode GB/s, (load fixed s, load s per GB)) stand in for what the node has not measured yet."""
     size_gb = max(model_size(node, model) / GB, 0.05)  # memory it takes
     weights = weights_gb(node, model)
     now = time.monotonic()
@@ -1249,7 +1249,7 @@ def estimate(node, model, call, fleet, admit, ahead, priors):
     service, slowdown = shared_run(node, model, work, wait + load + reload, now)
     # Models running side by side take turns at the memory bandwidth, so both finish late. When
     # it is sooner overall, wait in herd's queue for the node's other models to finish instead
-    # (late binding re-picks on every finished request, so the wait ends as soon as they do).
+    # (the choice is made again whenever a request ends and a few times a second).
     # A request defers for at most as long as it would take alone, so a steady stream of other
     # models cannot hold it back for ever.
     defer = False
