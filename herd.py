@@ -316,12 +316,11 @@ class Node:
         return sum(entry_bytes(entry) for entry in self.loaded.values())
 
     def gpu_share(self):
-        """The share of its loaded models' bytes Ollama holds in VRAM; None with nothing loaded."""
-        sizes = [(entry.get("size") or 0, entry.get("size_vram")) for entry in self.loaded.values()]
-        total = sum(size for size, vram in sizes if vram is not None)
-        if not total:
-            return None
-        return min(1.0, sum(vram for size, vram in sizes if vram is not None) / total)
+        """The share of its loaded models' bytes Ollama holds in VRAM; None when /api/ps has not
+        said (nothing loaded, or only models herd noted loading itself)."""
+        reported = [entry for entry in self.loaded.values() if entry.get("size_vram") is not None]
+        total = sum(entry.get("size") or 0 for entry in reported)
+        return min(1.0, sum(entry["size_vram"] for entry in reported) / total) if total else None
 
     def context_default(self, model):
         return self.default_ctx.get(model) or self.default_context_length or DEFAULT_NUM_CTX
@@ -558,16 +557,12 @@ class Fleet:
         """Fold a calibration's timings into the node's speeds (a clean sample when it ran alone)."""
         with self.lock:
             node = self.nodes.get(node_id)
-            if node is None or not timings.get("eval_count") or not timings.get("eval_s"):
+            if node is None:
                 return
-            size_gb = weights_gb(node, model)
-            speed = timings["eval_count"] / timings["eval_s"] * size_gb
-            if not node.in_flight:
-                remember(node.decode_gbs_alone, speed)
-            remember(node.decode_gbs, speed)
-            if (timings.get("prompt_count") or 0) >= 32 and timings.get("prompt_s"):
-                remember(node.prefill_gbs, timings["prompt_count"] / timings["prompt_s"] * size_gb)
-        log.info("calibrated %s with %s: %.0f GB/s of weights per token", node_id, model, speed)
+            speed = self._remember_speeds(node, weights_gb(node, model), timings, shared=1.0,
+                                          alone=not node.in_flight)
+        if speed is not None:
+            log.info("calibrated %s with %s: %.0f GB/s of weights per token", node_id, model, speed)
 
     def preload_plan(self, window_s, min_requests, faster_by):
         """(node_id, url, model, why) to load ahead of demand, or None: a model asked for at least
@@ -733,18 +728,28 @@ class Fleet:
         model = lease.model
         size_gb = weights_gb(node, model)
         # undo the sharing it ran under: the mean of what it met at its start and at its end
-        shared = math.sqrt(lease.shared_at_start * sharing(node.in_flight_by_model, model))
-        if timings.get("eval_count") and timings.get("eval_s"):
-            speed = timings["eval_count"] / timings["eval_s"] * size_gb
-            if lease.shared_at_start == 1 and sharing(node.in_flight_by_model, model) == 1:
-                remember(node.decode_gbs_alone, speed)  # ran alone from start to end: a clean sample
-            remember(node.decode_gbs, speed * shared)
-        if timings.get("prompt_count") and timings.get("prompt_s") and timings["prompt_count"] >= 32:
-            remember(node.prefill_gbs, timings["prompt_count"] / timings["prompt_s"] * size_gb * shared)
+        at_end = sharing(node.in_flight_by_model, model)
+        self._remember_speeds(node, size_gb, timings, shared=math.sqrt(lease.shared_at_start * at_end),
+                              alone=lease.shared_at_start == 1 and at_end == 1)
         if lease.cold and (timings.get("load_s") or 0) > HOT_LOAD_S:
             remember(node.loads, (size_gb, timings["load_s"]))
         if timings.get("eval_count"):
             remember(self.output_tokens.setdefault(model, []), timings["eval_count"])
+
+    @staticmethod
+    def _remember_speeds(node, size_gb, timings, shared, alone):
+        """Decode and prefill GB/s from one reply's timings, corrected by the `shared` slowdown it
+        ran under; a reply that ran `alone` from start to end is also a clean decode sample.
+        Returns the decode speed as measured, or None when the reply had no eval timings."""
+        speed = None
+        if timings.get("eval_count") and timings.get("eval_s"):
+            speed = timings["eval_count"] / timings["eval_s"] * size_gb
+            if alone:
+                remember(node.decode_gbs_alone, speed)
+            remember(node.decode_gbs, speed * shared)
+        if (timings.get("prompt_count") or 0) >= 32 and timings.get("prompt_s"):
+            remember(node.prefill_gbs, timings["prompt_count"] / timings["prompt_s"] * size_gb * shared)
+        return speed
 
     def _eligible(self, node, model, now):
         """'ok' (may serve now), 'failing' (has the model but is resting or unreachable), or None."""
@@ -1162,11 +1167,12 @@ def low_quartile(samples, prior):
 
 
 def fleet_priors(fleet):
-    """(decode GB/s, (load fixed s, load s/GB)) to assume for a node not measured yet: the median
-    measured node."""
-    known = sorted(costs for costs in (load_costs(n.loads) for n in fleet.nodes.values()) if costs)
-    middle = (max(c[0] for c in known), max(c[1] for c in known)) if known else None
-    return (fleet_prior(fleet, "decode_gbs", PRIOR_DECODE_GBS), middle or (LOAD_FIXED_S, PRIOR_LOAD_S_PER_GB))
+    """(decode GB/s, (load fixed s, load s/GB)) to assume for a node not measured yet: the slowest
+    measured node (a guess that is too fast sends it requests a known node would serve sooner)."""
+    known = [costs for costs in (load_costs(n.loads) for n in fleet.nodes.values()) if costs]
+    slowest_load = (max(c[0] for c in known), max(c[1] for c in known)) if known else None
+    return (fleet_prior(fleet, "decode_gbs", PRIOR_DECODE_GBS),
+            slowest_load or (LOAD_FIXED_S, PRIOR_LOAD_S_PER_GB))
 
 
 def offload_prior(node, gpu_gbs):
@@ -1179,7 +1185,7 @@ def offload_prior(node, gpu_gbs):
 
 
 def fleet_prior(fleet, attribute, prior):
-    """Before a node is measured, assume it is like the median measured node."""
+    """Before a node is measured, assume it is like the slowest measured node."""
     known = [low_quartile(getattr(n, attribute), prior) for n in fleet.nodes.values() if getattr(n, attribute)]
     return min(known) if known else prior
 
@@ -1201,8 +1207,7 @@ def estimate(node, model, call, fleet, admit, ahead, priors):
     size_gb = max(model_size(node, model) / GB, 0.05)  # memory it takes
     weights = weights_gb(node, model)
     now = time.monotonic()
-    clean = node.decode_gbs_alone if len(node.decode_gbs_alone) >= 3 else node.decode_gbs
-    decode_gbs = low_quartile(clean, offload_prior(node, priors[0]))
+    decode_gbs = node_speed(node) or offload_prior(node, priors[0])
     prefill_gbs = low_quartile(node.prefill_gbs, decode_gbs * PRIOR_PREFILL_RATIO)
     load_fixed, load_per_gb = load_costs(node.loads) or priors[1]
     counts = node.in_flight_by_model
@@ -1856,7 +1861,7 @@ class Watchdog:
             self.suspect = counts if counts != self.fleet.in_flight_counts() else None
 
 
-# -- preloading: put a model in demand on a faster node that has room for it ----------------
+# -- warming: time new nodes, put a model in demand on a node that has room for it ----------
 
 WARMER_EVERY_S = 0.5  # how often the warmer looks for a node to calibrate and a model to preload
 PRELOAD_WINDOW_S = 60.0  # demand is counted over this window

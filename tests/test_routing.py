@@ -5,6 +5,7 @@ import concurrent.futures
 import json
 import time
 
+import pytest
 import requests
 
 from conftest import wait_for
@@ -239,46 +240,44 @@ def test_a_node_running_models_in_system_ram_is_not_tried_before_gpu_nodes(make_
     assert [chat(router).headers["X-Herd-Node"] for _ in range(12)] == ["gpu"] * 12
 
 
-def test_a_request_waits_for_another_model_to_finish_rather_than_share_the_node(make_router):
-    from sim_ollama import SimNode
-
-    node = SimNode("gpu", memory_gb=24, bandwidth_gbs=400, models={"llama3.2": 2.0, "qwen2.5:7b": 2.0},
-                   loaded=["llama3.2", "qwen2.5:7b"], scale=1.0).start()  # 100 tokens: 0.5 s alone
-    try:
-        router = make_router(nodes=[("gpu", node.url)])
-        bodies = [{"model": model, "stream": False, "options": {"num_predict": 100},
-                   "messages": [{"role": "user", "content": "tell me a story"}]}
-                  for model in ("llama3.2", "qwen2.5:7b")]
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            first = pool.submit(chat, router, bodies[0])
-            wait_for(lambda: node.instances["llama3.2:latest"].running, what="first request running")
-            second = pool.submit(chat, router, bodies[1])
-            assert first.result().status_code == 200 and second.result().status_code == 200
-        assert node.stats["side_by_side"] == 0  # sharing would have made both finish late
-        queued = dict(router.traces("SELECT model, queue_ms FROM request_traces"))
-        assert queued["qwen2.5:7b"] > 100
-    finally:
-        node.stop()
-
-
-def test_a_deferred_request_stops_waiting_when_the_other_model_runs_long(make_router):
+@pytest.fixture
+def two_model_node():
+    """A simulated GPU node (400 GB/s) with two 2 GB models hot: 100 tokens take 0.5 s alone."""
     from sim_ollama import SimNode
 
     node = SimNode("gpu", memory_gb=24, bandwidth_gbs=400, models={"llama3.2": 2.0, "qwen2.5:7b": 2.0},
                    loaded=["llama3.2", "qwen2.5:7b"], scale=1.0).start()
-    try:
-        router = make_router(nodes=[("gpu", node.url)], poll_interval=30)  # no report re-decides either
-        # herd expects the long reply to be ~500 tokens (twice a usual reply); it runs to 2400 (12 s)
-        long, short = ({"model": model, "stream": False, "options": {"num_predict": tokens},
-                        "messages": [{"role": "user", "content": "tell me a story"}]}
-                       for model, tokens in (("llama3.2", 2400), ("qwen2.5:7b", 300)))
-        pool = concurrent.futures.ThreadPoolExecutor(1)
-        first = pool.submit(chat, router, long)
-        wait_for(lambda: node.instances["llama3.2:latest"].running, what="long request running")
-        assert chat(router, short).status_code == 200  # deferred for a while, then run beside it
-        assert not first.done()
-        queued = router.traces("SELECT queue_ms FROM request_traces WHERE model = 'qwen2.5:7b'")
-        assert queued[0][0] > 0 and node.stats["side_by_side"] == 1
-        pool.shutdown(wait=False)  # the long one ends when the router stops
-    finally:
-        node.stop()
+    yield node
+    node.stop()
+
+
+def story(model, tokens):
+    return {"model": model, "stream": False, "options": {"num_predict": tokens},
+            "messages": [{"role": "user", "content": "tell me a story"}]}
+
+
+def test_a_request_waits_for_another_model_to_finish_rather_than_share_the_node(make_router, two_model_node):
+    node = two_model_node
+    router = make_router(nodes=[("gpu", node.url)])
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(chat, router, story("llama3.2", 100))
+        wait_for(lambda: node.instances["llama3.2:latest"].running, what="first request running")
+        second = pool.submit(chat, router, story("qwen2.5:7b", 100))
+        assert first.result().status_code == 200 and second.result().status_code == 200
+    assert node.stats["side_by_side"] == 0  # sharing would have made both finish late
+    queued = dict(router.traces("SELECT model, queue_ms FROM request_traces"))
+    assert queued["qwen2.5:7b"] > 100
+
+
+def test_a_deferred_request_stops_waiting_when_the_other_model_runs_long(make_router, two_model_node):
+    node = two_model_node
+    router = make_router(nodes=[("gpu", node.url)], poll_interval=30)  # no report re-decides either
+    # herd expects the long reply to be ~500 tokens (twice a usual reply); it runs to 2400 (12 s)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    first = pool.submit(chat, router, story("llama3.2", 2400))
+    wait_for(lambda: node.instances["llama3.2:latest"].running, what="long request running")
+    assert chat(router, story("qwen2.5:7b", 300)).status_code == 200  # deferred for a while, then beside it
+    assert not first.done()
+    queued = router.traces("SELECT queue_ms FROM request_traces WHERE model = 'qwen2.5:7b'")
+    assert queued[0][0] > 0 and node.stats["side_by_side"] == 1
+    pool.shutdown(wait=False)  # the long one ends when the router stops
