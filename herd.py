@@ -19,6 +19,7 @@ Sections, in the order a request travels:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -255,8 +256,9 @@ SPEED_WINDOW = 32  # recent samples kept per node for each speed estimate
 # request after a rest probes it. A good heartbeat ends the rest of a node that was unreachable.
 COOLDOWN_FIRST_S = 1.0
 COOLDOWN_MAX_S = 60.0
-# Ollama's documented default context; a node's own default is learned when herd loads a model
-# without num_ctx, or reported by the agent (OLLAMA_CONTEXT_LENGTH).
+# Ollama's old default context, when nothing better is known. A node's own default (recent Ollama
+# picks 4k, 32k or 256k by VRAM; OLLAMA_CONTEXT_LENGTH overrides it) is reported by the agent when
+# it can read it, else seen: a model served or loaded without num_ctx runs with it in /api/ps.
 DEFAULT_NUM_CTX = 4096
 # Options whose change makes Ollama unload and reload a model (NOTES-STACK: Ollama).
 RELOAD_OPTIONS = ("num_gpu", "num_batch", "num_thread", "use_mmap")
@@ -285,7 +287,8 @@ class Node:
     loaded: dict = field(default_factory=dict)  # name -> /api/ps entry
     unloaded_at: dict = field(default_factory=dict)  # name -> time it left memory
     load_options: dict = field(default_factory=dict)  # name -> reload options herd loaded it with
-    default_ctx: dict = field(default_factory=dict)  # name -> context it gets without num_ctx
+    default_ctx: dict = field(default_factory=dict)  # name -> context it gets without num_ctx (seen)
+    context_probe: set = field(default_factory=set)  # models just served without num_ctx
     last_seen: float = 0.0  # time.time() of the last good report
     in_flight: int = 0
     in_flight_by_model: dict = field(default_factory=dict)
@@ -323,7 +326,24 @@ class Node:
         return min(1.0, sum(entry["size_vram"] for entry in reported) / total) if total else None
 
     def context_default(self, model):
-        return self.default_ctx.get(model) or self.default_context_length or DEFAULT_NUM_CTX
+        """The context `model` gets here when a request leaves num_ctx out: seen for this model,
+        else reported by the agent, else a guess: the larger of the largest seen for another model
+        (Ollama caps a default at the context a model was trained for, so an embedding model can
+        show less) and the context most models in this node's /api/ps run with (the default,
+        unless clients loaded them with their own)."""
+        seen = max(self.default_ctx.values(), default=0)
+        common = most_common(e.get("context_length") for e in self.loaded.values() if not e.get("learned")) or 0
+        return self.default_ctx.get(model) or self.default_context_length or max(seen, common) or DEFAULT_NUM_CTX
+
+    def default_known(self, model):
+        """Is context_default(model) more than a guess?"""
+        return model in self.default_ctx or self.default_context_length is not None
+
+
+def most_common(values):
+    """The most frequent of `values` (the largest on a tie), or None when there are none."""
+    counts = collections.Counter(v for v in values if v)
+    return max(counts, key=lambda v: (counts[v], v)) if counts else None
 
 
 def entry_bytes(entry):
@@ -369,6 +389,7 @@ class Lease:
     loaded_ctx: int | None = None  # context the model runs with there; None when cold
     cold: bool = False  # herd expected a load or a context reload
     default_ctx: int = DEFAULT_NUM_CTX
+    pin_ctx: bool = False  # the running context is reported but the default is a guess: send num_ctx
     load_options: dict = field(default_factory=dict)
     queued_ms: float = 0.0
     held: bool = True  # False for reads that take no slot
@@ -436,10 +457,14 @@ class Fleet:
                         node.load_options.pop(name, None)
                     else:
                         loaded[name] = node.loaded[name]
-                for name, entry in loaded.items():  # a model herd loaded without num_ctx shows the default
+                for name, entry in loaded.items():  # a model herd loaded or served without num_ctx shows the default
                     sent = node.load_options.get(name)
-                    if sent is not None and sent.get("num_ctx") is None and entry.get("context_length"):
+                    probed = name in node.context_probe and not node.in_flight_by_model.get(name)
+                    if ((probed or (sent is not None and sent.get("num_ctx") is None))
+                            and entry.get("context_length") and not entry.get("learned")):
                         node.default_ctx[name] = entry["context_length"]
+                    if probed:
+                        node.context_probe.discard(name)
                 node.loaded = loaded
                 if node.failure_kind == "unreachable":  # it answers again: end its rest now
                     node.failures, node.failure_kind, node.cooldown_until = 0, None, 0.0
@@ -707,6 +732,10 @@ class Fleet:
                 node.in_flight_by_model[lease.model] = node.in_flight_by_model.get(lease.model, 1) - 1
                 if served:
                     node.failures, node.failure_kind = 0, None
+                    if sent_ctx is None:  # it ran with the default: the next report shows it
+                        node.context_probe.add(lease.model)
+                    else:
+                        node.context_probe.discard(lease.model)
                     if lease.loaded_ctx is None and lease.model not in node.loaded:
                         entry = node.models.get(lease.model, {})
                         node.loaded[lease.model] = {"name": lease.model, "size": entry.get("size", 0),
@@ -828,6 +857,8 @@ class Fleet:
                          loaded_ctx=(loaded.get("context_length") or node.context_default(model))
                          if loaded is not None else None,
                          default_ctx=node.context_default(model),
+                         pin_ctx=bool(loaded and loaded.get("context_length") and not loaded.get("learned"))
+                         and not node.default_known(model),
                          load_options=dict(node.load_options.get(model, {}))), None
         return None, "failing" if failing else "busy"
 
@@ -892,7 +923,9 @@ class Fleet:
                     "gpu": node.gpu, "cpu_percent": node.cpu_percent,
                     "num_parallel": node.num_parallel or self.config.parallel,
                     "memory_budget_gb": node.memory_budget_gb,
-                    "default_context_length": node.default_context_length,
+                    "default_context_length": node.context_default(None),
+                    "default_context": ("reported" if node.default_context_length else "seen" if node.default_ctx
+                                        else "guessed"),
                     "ollama_version": node.ollama_version,
                     "ollama_error": node.ollama_error, "models_available": sorted(node.models),
                     "models_loaded": [{"name": name, "size_vram": entry.get("size_vram", entry.get("size")),
@@ -1973,7 +2006,7 @@ def protect_context(call, lease, policy):
     changes = []
     if asked is not None and asked > loaded:
         changes.append(f"num_ctx {asked} > loaded {loaded}: passed through (reload)")
-    elif asked is not None and loaded == default:
+    elif asked is not None and loaded == default and not lease.pin_ctx:
         del options["num_ctx"]
         changes.append(f"num_ctx {asked} stripped (loaded {loaded})")
     elif asked is not None and asked != loaded:
@@ -1982,6 +2015,8 @@ def protect_context(call, lease, policy):
     elif asked is None and loaded != default:
         options["num_ctx"] = loaded
         changes.append(f"num_ctx set to loaded {loaded}")
+    elif asked is None and lease.pin_ctx:
+        options["num_ctx"] = loaded  # the node's default is a guess: name what runs (not a change)
     for key in RELOAD_OPTIONS:
         if options.get(key) != lease.load_options.get(key):
             if key in lease.load_options:
@@ -1989,18 +2024,18 @@ def protect_context(call, lease, policy):
                 options[key] = lease.load_options[key]
             else:
                 changes.append(f"{key} {options.pop(key)} stripped")
-    if not changes:
-        return
     if policy == "warn":
-        log.warning("request %s would reload %s on %s: %s", call.request_id, lease.model, lease.node_id,
-                    "; ".join(changes))
-        call.note({"context": "warn: " + "; ".join(changes)})
+        if changes:
+            log.warning("request %s would reload %s on %s: %s", call.request_id, lease.model, lease.node_id,
+                        "; ".join(changes))
+            call.note({"context": "warn: " + "; ".join(changes)})
         return
     if options != original:
         call.body["options"] = options
         call.edited = True
-    log.info("request %s to %s on %s: %s", call.request_id, lease.model, lease.node_id, "; ".join(changes))
-    call.note({"context": "; ".join(changes)})
+    if changes:
+        log.info("request %s to %s on %s: %s", call.request_id, lease.model, lease.node_id, "; ".join(changes))
+        call.note({"context": "; ".join(changes)})
 
 
 # -- VRAM-aware fallback ---------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
     python tests/bench_routing.py                 # seeds 1 2 3, about 5 minutes
     python tests/bench_routing.py --seeds 4 --routers herd least-connections
+    python tests/bench_routing.py --routers herd-agentless    # herd without herd-node, 2 minutes
 
 A simulated fleet (tests/sim_ollama.py) of four unequal machines replays the same seeded,
 open-loop workload (Poisson arrivals; small and large chats, embeddings; streaming and not; both
 APIs; a few large num_ctx) through three routers:
 
-1. herd (its own process, fed by herd-node agents that report each simulated machine);
+1. herd (its own process, fed by herd-node agents that report each simulated machine, told its
+   memory and slots but not its default context, which herd sees in /api/ps);
 2. round-robin over the nodes that have the model (what nginx gives a home lab);
 3. least-connections over the nodes that have the model.
 
@@ -56,8 +58,8 @@ FLEET = {
     "mini": (16, 50, 1, 1.0, SMALL, ["llama3.2:3b"]),  # a CPU-only mini PC: DDR5 bandwidth
     "laptop": (64, 400, 1, 2.0, list(MODELS), ["llama3.1:8b", "nomic-embed-text:latest"]),
 }
-# the big machine's owner raised Ollama's default context (OLLAMA_CONTEXT_LENGTH; recent Ollama
-# picks a large one itself on machines with 48 GB or more); the others run with 4096
+# the big machine runs with a larger default context (recent Ollama picks one by VRAM, or its owner
+# set OLLAMA_CONTEXT_LENGTH); its agent is not told: herd sees it in /api/ps. The others run 4096.
 CONTEXT = {"studio": 32768}
 # model, share of requests, prompt tokens (range), output tokens (range)
 MIX = [("llama3.2:3b", 0.32, (100, 1500), (50, 250)), ("qwen2.5:7b", 0.22, (100, 1500), (80, 300)),
@@ -183,16 +185,20 @@ def start_fleet():
     return nodes
 
 
-def start_herd(nodes, data_dir):
+def start_herd(nodes, data_dir, agents=True):
+    """herd in its own process, fed by a herd-node agent per machine, or (agents=False) polling
+    each node itself as `--node` (no memory size, slots or default context: what it sees in /api/ps)."""
     port = free_port()
+    nodes_args = [] if agents else [arg for name, node in nodes.items() for arg in ("--node", f"{name}={node.url}")]
     proc = subprocess.Popen([sys.executable, str(ROOT / "herd.py"), "--host", "127.0.0.1", "--port", str(port),
                              "--no-mdns", "--no-local", "--data-dir", str(data_dir), "--log-level", HERD_LOG_LEVEL,
-                             "--queue-timeout", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--queue-timeout", "600", *nodes_args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/")
     agents = [herd_node.Agent(herd_node.AgentConfig(
         router_url=url, ollama_host=node.url, node_id=name, interval=0.5, num_parallel=FLEET[name][2],
-        memory_gb=FLEET[name][0], context_length=CONTEXT.get(name))).start() for name, node in nodes.items()]
+        memory_gb=FLEET[name][0])).start() for name, node in nodes.items()] if agents else []
     deadline = time.monotonic() + 20
     while True:  # every node online and calibrated (herd times each node once when it joins)
         status = json.loads(urllib3.request("GET", url + "/fleet/status").data)
@@ -245,8 +251,8 @@ def run(router, plan, data_dir):
     nodes = start_fleet()
     proc, agents, proxy = None, [], None
     try:
-        if router == "herd":
-            proc, agents, url = start_herd(nodes, data_dir)
+        if router.startswith("herd"):
+            proc, agents, url = start_herd(nodes, data_dir, agents=router == "herd")
         else:
             proxy = BaselineProxy({n: (node.url, set(node.models)) for n, node in nodes.items()}, router)
             url = proxy.url
@@ -293,7 +299,9 @@ def summary(results, stats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--routers", nargs="+", default=["herd", "round-robin", "least-connections"])
+    parser.add_argument("--routers", nargs="+", default=["herd", "round-robin", "least-connections"],
+                        choices=["herd", "herd-agentless", "round-robin", "least-connections"],
+                        help="herd-agentless: herd polling the nodes itself, without herd-node")
     parser.add_argument("--slowest", type=int, default=0, help="list herd's N slowest requests")
     parser.add_argument("--rate", type=float, default=RATE, help="arrivals per simulated second")
     parser.add_argument("--studio-context", type=int, default=CONTEXT["studio"],

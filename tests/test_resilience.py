@@ -18,6 +18,10 @@ def events(router):
             router.traces("SELECT events FROM request_traces ORDER BY timestamp")]
 
 
+def node_status(router, node_id):
+    return next(n for n in router.status()["nodes"] if n["node_id"] == node_id)
+
+
 def raw_stream_request(router, body, path="/api/chat"):
     """Open a streaming request on a bare socket, so the test can hang up whenever it likes."""
     sock = socket.create_connection(("127.0.0.1", int(router.url.rsplit(":", 1)[1])))
@@ -243,11 +247,35 @@ def ctx_request(router, num_ctx=None, api="ollama"):
 def test_num_ctx_at_or_below_the_loaded_default_context_is_stripped(make_fake, make_router):
     fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], context_length=4096)
     router = make_router(nodes=[("a", fake.url)])
+    # before herd has seen the node's default, it sends the context the model runs with
+    assert ctx_request(router, 2048).status_code == 200 and fake.received[-1][1]["options"]["num_ctx"] == 4096
+    assert ctx_request(router, None).status_code == 200 and fake.received[-1][1]["options"]["num_ctx"] == 4096
+    assert node_status(router, "a")["default_context"] == "guessed"
+    # a /v1 request runs with the default, so the next /api/ps shows it
+    assert ctx_request(router, api="openai").status_code == 200
+    wait_for(lambda: node_status(router, "a")["default_context"] == "seen", what="the default seen")
     for asked in (2048, 4096):
         assert ctx_request(router, asked).status_code == 200
         options = fake.received[-1][1]["options"]
         assert "num_ctx" not in options and options["temperature"] == 0.2
-    assert all("stripped" in ev[0]["context"] for ev in events(router))
+        assert "stripped" in events(router)[-1][0]["context"]
+
+
+def test_a_node_running_every_model_at_a_large_context_keeps_its_openai_traffic(make_fake, make_router):
+    # recent Ollama loads models with 32k or 256k on a machine with lots of VRAM, unless told otherwise
+    studio = make_fake(models={"llama3.2": 2.0, "qwen2.5:7b": 4.7, "nomic-embed-text": 0.3},
+                       loaded=["llama3.2", "qwen2.5:7b", "nomic-embed-text"], context_length=32768)
+    studio.loaded["nomic-embed-text:latest"] = 2048  # Ollama caps the default at what it was trained for
+    small = make_fake(models={"llama3.2": 2.0})  # would have to load it
+    router = make_router(nodes=[("studio", studio.url), ("small", small.url)])
+    assert node_status(router, "studio")["default_context_length"] == 32768
+    # a /v1 embedding runs with the default, so /api/ps shows the embedding model's own (capped) one
+    assert requests.post(router.url + "/v1/embeddings", json={"model": "nomic-embed-text", "input": "hi"},
+                         timeout=10).status_code == 200
+    wait_for(lambda: node_status(router, "studio")["default_context"] == "seen", what="a default seen")
+    assert node_status(router, "studio")["default_context_length"] == 32768
+    assert {ctx_request(router, api="openai").headers["X-Herd-Node"] for _ in range(6)} == {"studio"}
+    assert small.received == []
 
 
 def test_num_ctx_below_a_non_default_loaded_context_is_raised_to_it(make_fake, make_router):
@@ -275,9 +303,12 @@ def test_num_ctx_above_prefers_a_node_loaded_with_enough_else_passes_through(mak
 
 
 def test_openai_requests_prefer_nodes_running_the_default_context(make_fake, make_router):
-    custom = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], context_length=8192)
+    custom = make_fake(models={"llama3.2": 2.0, "qwen2.5:7b": 4.7, "phi3": 2.2},
+                       loaded=["llama3.2", "qwen2.5:7b", "phi3"], context_length=4096)
+    custom.loaded["llama3.2:latest"] = 8192  # a client loaded it with num_ctx 8192
     default = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], context_length=4096)
     router = make_router(nodes=[("custom", custom.url), ("default", default.url)])
+    assert node_status(router, "custom")["default_context_length"] == 4096  # what most models run with
     assert {ctx_request(router, api="openai").headers["X-Herd-Node"] for _ in range(8)} == {"default"}
     # native requests run on either (herd sends the running context); equal nodes share at random
     assert {ctx_request(router, None).headers["X-Herd-Node"] for _ in range(24)} == {"custom", "default"}
