@@ -14,8 +14,9 @@ could choose, and prints what each request takes:
   rtx is the only fast idle node, and one of the two has to share it or wait for the other.
 
 The best choice at each moment leaves one request over 2.8 s, so the 8th slowest is at least
-that: p95 / lower bound >= 1.68 for any online router (an offline one could have held the 32B
-back for a 7B it knew was coming).
+that: p95 / lower bound >= 1.69 for any router that cannot see arrivals coming. The 32B at t=54.3
+found studio idle with it hot; anywhere else it would have loaded first (7.6 s or more, and on rtx
+evicting every small model). A router that knew the 7B was coming could have held the 32B back.
 """
 
 from __future__ import annotations
