@@ -335,6 +335,12 @@ class Node:
         common = most_common(e.get("context_length") for e in self.loaded.values() if not e.get("learned")) or 0
         return self.default_ctx.get(model) or self.default_context_length or max(seen, common) or DEFAULT_NUM_CTX
 
+    def note_loaded(self, model, context_length):
+        """herd loaded `model` here itself: count it hot until the next report says how it runs."""
+        entry = self.models.get(model, {})
+        self.loaded[model] = {"name": model, "size": entry.get("size", 0), "learned": True,
+                              "context_length": context_length}
+
     def default_known(self, model):
         """Is context_default(model) more than a guess?"""
         return model in self.default_ctx or self.default_context_length is not None
@@ -630,9 +636,7 @@ class Fleet:
             if ok and node is not None and seconds > HOT_LOAD_S:
                 remember(node.loads, (weights_gb(node, model), seconds))  # a load timed by herd itself
             if ok and node is not None and model not in node.loaded:
-                entry = node.models.get(model, {})
-                node.loaded[model] = {"name": model, "size": entry.get("size", 0), "learned": True,
-                                      "context_length": node.context_default(model)}
+                node.note_loaded(model, node.context_default(model))
                 node.load_options[model] = {"num_ctx": None}
                 self._grant_waiters()
 
@@ -737,10 +741,7 @@ class Fleet:
                     else:
                         node.context_probe.discard(lease.model)
                     if lease.loaded_ctx is None and lease.model not in node.loaded:
-                        entry = node.models.get(lease.model, {})
-                        node.loaded[lease.model] = {"name": lease.model, "size": entry.get("size", 0),
-                                                    "learned": True,
-                                                    "context_length": sent_ctx or node.context_default(lease.model)}
+                        node.note_loaded(lease.model, sent_ctx or node.context_default(lease.model))
             self._grant_waiters()
 
     def remember_load(self, lease, options, sent_ctx):
@@ -852,11 +853,11 @@ class Fleet:
             if admit and chosen["defer"]:
                 return None, "defer"  # the best is to let the node's other models finish first
             loaded = node.loaded.get(model)
+            default_ctx = node.context_default(model)
             return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
                          breakdown=breakdown, held=admit, eta_s=eta, cold=chosen["cold_load"] > 0,
-                         loaded_ctx=(loaded.get("context_length") or node.context_default(model))
-                         if loaded is not None else None,
-                         default_ctx=node.context_default(model),
+                         loaded_ctx=(loaded.get("context_length") or default_ctx) if loaded is not None else None,
+                         default_ctx=default_ctx,
                          pin_ctx=bool(loaded and loaded.get("context_length") and not loaded.get("learned"))
                          and not node.default_known(model),
                          load_options=dict(node.load_options.get(model, {}))), None
@@ -1253,8 +1254,9 @@ def estimate(node, model, call, fleet, admit, ahead, priors):
         if now - node.unloaded_at.get(model, -1e9) < RECENT_UNLOAD_S:
             load *= PAGE_CACHE_DISCOUNT  # its weights are likely still in the OS page cache
     else:
-        ctx = loaded.get("context_length") or node.context_default(model)
-        if needs_reload(call, ctx, node.context_default(model), node.load_options.get(model, {}),
+        default_ctx = node.context_default(model)
+        ctx = loaded.get("context_length") or default_ctx
+        if needs_reload(call, ctx, default_ctx, node.load_options.get(model, {}),
                         fleet.context_policy):
             drain = max((remaining_s(lease, now) for lease in mine), default=0.0)
             reload = drain + load_fixed + weights * load_per_gb
