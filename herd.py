@@ -2,23 +2,27 @@
 
 Clients talk to herd on port 11435 exactly as they would talk to Ollama (``/api/chat``,
 ``/api/generate``, ``/api/embed``, ...) or to OpenAI (``/v1/chat/completions``, ...). For every
-request herd picks the best node: the one with the model hot in memory, headroom, a short queue
-and a good latency record. It never sends a node more concurrent requests for a model than the node
-runs in parallel; the rest wait here, oldest first. A node that fails before the first byte is
-retried on the next-best one. Every decision is written to SQLite.
+request herd picks the node that will finish it soonest: the model hot in memory, headroom, a
+short queue, a good speed record. It never sends a node more concurrent requests for a model than
+the node runs in parallel; the rest wait here, oldest first. A node that fails before the first
+byte is retried on the next-best one. Every decision is written to SQLite.
 
 Run it:      python herd.py --node http://gpu-box:11434 --node mac=http://mac-studio:11434
              (or run ``herd-node`` beside each Ollama and let it find the router over mDNS)
 Data:        ~/.fleet-manager (``--data-dir`` / FLEET_DATA_DIR): latency.db (traces, settings),
              logs/herd.jsonl (one JSON object a line).
 
-Sections, in the order a request travels:
-    settings -> helpers -> fleet state (with the admission queue) -> node polling and discovery
-    -> scoring -> proxying -> resilience -> trace store -> HTTP routes -> server -> command line
+Sections, in the order a request meets them:
+    settings -> helpers (names, errors, Ollama's replies) -> the door (a request as herd reads it)
+    -> nodes -> context rules -> scoring -> warming plans -> the fleet (one object, one lock,
+    the admission queue) -> node polling and discovery -> VRAM fallback -> auto-pull -> watchdog
+    -> proxying (one Exchange per request, from the door to its trace row) -> warmer -> trace store
+    -> Herd (one router) -> HTTP routes -> server -> command line
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import itertools
@@ -55,12 +59,8 @@ log = logging.getLogger("herd")
 # Settings
 # =============================================================================================
 
-DEFAULT_PORT = 11435
 DEFAULT_DATA_DIR = Path.home() / ".fleet-manager"
 LOCAL_OLLAMA = "http://localhost:11434"
-# Waitress gives each request (stream included) one thread for its whole life: size the pool for
-# hundreds of concurrent streams plus the admission queue (NOTES-STACK: Waitress).
-DEFAULT_THREADS = 768
 CONTEXT_POLICIES = ("strip", "warn", "passthrough")
 
 # Settings a user may change at run time (dashboard API); persisted in the `settings` table.
@@ -70,13 +70,16 @@ RUNTIME_SETTINGS = {"auto_pull": True, "vram_fallback": True, "context_protectio
 
 @dataclass
 class Config:
-    """Everything the router needs to start; built by the CLI or directly by tests."""
+    """Everything the router needs to start; built by the CLI (whose defaults are these) or
+    directly by tests."""
 
     host: str = "0.0.0.0"
-    port: int = DEFAULT_PORT
+    port: int = 11435
     data_dir: Path = DEFAULT_DATA_DIR
     nodes: list = field(default_factory=list)  # [(name, url)] polled by the router itself
-    threads: int = DEFAULT_THREADS
+    # Waitress gives each request (stream included) one thread for its whole life: room for
+    # hundreds of concurrent streams plus the admission queue.
+    threads: int = 768
     api_key: str | None = None
     parallel: int = 1  # slots per model on nodes that do not report num_parallel (Ollama's default)
     mdns: bool = True
@@ -96,8 +99,13 @@ class Config:
 
 
 # =============================================================================================
-# Helpers: model names, request shapes, errors in each API's own shape
+# Helpers: model names, herd's own calls to nodes, errors in each API's shape, Ollama's replies
 # =============================================================================================
+
+GB = 1024 ** 3
+MB = 1024 * 1024
+NODE_CALL_TIMEOUT = 3.0  # herd's own short calls to a node (polls, /api/show): a healthy one answers at once
+
 
 def normalize_model(name):
     """`llama3.2` and `llama3.2:latest` are one model: give every name an explicit tag."""
@@ -116,6 +124,14 @@ def control_session():
     return session
 
 
+def is_loopback(address):
+    return address in ("127.0.0.1", "::1", "localhost") or (address or "").startswith("127.")
+
+
+def api_of(path):
+    return "openai" if path.startswith("/v1/") else "ollama"
+
+
 class HerdError(Exception):
     """An error with a status and a message meant for the client."""
 
@@ -125,6 +141,10 @@ class HerdError(Exception):
         self.message = message
         self.code = code
         self.retry_after = retry_after
+
+
+class RoutingError(HerdError):
+    """No node can take the request now (or ever): the status and message say which."""
 
 
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -154,6 +174,64 @@ def stream_error_chunk(api, message):
     return json.dumps({"error": message, "done": True}).encode() + b"\n"
 
 
+# -- what a reply says: Ollama reports counts and durations at the end of every reply ----------
+
+TAIL_BYTES = 2048  # the end of a reply, kept to read token counts and the done marker
+REPLY_FIELD = re.compile(rb'"(prompt_eval_count|eval_count|prompt_tokens|completion_tokens|load_duration|'
+                         rb'prompt_eval_duration|eval_duration)"\s*:\s*(\d+)')
+
+
+@dataclass
+class ReplyStats:
+    """What the end of one reply says: token counts, and the node's own timings when it gave them
+    (native API) or chunk timing (OpenAI streams)."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    timings: dict | None = None  # eval_count, eval_s, prompt_count, prompt_s, load_s
+
+
+def read_reply(tail, ttft_ms=None, latency_ms=None):
+    """ReplyStats from the last bytes of a reply, in one pass over them."""
+    found = {key: int(value) for key, value in REPLY_FIELD.findall(tail)}
+    prompt = found.get(b"prompt_eval_count") or found.get(b"prompt_tokens")
+    completion = found.get(b"eval_count") or found.get(b"completion_tokens")
+    timings = None
+    if b"eval_duration" in found or b"prompt_eval_duration" in found:
+        timings = {"eval_count": found.get(b"eval_count"), "eval_s": found.get(b"eval_duration", 0) / 1e9,
+                   "prompt_count": found.get(b"prompt_eval_count"),
+                   "prompt_s": found.get(b"prompt_eval_duration", 0) / 1e9,
+                   "load_s": found.get(b"load_duration", 0) / 1e9}
+    elif found.get(b"completion_tokens") and ttft_ms is not None and latency_ms and latency_ms > ttft_ms:
+        timings = {"eval_count": found[b"completion_tokens"], "eval_s": (latency_ms - ttft_ms) / 1000}
+    return ReplyStats(prompt, completion, timings)
+
+
+def upstream_message(data):
+    """The error text a node sent, whatever its shape."""
+    try:
+        parsed = json.loads(data)
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        if isinstance(error, dict):
+            return str(error.get("message") or error)
+        if error:
+            return str(error)
+    except ValueError:
+        pass
+    return data[:300].decode("utf-8", "replace").strip() or "no body"
+
+
+# =============================================================================================
+# The door: a client request as herd reads it, parsed once
+# =============================================================================================
+
+STREAMING_DEFAULT = {"/api/chat": True, "/api/generate": True}  # Ollama streams unless told not to
+
+
+def never():
+    return False
+
+
 @dataclass
 class Call:
     """One client request as herd understands it, parsed once at the door."""
@@ -174,7 +252,7 @@ class Call:
     edited: bool = False  # body must be re-serialised before forwarding
     pin: str | None = None  # a node chosen by the client (X-Herd-Node) for model management
     method: str = "POST"
-    client_gone: object = lambda: False  # Waitress tells when the client has left
+    client_gone: object = never  # Waitress tells when the client has left
     substitute: str | None = None  # a loaded model of the same kind, when nothing can load `model`
     events: list = field(default_factory=list)  # what herd did: retries, strips, fallbacks (traced)
 
@@ -185,8 +263,9 @@ class Call:
     def note(self, event):
         self.events.append(event)
 
-
-STREAMING_DEFAULT = {"/api/chat": True, "/api/generate": True}  # Ollama streams unless told not to
+    def options(self):
+        options = self.body.get("options")
+        return options if isinstance(options, dict) else {}
 
 
 def prompt_size(body):
@@ -244,25 +323,129 @@ def parse_call(api, endpoint, raw, headers, client_ip, request_id):
                 prompt_chars=prompt_size(body), asked_name=model, edited=edited)
 
 
+HEARTBEAT_REQUIRED = ("node_id", "ollama_url", "ollama")
+
+
+def parse_heartbeat(raw):
+    """Check a heartbeat body (see herd_node.py for its fields); raises HerdError(400) naming what is wrong."""
+    try:
+        beat = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise HerdError(400, "heartbeat body is not valid JSON", "invalid_json") from None
+    if not isinstance(beat, dict):
+        raise HerdError(400, "heartbeat body must be a JSON object", "invalid_heartbeat")
+    missing = [key for key in HEARTBEAT_REQUIRED if not beat.get(key)]
+    if missing:
+        raise HerdError(400, f"heartbeat is missing {', '.join(missing)}", "invalid_heartbeat")
+    if not isinstance(beat["node_id"], str):
+        raise HerdError(400, "heartbeat node_id must be a string", "invalid_heartbeat")
+    url = urlsplit(str(beat["ollama_url"]))
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise HerdError(400, f"heartbeat ollama_url must be an http(s) URL, got {beat['ollama_url']!r}",
+                        "invalid_heartbeat")
+    if not isinstance(beat["ollama"], dict):
+        raise HerdError(400, "heartbeat ollama must be an object", "invalid_heartbeat")
+    return beat
+
+
 # =============================================================================================
-# Fleet state: nodes, their models, in-flight counts. One object, one lock.
+# Nodes: what herd knows of each Ollama machine, and of the requests it runs there
 # =============================================================================================
 
 MISSED_INTERVALS_OFFLINE = 3  # a node that misses this many of its own intervals is offline
-RECENT_UNLOAD_S = 600.0  # a model unloaded this recently still counts as a little warm
-CLIENT_CHECK_S = 0.25  # how often a queued request checks that its client is still there
-SPEED_WINDOW = 32  # recent samples kept per node for each speed estimate
-# A failing node rests 1 s, then 2, 4, ... up to a minute while it keeps failing; the first
-# request after a rest probes it. A good heartbeat ends the rest of a node that was unreachable.
-COOLDOWN_FIRST_S = 1.0
-COOLDOWN_MAX_S = 60.0
 # Ollama's old default context, when nothing better is known. A node's own default (recent Ollama
 # picks 4k, 32k or 256k by VRAM; OLLAMA_CONTEXT_LENGTH overrides it) is reported by the agent when
 # it can read it, else seen: a model served or loaded without num_ctx runs with it in /api/ps.
 DEFAULT_NUM_CTX = 4096
-# Options whose change makes Ollama unload and reload a model (NOTES-STACK: Ollama).
+# Options whose change makes Ollama unload and reload a model (num_ctx aside, handled on its own).
 RELOAD_OPTIONS = ("num_gpu", "num_batch", "num_thread", "use_mmap")
-GB = 1024 ** 3
+RECENT_SAMPLES = 32  # recent samples kept per node for each speed, and per model for demand
+
+
+def keep_recent(samples, value):
+    """Append `value`, dropping the oldest beyond RECENT_SAMPLES."""
+    samples.append(value)
+    if len(samples) > RECENT_SAMPLES:
+        del samples[0]
+
+
+def entry_bytes(entry):
+    """Memory a /api/ps (or /api/tags) entry takes: in VRAM, or all of it when on the CPU."""
+    return entry.get("size_vram") or entry.get("size") or 0
+
+
+def most_common(values):
+    """The most frequent of `values` (the largest on a tie), or None when there are none."""
+    counts = collections.Counter(v for v in values if v)
+    return max(counts, key=lambda v: (counts[v], v)) if counts else None
+
+
+@dataclass(eq=False)
+class Lease:
+    """A granted slot: this request may run `model` on `node` until it releases the lease.
+    It carries what the node had loaded when it was chosen, for context protection, and the
+    decision that chose it, for the trace."""
+
+    node_id: str
+    url: str
+    model: str
+    score: float
+    breakdown: dict
+    eta_s: float = 0.0  # expected seconds from now until the reply is complete
+    started: float = 0.0  # time.monotonic() when the slot was taken
+    shared_at_start: float = 1.0  # sharing() it met when it started
+    loaded_ctx: int | None = None  # context the model runs with there; None when cold
+    cold: bool = False  # herd expected a load or a context reload
+    default_ctx: int = DEFAULT_NUM_CTX
+    pin_ctx: bool = False  # the running context is reported but the default is a guess: send num_ctx
+    load_options: dict = field(default_factory=dict)
+    queued_ms: float = 0.0
+    held: bool = True  # False for reads that take no slot
+    released: bool = False
+
+
+@dataclass
+class Running:
+    """The requests one node runs for one model now, kept so that scoring reads them in O(1)
+    however many there are."""
+
+    count: int = 0
+    eta_sum: float = 0.0
+    start_sum: float = 0.0
+    ends: list = field(default_factory=list)  # when each is expected to end (monotonic s), sorted
+
+    def add(self, lease):
+        self.count += 1
+        self.eta_sum += lease.eta_s
+        self.start_sum += lease.started
+        bisect.insort(self.ends, lease.started + lease.eta_s)
+
+    def remove(self, lease):
+        self.count -= 1
+        if self.count <= 0:  # start afresh rather than carry rounding errors
+            self.count, self.eta_sum, self.start_sum, self.ends = 0, 0.0, 0.0, []
+            return
+        self.eta_sum -= lease.eta_s
+        self.start_sum -= lease.started
+        index = bisect.bisect_left(self.ends, lease.started + lease.eta_s)
+        del self.ends[min(index, len(self.ends) - 1)]
+
+    def _least(self):
+        """A request running past its estimate still has a tenth of it to go (it is not done)."""
+        return 0.1 * self.eta_sum / self.count
+
+    def mean_remaining(self, now):
+        if self.count <= 0:
+            return 0.0
+        mean_eta = self.eta_sum / self.count
+        return max(0.1 * mean_eta, mean_eta - (now - self.start_sum / self.count))
+
+    def longest_remaining(self, now):
+        return max(self._least(), self.ends[-1] - now) if self.count > 0 else 0.0
+
+    def nth_remaining(self, n, now):
+        """Seconds until the n-th (from 0) of these requests is expected to end."""
+        return max(self._least(), self.ends[n] - now)
 
 
 @dataclass
@@ -285,20 +468,21 @@ class Node:
     ollama_error: str | None = None
     models: dict = field(default_factory=dict)  # name -> /api/tags entry
     loaded: dict = field(default_factory=dict)  # name -> /api/ps entry
-    unloaded_at: dict = field(default_factory=dict)  # name -> time it left memory
+    unloaded_at: dict = field(default_factory=dict)  # name -> time.monotonic() it left memory
     load_options: dict = field(default_factory=dict)  # name -> reload options herd loaded it with
     default_ctx: dict = field(default_factory=dict)  # name -> context it gets without num_ctx (seen)
     context_probe: set = field(default_factory=set)  # models just served without num_ctx
     last_seen: float = 0.0  # time.time() of the last good report
     in_flight: int = 0
-    in_flight_by_model: dict = field(default_factory=dict)
-    running: dict = field(default_factory=dict)  # model -> leases of the requests running there now
-    eta_sum: dict = field(default_factory=dict)  # model -> sum of those leases' eta_s
-    start_sum: dict = field(default_factory=dict)  # model -> sum of their start times
-    decode_gbs: list = field(default_factory=list)  # recent decode speed x model size (GB/s)
+    running: dict = field(default_factory=dict)  # model -> Running
+    # What herd measured here (see Scoring: learning): recent samples and what it routes on.
+    decode_gbs: list = field(default_factory=list)  # decode speed x model size (GB/s)
     decode_gbs_alone: list = field(default_factory=list)  # the same, from requests that ran alone
     prefill_gbs: list = field(default_factory=list)  # the same for prompt processing
     loads: list = field(default_factory=list)  # (GB, seconds) of recent model loads
+    decode_speed: float | None = None
+    prefill_speed: float | None = None
+    load_cost: tuple | None = None  # (fixed s, s per GB)
     calibrated_at: float = -1e9  # time.monotonic() of the last calibration sent
     failures: int = 0  # consecutive failed requests
     failure_kind: str | None = None  # unreachable | error
@@ -311,12 +495,25 @@ class Node:
         return "online" if self.reachable and now >= self.cooldown_until else "degraded"
 
     def budget_bytes(self):
-        if self.memory_budget_gb:
-            return self.memory_budget_gb * GB
-        return None
+        return self.memory_budget_gb * GB if self.memory_budget_gb else None
 
     def memory_in_use(self):
         return sum(entry_bytes(entry) for entry in self.loaded.values())
+
+    def model_bytes(self, model):
+        """Bytes a model needs here: its loaded size if loaded, else its size on disk."""
+        return entry_bytes(self.loaded.get(model) or self.models.get(model) or {})
+
+    def weights_gb(self, model):
+        """GB of weights: what a token streams through memory and a load reads from disk. The
+        /api/tags size, not the loaded one, which adds the context's KV cache."""
+        entry = self.models.get(model) or self.loaded.get(model) or {}
+        return max((entry.get("size") or self.model_bytes(model)) / GB, 0.05)
+
+    def fits(self, model):
+        """Can this node hold the model at all (evicting others if it must)?"""
+        budget = self.budget_bytes()
+        return budget is None or model in self.loaded or self.model_bytes(model) <= budget
 
     def gpu_share(self):
         """The share of its loaded models' bytes Ollama holds in VRAM; None when /api/ps has not
@@ -331,79 +528,89 @@ class Node:
         (Ollama caps a default at the context a model was trained for, so an embedding model can
         show less) and the context most models in this node's /api/ps run with (the default,
         unless clients loaded them with their own)."""
+        if model in self.default_ctx:
+            return self.default_ctx[model]
+        if self.default_context_length:
+            return self.default_context_length
         seen = max(self.default_ctx.values(), default=0)
         common = most_common(e.get("context_length") for e in self.loaded.values() if not e.get("learned")) or 0
-        return self.default_ctx.get(model) or self.default_context_length or max(seen, common) or DEFAULT_NUM_CTX
-
-    def note_loaded(self, model, context_length):
-        """herd loaded `model` here itself: count it hot until the next report says how it runs."""
-        entry = self.models.get(model, {})
-        self.loaded[model] = {"name": model, "size": entry.get("size", 0), "learned": True,
-                              "context_length": context_length}
+        return max(seen, common) or DEFAULT_NUM_CTX
 
     def default_known(self, model):
         """Is context_default(model) more than a guess?"""
         return model in self.default_ctx or self.default_context_length is not None
 
+    def note_loaded(self, model, context_length, options=None):
+        """herd loaded `model` here itself (a reply or a preload): count it hot with that context
+        (and those reload options, when given) until the next report says how it runs."""
+        entry = self.models.get(model, {})
+        self.loaded[model] = {"name": model, "size": entry.get("size", 0), "learned": True,
+                              "context_length": context_length}
+        if options is not None:
+            self.load_options[model] = options
 
-def most_common(values):
-    """The most frequent of `values` (the largest on a tie), or None when there are none."""
-    counts = collections.Counter(v for v in values if v)
-    return max(counts, key=lambda v: (counts[v], v)) if counts else None
+    # -- the requests running here --------------------------------------------------------------
 
+    def counts(self):
+        """{model: requests running} for the models running here now."""
+        return {model: group.count for model, group in self.running.items() if group.count}
 
-def entry_bytes(entry):
-    """Memory a /api/ps (or /api/tags) entry takes: in VRAM, or all of it when on the CPU."""
-    return entry.get("size_vram") or entry.get("size") or 0
+    def running_count(self, model):
+        group = self.running.get(model)
+        return group.count if group else 0
 
+    def hold(self, lease):
+        self.running.setdefault(lease.model, Running()).add(lease)
+        self.in_flight += 1
 
-def model_size(node, model):
-    """Bytes a model needs on a node: its loaded size if loaded, else its size on disk."""
-    return entry_bytes(node.loaded.get(model) or node.models.get(model) or {})
+    def drop(self, lease):
+        group = self.running.get(lease.model)
+        if group is not None and group.count:
+            group.remove(lease)
+            self.in_flight -= 1
 
+    # -- reports ------------------------------------------------------------------------------
 
-def weights_gb(node, model):
-    """GB of weights: what a token streams through memory and a load reads from disk. The /api/tags
-    size, not the loaded one, which adds the context's KV cache."""
-    entry = node.models.get(model) or node.loaded.get(model) or {}
-    return max((entry.get("size") or model_size(node, model)) / GB, 0.05)
-
-
-def fits(node, model):
-    """Can this node hold the model at all (evicting others if it must)?"""
-    budget = node.budget_bytes()
-    return budget is None or model in node.loaded or model_size(node, model) <= budget
-
-
-class RoutingError(HerdError):
-    pass
-
-
-@dataclass(eq=False)
-class Lease:
-    """A granted slot: this request may run `model` on `node` until it releases the lease.
-    It carries what the node had loaded when it was chosen, for context protection."""
-
-    node_id: str
-    url: str
-    model: str
-    score: float
-    breakdown: dict
-    eta_s: float = 0.0  # expected seconds from now until the reply is complete
-    started: float = 0.0  # time.monotonic() when the slot was taken
-    shared_at_start: float = 1.0  # sharing() it met when it started
-    loaded_ctx: int | None = None  # context the model runs with there; None when cold
-    cold: bool = False  # herd expected a load or a context reload
-    default_ctx: int = DEFAULT_NUM_CTX
-    pin_ctx: bool = False  # the running context is reported but the default is a guess: send num_ctx
-    load_options: dict = field(default_factory=dict)
-    queued_ms: float = 0.0
-    held: bool = True  # False for reads that take no slot
-    released: bool = False
+    def apply_report(self, data):
+        """Take in a heartbeat or a poll (the fields that were present). What herd's own traffic
+        knows better wins: a model herd is running here stays loaded whatever the report says."""
+        ollama = data.get("ollama") or {}
+        self.reachable = bool(ollama.get("reachable"))
+        self.ollama_version = ollama.get("version")
+        self.ollama_error = ollama.get("error")
+        for key in ("hostname", "memory", "gpu", "cpu_percent", "num_parallel", "memory_budget_gb",
+                    "default_context_length"):
+            if key in data:
+                setattr(self, key, data[key])
+        if not self.reachable:
+            return
+        self.models = {normalize_model(m.get("name") or m.get("model")): m
+                       for m in ollama.get("models") or () if m.get("name") or m.get("model")}
+        loaded = {normalize_model(m.get("name") or m.get("model")): m
+                  for m in ollama.get("loaded") or () if m.get("name") or m.get("model")}
+        for name in self.loaded.keys() - loaded.keys():
+            if self.running_count(name):
+                loaded[name] = self.loaded[name]
+            else:
+                self.unloaded_at[name] = time.monotonic()
+                self.load_options.pop(name, None)
+        for name, entry in loaded.items():  # a model herd loaded or served without num_ctx shows the default
+            sent = self.load_options.get(name)
+            probed = name in self.context_probe and not self.running_count(name)
+            if ((probed or (sent is not None and sent.get("num_ctx") is None))
+                    and entry.get("context_length") and not entry.get("learned")):
+                self.default_ctx[name] = entry["context_length"]
+            if probed:
+                self.context_probe.discard(name)
+        self.loaded = loaded
+        if self.failure_kind == "unreachable":  # it answers again: end its rest now
+            self.failures, self.failure_kind, self.cooldown_until = 0, None, 0.0
 
 
 @dataclass
 class Waiter:
+    """A request in the admission queue, waiting for a slot."""
+
     call: Call
     models: list
     enqueued: float
@@ -412,16 +619,656 @@ class Waiter:
     lease: Lease | None = None
 
 
+# =============================================================================================
+# Context rules: when a request makes Ollama reload a model, and how herd keeps it from doing so
+# =============================================================================================
+#
+# Ollama reloads a loaded model when a request's num_ctx (or num_gpu, num_batch, num_thread,
+# use_mmap) differs from what it runs with, and also when a request leaves num_ctx out while the
+# model runs with a context other than the node's default. /v1 requests cannot set options at
+# all. Under `strip` herd rewrites a native request so that it runs with what is loaded, unless it
+# needs a larger context; `warn` only logs; `passthrough` does nothing.
+
+def context_number(value):
+    """num_ctx as a whole number, whether the client wrote 8192 or 8192.0; None when absent."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    return None
+
+
+def sent_num_ctx(call):
+    return call.options().get("num_ctx")
+
+
+def needs_reload(call, loaded_ctx, default_ctx, load_options, policy):
+    """Would this request make Ollama reload a model that runs with `loaded_ctx`?"""
+    if call.api == "openai":  # /v1 cannot set options: it runs with the defaults
+        return loaded_ctx != default_ctx or any(load_options.get(k) is not None for k in RELOAD_OPTIONS)
+    options = call.options()
+    asked = context_number(options.get("num_ctx"))
+    if policy == "strip":  # herd rewrites whatever would reload, except a context that is too small
+        return asked is not None and asked > loaded_ctx
+    wanted = asked if asked is not None else default_ctx
+    return wanted != loaded_ctx or any(options.get(k) != load_options.get(k) for k in RELOAD_OPTIONS)
+
+
+def protect_context(call, lease, policy):
+    """Keep a native request from reloading the model it is sent to (strip), or say it would (warn).
+    Edits call.body and notes what it changed."""
+    if policy == "passthrough" or call.api == "openai" or lease.loaded_ctx is None:
+        return
+    original = call.options()
+    options = dict(original)
+    loaded, default = lease.loaded_ctx, lease.default_ctx
+    asked = context_number(options.get("num_ctx"))
+    changes = []
+    if asked is not None and asked > loaded:
+        changes.append(f"num_ctx {asked} > loaded {loaded}: passed through (reload)")
+    elif asked is not None and loaded == default and not lease.pin_ctx:
+        del options["num_ctx"]
+        changes.append(f"num_ctx {asked} stripped (loaded {loaded})")
+    elif asked is not None and asked != loaded:
+        options["num_ctx"] = loaded
+        changes.append(f"num_ctx {asked} -> {loaded} (loaded)")
+    elif asked is None and loaded != default:
+        options["num_ctx"] = loaded
+        changes.append(f"num_ctx set to loaded {loaded}")
+    elif asked is None and lease.pin_ctx:
+        options["num_ctx"] = loaded  # the node's default is a guess: name what runs (not a change)
+    for key in RELOAD_OPTIONS:
+        if options.get(key) != lease.load_options.get(key):
+            if key in lease.load_options:
+                changes.append(f"{key} {options.get(key)} -> {lease.load_options[key]} (loaded)")
+                options[key] = lease.load_options[key]
+            else:
+                changes.append(f"{key} {options.pop(key)} stripped")
+    if policy == "warn":
+        if changes:
+            log.warning("request %s would reload %s on %s: %s", call.request_id, lease.model, lease.node_id,
+                        "; ".join(changes))
+            call.note({"context": "warn: " + "; ".join(changes)})
+        return
+    if options != original:
+        call.body["options"] = options
+        call.edited = True
+    if changes:
+        log.info("request %s to %s on %s: %s", call.request_id, lease.model, lease.node_id, "; ".join(changes))
+        call.note({"context": "; ".join(changes)})
+
+
+# =============================================================================================
+# Scoring: eliminate, estimate where the time goes, then seven signals. Every formula lives here.
+# =============================================================================================
+#
+# These are functions of the state they read (nodes, a call, a few numbers); the Fleet calls them
+# under its lock. Elimination (eligibility): offline or degraded nodes, nodes without the model,
+# nodes whose memory budget is smaller than the model.
+#
+# Each remaining node gets an expected completion time for this request, in seconds, built from
+# what herd measured on its own traffic (Ollama reports load, prompt and eval durations with
+# every reply; speeds are kept per node as GB of weights per second, so one model's speed
+# predicts another's). A node herd has not measured yet is timed once when it joins (Warming:
+# calibration); until then it counts as the slowest measured node, or, when /api/ps shows
+# Ollama keeps its models in system RAM (size_vram < size), at CPU speed for that share.
+#   wait       until a slot for the model frees there (herd never exceeds num_parallel), counting
+#              the requests already queued for the model
+#   load       a cold load or a context reload: the node's fixed start-up + weights GB x its
+#              seconds per GB (both learned from its loads); half when the model left memory in
+#              the last 10 minutes (page cache)
+#   service    prompt tokens / prefill speed + expected output tokens / decode speed, where speed
+#              = the node's GB/s (25th percentile: its p75 time per token) / weights GB / sharing;
+#              sharing = (streams of this model) ^ 0.3 x (models running): parallel slots of one
+#              model batch well, while different models take turns at the memory bandwidth. It is
+#              integrated over time: each model running there speeds this one up when it ends
+#   slowdown   what this request adds to the streams already running there: they slow down too,
+#              for as long as the two overlap
+#   eviction   the load time of hot models a cold load would push out of memory, half of it
+#   risk       a node that failed recently may fail again: failures x 25% x its time
+# Deferring: when waiting for a node's other models to finish and then running alone there is
+# sooner (counting the slowdown avoided) than sharing it now, the wait is the estimate and, if
+# that node wins, the request waits in herd's queue for it (two models at once finish both late).
+# The seven signals express these seconds as points at one exchange rate per decision (chosen so
+# no signal leaves its range), so the highest total is the soonest expected completion:
+#
+# signal              range     points
+# thermal             0..+50    50 - rate x load (50 when the model is hot and will not reload)
+# memory_fit          0..+20    20 - rate x eviction
+# queue_depth         -30..0    -rate x wait
+# latency_history     -25..0    -rate x (service here - service on the fastest candidate)
+# role_affinity       0..+15    15 - rate x slowdown (small models leave the busy big machine free)
+# availability_trend  0..+10    10 - rate x risk
+# context_fit         0..+15    15 - rate x the part of the load that is a context reload
+#
+# Ties: fewest requests in flight on the whole node, then random, so equal nodes share the load.
+
+CHARS_PER_TOKEN = 4  # rough size of a token in English text
+BATCH_SLOWDOWN = 0.3  # n streams of one model each run at n ^ -0.3 of one alone (batched decode)
+LOAD_FIXED_S = 1.0  # starting a runner, before the weights stream in (at most; learned per node)
+HOT_LOAD_S = 0.05  # a load_duration below this is Ollama finding the model already loaded
+PRIOR_DECODE_GBS = 300.0  # a node herd has not measured yet: a mid-range GPU or Apple chip
+PRIOR_CPU_GBS = 60.0  # the part of a model Ollama keeps in system RAM: dual-channel DDR5
+PRIOR_PREFILL_RATIO = 20.0  # prompt tokens go this many times faster than generated ones
+PRIOR_LOAD_S_PER_GB = 0.5  # an NVMe SSD reading about 2 GB/s
+PRIOR_OUTPUT_TOKENS = 250  # a chat reply of a few paragraphs
+RECENT_UNLOAD_S = 600.0  # a model unloaded this recently is likely still in the OS page cache...
+PAGE_CACHE_DISCOUNT = 0.5  # ...and reloads in about half the time
+FAILURE_RISK = 0.25  # each recent failure of a node: this share of its time again, as risk
+SIGNAL_RANGES = {"thermal": 50.0, "memory_fit": 20.0, "queue_depth": 30.0, "latency_history": 25.0,
+                 "role_affinity": 15.0, "availability_trend": 10.0, "context_fit": 15.0}
+# which estimate each signal prices, and whether it is a bonus that the cost reduces (+) or a penalty (-)
+SIGNAL_SECONDS = {"thermal": ("cold_load", +1), "memory_fit": ("eviction", +1), "queue_depth": ("wait", -1),
+                  "latency_history": ("slower_by", -1), "role_affinity": ("slowdown", +1),
+                  "availability_trend": ("risk", +1), "context_fit": ("reload", +1)}
+
+
+def slots(node, parallel):
+    """Requests the node runs at once per model: what it reported, else herd's --parallel."""
+    return max(1, node.num_parallel or parallel)
+
+
+def sharing(counts, model, extra=0):
+    """How much slower than alone a stream of `model` runs beside `counts` ({model: streams}),
+    with `extra` more streams of its own."""
+    same = counts.get(model, 0) + extra
+    models = sum(1 for n in counts.values() if n) + (1 if extra and not counts.get(model) else 0)
+    return max(1, same) ** BATCH_SLOWDOWN * max(1, models)
+
+
+def shared_run(node, model, work, start, now):
+    """(seconds, slowdown): how long a request needing `work` seconds alone takes on `node` when
+    it starts in `start` seconds, beside the requests running there that have not ended by then
+    (each model's group is taken to end at its mean remaining time, stretched by the share this
+    request takes), and the seconds it adds to theirs while they overlap."""
+    counts = {}
+    groups = []
+    for other, group in node.running.items():
+        left = group.mean_remaining(now) if group.count > 0 else 0.0
+        if left > start:
+            counts[other] = group.count
+            groups.append((left, other))
+    with_me = dict(counts, **{model: counts.get(model, 0) + 1})
+    stretch = {other: sharing(with_me, other) / sharing(counts, other) for other in counts}
+    ends = sorted((start + (left - start) * stretch[other], other) for left, other in groups)
+    t, todo, running = start, work, dict(counts)
+    for end, other in ends:
+        pace = 1 / sharing(running, model, extra=1)
+        if todo <= (end - t) * pace:
+            break
+        todo -= (end - t) * pace
+        t = end
+        del running[other]
+    finish = t + todo * sharing(running, model, extra=1)
+    slowdown = sum(counts[other] * (min(end, finish) - start) * (1 - 1 / stretch[other])
+                   for end, other in ends)
+    return finish - start, slowdown
+
+
+def low_quartile(samples, prior):
+    """The 25th percentile of recent samples (a cautious speed), or the prior without any."""
+    if not samples:
+        return prior
+    ordered = sorted(samples)
+    return ordered[len(ordered) // 4]
+
+
+def load_costs(loads):
+    """(fixed s, s per GB) of a node's model loads, from its (GB, seconds) samples, or None: the
+    fixed part (starting a runner) is at most half the quickest load."""
+    if not loads:
+        return None
+    fixed = min(LOAD_FIXED_S, 0.5 * min(seconds for _, seconds in loads))
+    return fixed, statistics.median((seconds - fixed) / gb for gb, seconds in loads)
+
+
+@dataclass(frozen=True)
+class Priors:
+    """What to assume for a node herd has not measured yet."""
+
+    decode_gbs: float = PRIOR_DECODE_GBS
+    load_fixed_s: float = LOAD_FIXED_S
+    load_s_per_gb: float = PRIOR_LOAD_S_PER_GB
+
+
+def unmeasured_priors(nodes):
+    """Priors for unmeasured nodes: like the slowest measured node (a guess that is too fast
+    sends it requests a known node would serve sooner), else the fixed priors above."""
+    speeds = [n.decode_speed for n in nodes if n.decode_speed]
+    loads = [n.load_cost for n in nodes if n.load_cost]
+    if not speeds and not loads:
+        return Priors()
+    return Priors(min(speeds) if speeds else PRIOR_DECODE_GBS,
+                  max(c[0] for c in loads) if loads else LOAD_FIXED_S,
+                  max(c[1] for c in loads) if loads else PRIOR_LOAD_S_PER_GB)
+
+
+def offload_prior(node, gpu_gbs):
+    """Decode GB/s to assume for an unmeasured node from where Ollama put its loaded models: the
+    share in VRAM (size_vram / size in /api/ps) streams at GPU speed, the rest at CPU speed."""
+    share = node.gpu_share()
+    if share is None or share >= 0.99:
+        return gpu_gbs
+    return 1 / (share / gpu_gbs + (1 - share) / PRIOR_CPU_GBS)
+
+
+def expected_output(call, usual):
+    """Tokens the reply will have: the client's cap when it is below twice what the model
+    usually says (`usual`)."""
+    options = call.options()
+    cap = call.body.get("max_tokens") or call.body.get("max_completion_tokens") or options.get("num_predict")
+    if isinstance(cap, int) and cap > 0:
+        return min(cap, 2 * usual)
+    return usual
+
+
+def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, admit, now):
+    """Seconds this request would spend on `node`, by cause (see the table above).
+
+    slots: the node's parallel requests per model; policy: context protection; usual_output:
+    tokens the model's replies usually have; ahead: requests queued before this one for the
+    model; priors: for what the node has not measured yet; admit: the request takes a slot (not
+    a read); now: time.monotonic()."""
+    size_gb = max(node.model_bytes(model) / GB, 0.05)  # memory it takes
+    weights = node.weights_gb(model)
+    decode_gbs = node.decode_speed or offload_prior(node, priors.decode_gbs)
+    prefill_gbs = node.prefill_speed or decode_gbs * PRIOR_PREFILL_RATIO
+    load_fixed, load_per_gb = node.load_cost or (priors.load_fixed_s, priors.load_s_per_gb)
+    mine = node.running.get(model) or Running()
+
+    loaded = node.loaded.get(model)
+    load = reload = 0.0
+    if loaded is None:
+        load = load_fixed + weights * load_per_gb
+        if now - node.unloaded_at.get(model, -1e9) < RECENT_UNLOAD_S:
+            load *= PAGE_CACHE_DISCOUNT
+    else:
+        default_ctx = node.context_default(model)
+        ctx = loaded.get("context_length") or default_ctx
+        if needs_reload(call, ctx, default_ctx, node.load_options.get(model, {}), policy):
+            reload = mine.longest_remaining(now) + load_fixed + weights * load_per_gb  # drain first
+
+    wait = 0.0
+    if admit and mine.count >= slots:  # the slots free as running requests end, queued ones first
+        if ahead < mine.count:
+            wait = mine.nth_remaining(ahead, now)
+        else:
+            per_slot = mine.eta_sum / mine.count or 1.0
+            wait = mine.nth_remaining(mine.count - 1, now) + (ahead - mine.count + 1) / slots * per_slot
+
+    eviction = 0.0
+    budget = node.budget_bytes()
+    if loaded is None and budget:
+        free = budget - node.memory_in_use()
+        for name, entry in sorted(node.loaded.items(), key=lambda item: entry_bytes(item[1])):
+            if free >= size_gb * GB:
+                break
+            freed = entry_bytes(entry)
+            free += freed
+            if node.running_count(name):  # Ollama waits for busy models before evicting
+                wait = max(wait, node.running[name].longest_remaining(now))
+            eviction += 0.5 * (load_fixed + freed / GB * load_per_gb)
+
+    prompt_tokens = call.prompt_chars / CHARS_PER_TOKEN
+    work = prompt_tokens * weights / prefill_gbs  # seconds alone on the node
+    if "embed" not in call.endpoint:
+        work += expected_output(call, usual_output) * weights / decode_gbs
+    service, slowdown = shared_run(node, model, work, wait + load + reload, now)
+    # Models running side by side take turns at the memory bandwidth, so both finish late. When
+    # it is sooner overall, wait in herd's queue for the node's other models to finish instead
+    # (the choice is made again whenever a request ends and a few times a second).
+    # A request defers for at most as long as it would take alone, so a steady stream of other
+    # models cannot hold it back for ever.
+    defer = False
+    others = [group for other, group in node.running.items() if other != model and group.count]
+    if admit and others and not load and not reload:
+        free_in = max(group.longest_remaining(now) for group in others)
+        alone = work * sharing({model: mine.count}, model, extra=1)
+        waited = time.perf_counter() - call.started
+        if waited < alone and max(wait, free_in) + alone < wait + service + slowdown:
+            wait, service, slowdown, defer = max(wait, free_in), alone, 0.0, True
+
+    eta = wait + load + reload + service
+    risk = min(1.0, FAILURE_RISK * node.failures) * eta
+    return {"wait": wait, "cold_load": load + reload, "reload": reload, "service": service,
+            "slowdown": slowdown, "eviction": eviction, "risk": risk, "eta": eta, "defer": defer}
+
+
+def score_candidates(estimates):
+    """[(node, seconds by cause)] -> [(node, total points, breakdown, eta)] at one exchange rate."""
+    fastest = min(e["service"] for _, e in estimates)
+    for _, e in estimates:
+        e["slower_by"] = e["service"] - fastest
+    rate = 1000.0  # points per second: as fine as the ranges allow
+    for signal, (cause, _) in SIGNAL_SECONDS.items():
+        worst = max(e[cause] for _, e in estimates)
+        if worst > 0:
+            rate = min(rate, SIGNAL_RANGES[signal] / worst)
+    scored = []
+    for node, e in estimates:
+        breakdown = {}
+        for signal, (cause, sign) in SIGNAL_SECONDS.items():
+            points = SIGNAL_RANGES[signal] - rate * e[cause] if sign > 0 else -rate * e[cause]
+            breakdown[signal] = round(points, 2)
+        scored.append((node, sum(breakdown.values()), breakdown, e["eta"]))
+    return scored
+
+
+# -- choosing ---------------------------------------------------------------------------------
+
+def eligibility(node, model, now):
+    """'ok' (may serve now), 'failing' (has the model but is resting or unreachable), or None."""
+    if model not in node.models or not node.fits(model):
+        return None
+    status = node.status(now)
+    if status == "online":
+        return "ok"
+    return "failing" if status == "degraded" else None
+
+
+def servable_models(nodes, call, now):
+    """The asked model and its fallbacks that some node could serve; raises RoutingError with
+    what the client should hear when none can."""
+    models = [m for m in call.candidate_models() if any(eligibility(n, m, now) for n in nodes)]
+    if models:
+        return models
+    online = [n for n in nodes if n.status(now) != "offline" and n.reachable]
+    if not online:
+        if nodes:
+            known = "; ".join(f"{n.node_id}: {n.ollama_error or n.status(now)}"
+                              for n in sorted(nodes, key=lambda n: n.node_id))
+            raise RoutingError(503, f"no node is online ({known}); check that Ollama runs "
+                               "on them and that herd-node reports", "no_nodes", retry_after=5)
+        raise RoutingError(503, "no node is online; start herd-node beside each Ollama or pass "
+                           "--node http://host:11434 to herd", "no_nodes", retry_after=5)
+    if any(call.model in n.models for n in online):
+        raise RoutingError(507, f"model {call.model} does not fit in the memory of any node that "
+                           "has it", "model_too_large")
+    offline_with = sorted(n.node_id for n in nodes if call.model in n.models)
+    if offline_with:
+        raise RoutingError(503, f"model {call.model} is only on nodes that are offline now "
+                           f"({', '.join(offline_with)})", "nodes_offline", retry_after=5)
+    installed = sorted({m for n in online for m in n.models})
+    raise RoutingError(404, f"model {call.model} is not on any node; the fleet has: "
+                       f"{', '.join(installed) or 'no models'}. Pull it with "
+                       f"`ollama pull {call.model}` on a node", "model_not_found")
+
+
+def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit=True):
+    """(best slot, None) or (None, why to wait: 'busy' | 'defer' | 'failing').
+
+    Every healthy node with the model is scored by its expected completion time, busy ones
+    included (with the wait for a slot). When the best is busy the request waits for it
+    (late binding re-picks on every freed slot). Models are tried in order; a model whose
+    nodes are all failing gives way to the next, and is waited for only when none is healthy.
+    `queued` counts, per model, the requests queued before this one; `usual_output` the tokens
+    each model's replies usually have.
+    """
+    now, now_mono = time.time(), time.monotonic()
+    failing = False
+    for model in models:
+        healthy = []
+        for node in nodes:
+            state = eligibility(node, model, now)
+            if state == "ok":
+                healthy.append(node)
+            elif state == "failing":
+                failing = True
+        if not healthy:
+            continue
+        priors = unmeasured_priors(nodes)
+        usual = usual_output.get(model, PRIOR_OUTPUT_TOKENS)
+        ahead = queued.get(model, 0)
+        estimates = [(node, estimate(node, model, call, slots=slots(node, parallel), policy=policy,
+                                     usual_output=usual, ahead=ahead, priors=priors, admit=admit,
+                                     now=now_mono))
+                     for node in healthy]
+        node, total, breakdown, eta = max(score_candidates(estimates),
+                                          key=lambda c: (c[1], -c[0].in_flight, random.random()))
+        chosen = next(e for n, e in estimates if n is node)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s %s -> %s; %s", call.request_id, model, node.node_id, "; ".join(
+                f"{n.node_id} eta {e['eta']:.2f} s (" + " ".join(f"{k} {v:.2f}" for k, v in e.items()
+                                                      if v and k != "eta") + ")" for n, e in estimates))
+        if admit and node.running_count(model) >= slots(node, parallel):
+            return None, "busy"  # the best node is busy: wait for it rather than settle
+        if admit and chosen["defer"]:
+            return None, "defer"  # the best is to let the node's other models finish first
+        loaded = node.loaded.get(model)
+        default_ctx = node.context_default(model)
+        return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
+                     breakdown=breakdown, held=admit, eta_s=eta, cold=chosen["cold_load"] > 0,
+                     loaded_ctx=(loaded.get("context_length") or default_ctx) if loaded is not None else None,
+                     default_ctx=default_ctx,
+                     pin_ctx=bool(loaded and loaded.get("context_length") and not loaded.get("learned"))
+                     and not node.default_known(model),
+                     load_options=dict(node.load_options.get(model, {}))), None
+    return None, "failing" if failing else "busy"
+
+
+# -- learning: each reply tells herd how fast its node is ---------------------------------------
+
+def record_speeds(node, size_gb, timings, shared, alone):
+    """Fold one reply's timings into the node's speeds: decode and prefill GB/s, corrected by
+    the `shared` slowdown it ran under; a reply that ran `alone` from start to end is also a clean
+    decode sample. Returns the decode speed as measured, or None without eval timings."""
+    speed = None
+    if timings.get("eval_count") and timings.get("eval_s"):
+        speed = timings["eval_count"] / timings["eval_s"] * size_gb
+        if alone:
+            keep_recent(node.decode_gbs_alone, speed)
+        keep_recent(node.decode_gbs, speed * shared)
+        # route on clean samples once there are a few: corrected shared ones overstate a busy node
+        clean = node.decode_gbs_alone if len(node.decode_gbs_alone) >= 3 else node.decode_gbs
+        node.decode_speed = low_quartile(clean, None)
+    if (timings.get("prompt_count") or 0) >= 32 and timings.get("prompt_s"):
+        keep_recent(node.prefill_gbs, timings["prompt_count"] / timings["prompt_s"] * size_gb * shared)
+        node.prefill_speed = low_quartile(node.prefill_gbs, None)
+    return speed
+
+
+def record_load(node, size_gb, seconds):
+    """A model load of `size_gb` took `seconds` on this node (timed by Ollama or by herd)."""
+    keep_recent(node.loads, (size_gb, seconds))
+    node.load_cost = load_costs(node.loads)
+
+
+def learn_from_reply(node, lease, timings):
+    """What one served request teaches about its node: speeds, undoing the sharing it ran under
+    (the mean of what it met at its start and at its end), and the load time when it was cold."""
+    size_gb = node.weights_gb(lease.model)
+    at_end = sharing(node.counts(), lease.model)
+    record_speeds(node, size_gb, timings, shared=math.sqrt(lease.shared_at_start * at_end),
+                  alone=lease.shared_at_start == 1 and at_end == 1)
+    if lease.cold and (timings.get("load_s") or 0) > HOT_LOAD_S:
+        record_load(node, size_gb, timings["load_s"])
+
+
+# =============================================================================================
+# Warming: time new nodes, load a model in demand on a node that has room for it
+# =============================================================================================
+#
+# Two jobs keep routing informed ahead of traffic. Calibration: a node herd has no speed for yet
+# gets one short generation on its smallest hot chat model while it is idle, so the first real
+# requests are routed on a measured speed rather than a guess. Preloading: a model that traffic
+# keeps asking for is loaded onto a faster node with free memory (no eviction), so the next
+# requests find it hot there. Ollama loads a model, and does nothing else, on a /api/generate
+# with no prompt. The plans are functions of the fleet's state (the Fleet calls them under its
+# lock); the Warmer thread carries them out.
+
+WARMER_EVERY_S = 0.5  # how often the warmer looks for a node to calibrate and a model to preload
+PRELOAD_WINDOW_S = 60.0  # demand is counted over this window
+PRELOAD_MIN_REQUESTS = 2  # the second request in the window is the first sign of demand
+PRELOAD_FASTER_BY = 1.15  # the node must be this much faster than where the model is hot
+PRELOAD_HEADROOM = 0.15  # free memory beyond the model, for its context
+PRELOAD_SPARE = 0.25  # a second home for a model hot on one node only keeps this share of memory free
+CALIBRATE_RETRY_S = 60.0  # a node still unmeasured after a calibration is tried again after this
+CALIBRATION_TOKENS = 32
+CALIBRATION_PROMPT = ("herd is timing this machine so it can route requests to it well. "
+                      "Please answer with a short list of animals that live in the sea.") * 2
+
+
+def plan_calibration(nodes, preloading, now, now_mono):
+    """(node, [(model, the options it runs with)] hot there, smallest first) for an online, idle
+    node herd has no decode speed for and has not tried in CALIBRATE_RETRY_S; else None. Only
+    models whose running context /api/ps reports are listed: any other context would reload them."""
+    for node in nodes:
+        if (node.decode_gbs or node.in_flight or not node.loaded or node.status(now) != "online"
+                or node.node_id in preloading or now_mono - node.calibrated_at < CALIBRATE_RETRY_S):
+            continue
+        hot = sorted((item for item in node.loaded.items() if item[1].get("context_length")),
+                     key=lambda item: entry_bytes(item[1]))
+        return node, [(name, dict({k: v for k, v in node.load_options.get(name, {}).items()
+                                   if k in RELOAD_OPTIONS and v is not None},
+                                  num_ctx=entry["context_length"])) for name, entry in hot]
+    return None
+
+
+def plan_preload(nodes, demand, preloading, now, now_mono):
+    """(node, model, why) to load ahead of demand, or None: a model asked for at least
+    PRELOAD_MIN_REQUESTS times in the last PRELOAD_WINDOW_S, onto a measured node that has memory
+    free for it without evicting anything, is not loading something else, and is either faster
+    than every node where the model is hot or, keeping PRELOAD_SPARE of its memory free, a second
+    home for a model that only one fast node holds (overflow and large contexts then find it hot).
+    `demand` maps each model to the times (monotonic) of its recent requests."""
+    for model, times in demand.items():
+        if sum(1 for t in times if now_mono - t <= PRELOAD_WINDOW_S) < PRELOAD_MIN_REQUESTS:
+            continue
+        online = [n for n in nodes if n.status(now) == "online"]
+        hot = [n for n in online if model in n.loaded]
+        best_hot = max((n.decode_speed or 0 for n in hot), default=0)
+        for node in sorted(online, key=lambda n: -(n.decode_speed or 0)):
+            speed = node.decode_speed
+            budget = node.budget_bytes()
+            if (model in node.loaded or model not in node.models or node.node_id in preloading
+                    or speed is None or not budget):
+                continue
+            need = node.model_bytes(model) * (1 + PRELOAD_HEADROOM)
+            free_after = budget - node.memory_in_use() - need
+            faster = speed >= PRELOAD_FASTER_BY * best_hot
+            rivals = sum(1 for n in hot if (n.decode_speed or 0) * PRELOAD_FASTER_BY >= speed)
+            if free_after < 0 or (not faster and (rivals >= 2 or free_after < PRELOAD_SPARE * budget)):
+                continue
+            why = ("it is faster than where the model is hot" if faster
+                   else "it has room to spare and the model has no other fast home")
+            return node, model, why
+    return None
+
+
+class Warmer:
+    """Background thread that carries out the warming plans (see the top of this section)."""
+
+    def __init__(self, fleet, settings, capabilities):
+        self.fleet = fleet
+        self.settings = settings
+        self.capabilities = capabilities
+        self.session = control_session()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="herd-warmer", daemon=True)
+
+    def run(self):
+        while not self.stop.wait(WARMER_EVERY_S):
+            try:
+                plan = self.fleet.calibration_plan() if self.settings.get("calibrate") else None
+                if plan is not None:
+                    self.calibrate(*plan)
+                if self.settings.get("preload"):
+                    self.preload()
+            except Exception:  # noqa: BLE001 - one bad plan must not stop warming for good
+                log.exception("warmer failed; trying again")
+
+    def calibrate(self, node_id, url, hot):
+        """Time one short generation on the first chat model among `hot` ([(model, the options it
+        runs with)]), sent with those options so that Ollama does not reload it."""
+        for model, options in hot:
+            caps = self.capabilities.get(model)
+            if caps is not None and "completion" not in caps:
+                continue  # an embedding model cannot generate
+            body = {"model": model, "prompt": CALIBRATION_PROMPT, "stream": False,
+                    "options": dict(options, num_predict=CALIBRATION_TOKENS)}
+            try:
+                resp = self.session.post(url + "/api/generate", json=body, timeout=(NODE_CALL_TIMEOUT, 120))
+                timings = read_reply(resp.content[-TAIL_BYTES:]).timings if resp.status_code == 200 else None
+            except requests.RequestException as exc:
+                log.debug("calibration of %s failed: %s", node_id, exc)
+                timings = None
+            if timings:
+                self.fleet.calibrated(node_id, model, timings)
+            return
+
+    def preload(self):
+        plan = self.fleet.preload_plan()
+        if plan is None:
+            return
+        node_id, url, model, why = plan
+        log.info("preloading %s on %s: it is in demand, and %s", model, node_id, why)
+        started = time.monotonic()
+        try:
+            ok = self.session.post(url + "/api/generate", json={"model": model},
+                                   timeout=(NODE_CALL_TIMEOUT, 600)).status_code == 200
+        except requests.RequestException as exc:
+            log.warning("preload of %s on %s failed: %s", model, node_id, exc)
+            ok = False
+        self.fleet.preloaded(node_id, model, ok, time.monotonic() - started)
+
+
+# =============================================================================================
+# The fleet: one object, one lock. Every change of fleet state goes through its methods,
+# the admission queue included (granting a slot is a change of fleet state).
+# =============================================================================================
+
+# A failing node rests 1 s, then 2, 4, ... up to a minute while it keeps failing; the first
+# request after a rest probes it. A good heartbeat ends the rest of a node that was unreachable.
+COOLDOWN_FIRST_S = 1.0
+COOLDOWN_MAX_S = 60.0
+CLIENT_CHECK_S = 0.25  # how often a queued request checks that its client is still there
+
+
+def node_view(node, now, parallel):
+    """One node as /fleet/status shows it."""
+    speed = node.decode_speed
+    return {
+        "node_id": node.node_id, "status": node.status(now), "ollama_url": node.url,
+        "source": node.source, "hostname": node.hostname, "memory": node.memory,
+        "gpu": node.gpu, "cpu_percent": node.cpu_percent,
+        "num_parallel": slots(node, parallel), "memory_budget_gb": node.memory_budget_gb,
+        "default_context_length": node.context_default(None),
+        "default_context": ("reported" if node.default_context_length else "seen" if node.default_ctx
+                            else "guessed"),
+        "ollama_version": node.ollama_version, "ollama_error": node.ollama_error,
+        "models_available": sorted(node.models),
+        "models_loaded": [{"name": name, "size_vram": entry.get("size_vram", entry.get("size")),
+                           "context_length": entry.get("context_length"),
+                           "requests_active": node.running_count(name)}
+                          for name, entry in node.loaded.items()],
+        "requests_active": node.in_flight, "last_seen": node.last_seen,
+        "decode_gbs": round(speed, 1) if speed else None,
+        "failures": node.failures, "last_failure": node.last_failure,
+        "cooling_down_s": round(max(0.0, node.cooldown_until - now), 1),
+    }
+
+
+def pull_target(nodes, model, now):
+    """Where a pull should go: the best online node that has the model, else the one with the
+    most free memory; None when no node is online."""
+    online = [n for n in nodes if n.status(now) == "online"]
+
+    def free(node):
+        budget = node.budget_bytes()
+        return (budget - node.memory_in_use()) if budget else 0
+
+    return max(online, key=lambda n: (model in n.models, free(n), -n.in_flight)).node_id if online else None
+
+
 class Fleet:
-    """The router's whole view of the fleet. Every change goes through a method under one lock.
-    The admission queue lives here too: granting a slot is a change of fleet state."""
+    """The router's whole view of the fleet: nodes, the requests running on them, the queue."""
 
     def __init__(self, config):
         self.config = config
         self.lock = threading.Lock()
         self.nodes = {}
         self.waiters = []  # oldest first
+        self.queued = collections.Counter()  # model -> waiters that could take it
         self.output_tokens = {}  # model -> recent completion token counts
+        self.usual_output = {}  # model -> their median
         self.demand = {}  # model -> times of its recent requests
         self.preloading = set()  # node ids with a preload under way
         self.context_policy = config.context_protection
@@ -429,7 +1276,7 @@ class Fleet:
     # -- reports from agents and polls ------------------------------------------------------
 
     def report(self, node_id, url, source, interval_s, data):
-        """Apply a heartbeat or poll result. `data` holds the SPEC §3 fields that were present."""
+        """Apply a heartbeat or poll result. `data` holds the heartbeat fields that were present."""
         now = time.time()
         with self.lock:
             node = self.nodes.get(node_id)
@@ -437,43 +1284,12 @@ class Fleet:
                 previous = node
                 node = Node(node_id=node_id, url=url, source=source, interval_s=interval_s)
                 if previous is not None:  # same id from a new address: keep the live counts
-                    node.in_flight = previous.in_flight
-                    node.in_flight_by_model = previous.in_flight_by_model
-                    node.running, node.eta_sum, node.start_sum = previous.running, previous.eta_sum, previous.start_sum
+                    node.in_flight, node.running = previous.in_flight, previous.running
                 self.nodes[node_id] = node
                 log.info("node %s registered at %s (%s)", node_id, url, source)
             was_online = node.status(now) == "online"
             node.source, node.interval_s = source, interval_s
-            ollama = data.get("ollama") or {}
-            node.reachable = bool(ollama.get("reachable"))
-            node.ollama_version = ollama.get("version")
-            node.ollama_error = ollama.get("error")
-            for key in ("hostname", "memory", "gpu", "cpu_percent", "num_parallel", "memory_budget_gb",
-                        "default_context_length"):
-                if key in data:
-                    setattr(node, key, data[key])
-            if node.reachable:
-                node.models = {normalize_model(m.get("name") or m.get("model")): m
-                               for m in ollama.get("models") or () if m.get("name") or m.get("model")}
-                loaded = {normalize_model(m.get("name") or m.get("model")): m
-                          for m in ollama.get("loaded") or () if m.get("name") or m.get("model")}
-                for name in node.loaded.keys() - loaded.keys():
-                    if not node.in_flight_by_model.get(name):  # herd's own traffic knows better
-                        node.unloaded_at[name] = time.monotonic()
-                        node.load_options.pop(name, None)
-                    else:
-                        loaded[name] = node.loaded[name]
-                for name, entry in loaded.items():  # a model herd loaded or served without num_ctx shows the default
-                    sent = node.load_options.get(name)
-                    probed = name in node.context_probe and not node.in_flight_by_model.get(name)
-                    if ((probed or (sent is not None and sent.get("num_ctx") is None))
-                            and entry.get("context_length") and not entry.get("learned")):
-                        node.default_ctx[name] = entry["context_length"]
-                    if probed:
-                        node.context_probe.discard(name)
-                node.loaded = loaded
-                if node.failure_kind == "unreachable":  # it answers again: end its rest now
-                    node.failures, node.failure_kind, node.cooldown_until = 0, None, 0.0
+            node.apply_report(data)
             node.last_seen = now
             if not was_online and node.status(now) == "online":
                 log.info("node %s online", node_id)
@@ -516,16 +1332,20 @@ class Fleet:
             if rested or any(waiter.deferred for waiter in self.waiters):
                 self._grant_waiters()
 
-    def reconcile(self, counts):
-        """Set in-flight counts from the requests actually running: {(node_id, model): n}."""
+    def reconcile(self, leases):
+        """Rebuild the running counts from the leases actually held, when they disagree."""
+        by_node = collections.defaultdict(list)
+        for lease in leases:
+            by_node[lease.node_id].append(lease)
         with self.lock:
             fixed = 0
             for node in self.nodes.values():
-                by_model = {model: n for (node_id, model), n in counts.items() if node_id == node.node_id}
-                if by_model != {m: n for m, n in node.in_flight_by_model.items() if n}:
+                held = [lease for lease in by_node.get(node.node_id, ()) if not lease.released]
+                if collections.Counter(lease.model for lease in held) != collections.Counter(node.counts()):
                     fixed += 1
-                    node.in_flight_by_model = dict(by_model)
-                    node.in_flight = sum(by_model.values())
+                    node.running, node.in_flight = {}, 0
+                    for lease in held:
+                        node.hold(lease)
             if fixed:
                 log.warning("reaper corrected in-flight counts on %d node(s)", fixed)
                 self._grant_waiters()
@@ -552,7 +1372,7 @@ class Fleet:
         """{model: size} of every model loaded on an online node."""
         now = time.time()
         with self.lock:
-            return {name: model_size(n, name) for n in self.nodes.values() if n.status(now) == "online"
+            return {name: n.model_bytes(name) for n in self.nodes.values() if n.status(now) == "online"
                     for name in n.loaded if name in n.models}
 
     def url_with(self, model):
@@ -564,105 +1384,19 @@ class Fleet:
                     return node.url
         return None
 
-    def calibration_plan(self):
-        """(node_id, url, [(model, options it runs with)] hot there, smallest first) for an online,
-        idle node herd has no decode speed for, at most once a CALIBRATE_RETRY_S per node; else None."""
-        now_mono, now = time.monotonic(), time.time()
-        with self.lock:
-            for node in self.nodes.values():
-                if (node.decode_gbs or node.in_flight or not node.loaded or node.status(now) != "online"
-                        or node.node_id in self.preloading
-                        or now_mono - node.calibrated_at < CALIBRATE_RETRY_S):
-                    continue
-                node.calibrated_at = now_mono
-                # only models whose running context /api/ps reports: any other context would reload them
-                hot = sorted((item for item in node.loaded.items() if item[1].get("context_length")),
-                             key=lambda item: entry_bytes(item[1]))
-                options = [(name, dict({k: v for k, v in node.load_options.get(name, {}).items()
-                                        if k in RELOAD_OPTIONS and v is not None},
-                                       num_ctx=entry["context_length"])) for name, entry in hot]
-                return node.node_id, node.url, options
-        return None
-
-    def calibrated(self, node_id, model, timings):
-        """Fold a calibration's timings into the node's speeds (a clean sample when it ran alone)."""
-        with self.lock:
-            node = self.nodes.get(node_id)
-            if node is None:
-                return
-            speed = self._remember_speeds(node, weights_gb(node, model), timings, shared=1.0,
-                                          alone=not node.in_flight)
-        if speed is not None:
-            log.info("calibrated %s with %s: %.0f GB/s of weights per token", node_id, model, speed)
-
-    def preload_plan(self, window_s, min_requests, faster_by):
-        """(node_id, url, model, why) to load ahead of demand, or None: a model asked for at least
-        `min_requests` times in the last `window_s` seconds, onto a measured node that has memory
-        free for it without evicting anything, is not loading something else, and is either
-        faster than every node where the model is hot or, keeping a quarter of its memory free,
-        a second home for a model that only one fast node holds (overflow and large contexts
-        then find it hot)."""
-        now_mono, now = time.monotonic(), time.time()
-        with self.lock:
-            for model, times in self.demand.items():
-                if sum(1 for t in times if now_mono - t <= window_s) < min_requests:
-                    continue
-                online = [n for n in self.nodes.values() if n.status(now) == "online"]
-                hot = [n for n in online if model in n.loaded]
-                best_hot = max((node_speed(n) or 0 for n in hot), default=0)
-                for node in sorted(online, key=lambda n: -(node_speed(n) or 0)):
-                    speed = node_speed(node)
-                    budget = node.budget_bytes()
-                    if (model in node.loaded or model not in node.models or node.node_id in self.preloading
-                            or speed is None or not budget):
-                        continue
-                    need = model_size(node, model) * (1 + PRELOAD_HEADROOM)
-                    free_after = budget - node.memory_in_use() - need
-                    # faster than where it is hot, or a second home on a roomy node for overflow
-                    rivals = sum(1 for n in hot if (node_speed(n) or 0) * faster_by >= speed)
-                    if free_after < 0 or (speed < faster_by * best_hot
-                                          and (rivals >= 2 or free_after < PRELOAD_SPARE * budget)):
-                        continue
-                    self.preloading.add(node.node_id)
-                    why = ("it is faster than where the model is hot" if speed >= faster_by * best_hot
-                           else "it has room to spare and the model has no other fast home")
-                    return node.node_id, node.url, model, why
-        return None
-
-    def preloaded(self, node_id, model, ok, seconds):
-        with self.lock:
-            self.preloading.discard(node_id)
-            node = self.nodes.get(node_id)
-            if ok and node is not None and seconds > HOT_LOAD_S:
-                remember(node.loads, (weights_gb(node, model), seconds))  # a load timed by herd itself
-            if ok and node is not None and model not in node.loaded:
-                node.note_loaded(model, node.context_default(model))
-                node.load_options[model] = {"num_ctx": None}
-                self._grant_waiters()
-
     def url_of(self, node_id):
         with self.lock:
             node = self.nodes.get(node_id)
             return node.url if node else None
 
     def in_flight_counts(self):
+        """{(node_id, model): requests running} as the fleet counts them."""
         with self.lock:
-            return {(n.node_id, model): count for n in self.nodes.values()
-                    for model, count in n.in_flight_by_model.items() if count}
+            return {(n.node_id, model): count for n in self.nodes.values() for model, count in n.counts().items()}
 
     def pull_target(self, model):
-        """Where a pull should go: the best node that has the model, else the most free memory."""
-        now = time.time()
         with self.lock:
-            online = [n for n in self.nodes.values() if n.status(now) == "online"]
-            if not online:
-                return None
-
-            def free(node):
-                budget = node.budget_bytes()
-                return (budget - node.memory_in_use()) if budget else 0
-
-            return max(online, key=lambda n: (model in n.models, free(n), -n.in_flight)).node_id
+            return pull_target(list(self.nodes.values()), model, time.time())
 
     def pin(self, node_id, model):
         """A slot-free lease on a node the client named (model management)."""
@@ -677,7 +1411,52 @@ class Fleet:
                                    retry_after=5)
             return Lease(node_id=node_id, url=node.url, model=model, score=0.0, breakdown={}, held=False)
 
-    # -- choosing and holding slots ---------------------------------------------------------
+    # -- warming ------------------------------------------------------------------------------
+
+    def calibration_plan(self):
+        """(node_id, url, [(model, options)]) of the next node to time (see Warming), or None."""
+        with self.lock:
+            plan = plan_calibration(self.nodes.values(), self.preloading, time.time(), time.monotonic())
+            if plan is None:
+                return None
+            node, hot = plan
+            node.calibrated_at = time.monotonic()
+            return node.node_id, node.url, hot
+
+    def calibrated(self, node_id, model, timings):
+        """Fold a calibration's timings into the node's speeds (a clean sample when it ran alone)."""
+        with self.lock:
+            node = self.nodes.get(node_id)
+            if node is None:
+                return
+            speed = record_speeds(node, node.weights_gb(model), timings, shared=1.0, alone=not node.in_flight)
+        if speed is not None:
+            log.info("calibrated %s with %s: %.0f GB/s of weights per token", node_id, model, speed)
+
+    def preload_plan(self):
+        """(node_id, url, model, why) to load ahead of demand (see Warming), or None."""
+        with self.lock:
+            plan = plan_preload(list(self.nodes.values()), self.demand, self.preloading, time.time(),
+                                time.monotonic())
+            if plan is None:
+                return None
+            node, model, why = plan
+            self.preloading.add(node.node_id)
+            return node.node_id, node.url, model, why
+
+    def preloaded(self, node_id, model, ok, seconds):
+        with self.lock:
+            self.preloading.discard(node_id)
+            node = self.nodes.get(node_id)
+            if not ok or node is None:
+                return
+            if seconds > HOT_LOAD_S:
+                record_load(node, node.weights_gb(model), seconds)  # a load timed by herd itself
+            if model not in node.loaded:
+                node.note_loaded(model, node.context_default(model), {"num_ctx": None})
+                self._grant_waiters()
+
+    # -- admission: choosing and holding slots -------------------------------------------------
 
     def acquire(self, call, admit=True, deadline=None):
         """Grant the best free slot for `call`, waiting in the admission queue when every node
@@ -688,10 +1467,10 @@ class Fleet:
         """
         deadline = deadline or (time.monotonic() + self.config.queue_timeout)
         with self.lock:
-            models = self._servable_models(call)
+            models = servable_models(list(self.nodes.values()), call, time.time())
             if admit:
-                remember(self.demand.setdefault(models[0], []), time.monotonic())
-            lease, wait = self._pick(call, models, admit)
+                keep_recent(self.demand.setdefault(models[0], []), time.monotonic())
+            lease, wait = self._choose(call, models, self.queued, admit)
             if lease is not None:
                 if admit:
                     self._hold(lease)
@@ -701,12 +1480,13 @@ class Fleet:
                                    "waiting); retry shortly or add nodes", "queue_full", retry_after=5)
             waiter = Waiter(call=call, models=models, enqueued=time.perf_counter(), deferred=wait == "defer")
             self.waiters.append(waiter)
+            self.queued.update(set(models))
         while not waiter.event.wait(min(CLIENT_CHECK_S, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline or call.client_gone():
                 break
         with self.lock:
             if waiter.lease is None:
-                self.waiters.remove(waiter)
+                self._dequeue(waiter)
                 if call.client_gone():
                     raise RoutingError(499, "the client disconnected while waiting", "cancelled")
                 waited = time.perf_counter() - waiter.enqueued
@@ -717,9 +1497,9 @@ class Fleet:
         waiter.lease.queued_ms = (time.perf_counter() - waiter.enqueued) * 1000
         return waiter.lease
 
-    def release(self, lease, served=True, sent_ctx=None, timings=None):
-        """Give a slot back. A model just served is loaded on that node: remember how, and learn
-        the node's speed from the reply's timings."""
+    def release(self, lease, served, sent_ctx=None, timings=None):
+        """Give a slot back. A model just served is loaded on that node: note how it runs, and
+        learn the node's speed from the reply's timings."""
         with self.lock:
             if lease.released or not lease.held:
                 return
@@ -727,13 +1507,8 @@ class Fleet:
             node = self.nodes.get(lease.node_id)
             if node is not None:
                 if served and timings:
-                    self._learn(node, lease, timings)
-                if lease in node.running.get(lease.model, ()):
-                    node.running[lease.model].discard(lease)
-                    node.eta_sum[lease.model] -= lease.eta_s
-                    node.start_sum[lease.model] -= lease.started
-                node.in_flight -= 1
-                node.in_flight_by_model[lease.model] = node.in_flight_by_model.get(lease.model, 1) - 1
+                    learn_from_reply(node, lease, timings)
+                node.drop(lease)
                 if served:
                     node.failures, node.failure_kind = 0, None
                     if sent_ctx is None:  # it ran with the default: the next report shows it
@@ -742,9 +1517,13 @@ class Fleet:
                         node.context_probe.discard(lease.model)
                     if lease.loaded_ctx is None and lease.model not in node.loaded:
                         node.note_loaded(lease.model, sent_ctx or node.context_default(lease.model))
+            if served and timings and timings.get("eval_count"):
+                samples = self.output_tokens.setdefault(lease.model, [])
+                keep_recent(samples, timings["eval_count"])
+                self.usual_output[lease.model] = statistics.median(samples)
             self._grant_waiters()
 
-    def remember_load(self, lease, options, sent_ctx):
+    def note_load(self, lease, options, sent_ctx):
         """herd is about to load a cold model: note the options it loads with (num_ctx None means
         the node's default, which the next report then shows)."""
         with self.lock:
@@ -753,155 +1532,44 @@ class Fleet:
                 node.load_options[lease.model] = dict({k: options[k] for k in RELOAD_OPTIONS if k in options},
                                                       num_ctx=sent_ctx)
 
-    def _learn(self, node, lease, timings):
-        """Fold one reply's timings into the node's speed record (see the Scoring section)."""
-        model = lease.model
-        size_gb = weights_gb(node, model)
-        # undo the sharing it ran under: the mean of what it met at its start and at its end
-        at_end = sharing(node.in_flight_by_model, model)
-        self._remember_speeds(node, size_gb, timings, shared=math.sqrt(lease.shared_at_start * at_end),
-                              alone=lease.shared_at_start == 1 and at_end == 1)
-        if lease.cold and (timings.get("load_s") or 0) > HOT_LOAD_S:
-            remember(node.loads, (size_gb, timings["load_s"]))
-        if timings.get("eval_count"):
-            remember(self.output_tokens.setdefault(model, []), timings["eval_count"])
-
-    @staticmethod
-    def _remember_speeds(node, size_gb, timings, shared, alone):
-        """Decode and prefill GB/s from one reply's timings, corrected by the `shared` slowdown it
-        ran under; a reply that ran `alone` from start to end is also a clean decode sample.
-        Returns the decode speed as measured, or None when the reply had no eval timings."""
-        speed = None
-        if timings.get("eval_count") and timings.get("eval_s"):
-            speed = timings["eval_count"] / timings["eval_s"] * size_gb
-            if alone:
-                remember(node.decode_gbs_alone, speed)
-            remember(node.decode_gbs, speed * shared)
-        if (timings.get("prompt_count") or 0) >= 32 and timings.get("prompt_s"):
-            remember(node.prefill_gbs, timings["prompt_count"] / timings["prompt_s"] * size_gb * shared)
-        return speed
-
-    def _eligible(self, node, model, now):
-        """'ok' (may serve now), 'failing' (has the model but is resting or unreachable), or None."""
-        if model not in node.models or not fits(node, model):
-            return None
-        status = node.status(now)
-        if status == "online":
-            return "ok"
-        return "failing" if status == "degraded" else None
-
-    def _servable_models(self, call):
-        """The asked model and its fallbacks that some node could serve; raises if none."""
-        now = time.time()
-        models = [m for m in call.candidate_models()
-                  if any(self._eligible(n, m, now) for n in self.nodes.values())]
-        if models:
-            return models
-        online = [n for n in self.nodes.values() if n.status(now) != "offline" and n.reachable]
-        if not online:
-            if self.nodes:
-                known = "; ".join(f"{n.node_id}: {n.ollama_error or n.status(now)}"
-                                  for n in sorted(self.nodes.values(), key=lambda n: n.node_id))
-                raise RoutingError(503, f"no node is online ({known}); check that Ollama runs "
-                                   "on them and that herd-node reports", "no_nodes", retry_after=5)
-            raise RoutingError(503, "no node is online; start herd-node beside each Ollama or pass "
-                               "--node http://host:11434 to herd", "no_nodes", retry_after=5)
-        if any(call.model in n.models for n in online):
-            raise RoutingError(507, f"model {call.model} does not fit in the memory of any node that "
-                               "has it", "model_too_large")
-        offline_with = sorted(n.node_id for n in self.nodes.values() if call.model in n.models)
-        if offline_with:
-            raise RoutingError(503, f"model {call.model} is only on nodes that are offline now "
-                               f"({', '.join(offline_with)})", "nodes_offline", retry_after=5)
-        installed = sorted({m for n in online for m in n.models})
-        raise RoutingError(404, f"model {call.model} is not on any node; the fleet has: "
-                           f"{', '.join(installed) or 'no models'}. Pull it with "
-                           f"`ollama pull {call.model}` on a node", "model_not_found")
-
-    def _pick(self, call, models, admit=True, ahead=None):
-        """(best slot, None) or (None, why to wait: 'busy' | 'defer' | 'failing').
-
-        Every healthy node with the model is scored by its expected completion time, busy ones
-        included (with the wait for a slot). When the best is busy the request waits for it
-        (late binding re-picks on every freed slot). Models are tried in order; a model whose
-        nodes are all failing gives way to the next, and is waited for only when none is healthy.
-        """
-        now = time.time()
-        failing = False
-        for model in models:
-            healthy = []
-            for node in self.nodes.values():
-                state = self._eligible(node, model, now)
-                if state == "ok":
-                    healthy.append(node)
-                elif state == "failing":
-                    failing = True
-            if not healthy:
-                continue
-            queued = ahead.get(model, 0) if ahead is not None else sum(model in w.models for w in self.waiters)
-            priors = fleet_priors(self)
-            estimates = [(node, estimate(node, model, call, self, admit, queued, priors)) for node in healthy]
-            scored = score_candidates(estimates)
-            node, total, breakdown, eta = max(scored, key=lambda c: (c[1], -c[0].in_flight, random.random()))
-            chosen = next(e for n, e in estimates if n is node)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("request %s %s -> %s; %s", call.request_id, model, node.node_id, "; ".join(
-                    f"{n.node_id} eta {e['eta']:.2f} s (" + " ".join(f"{k} {v:.2f}" for k, v in e.items()
-                                                          if v and k != "eta") + ")" for n, e in estimates))
-            if admit and node.in_flight_by_model.get(model, 0) >= self.capacity(node):
-                return None, "busy"  # the best node is busy: wait for it rather than settle
-            if admit and chosen["defer"]:
-                return None, "defer"  # the best is to let the node's other models finish first
-            loaded = node.loaded.get(model)
-            default_ctx = node.context_default(model)
-            return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
-                         breakdown=breakdown, held=admit, eta_s=eta, cold=chosen["cold_load"] > 0,
-                         loaded_ctx=(loaded.get("context_length") or default_ctx) if loaded is not None else None,
-                         default_ctx=default_ctx,
-                         pin_ctx=bool(loaded and loaded.get("context_length") and not loaded.get("learned"))
-                         and not node.default_known(model),
-                         load_options=dict(node.load_options.get(model, {}))), None
-        return None, "failing" if failing else "busy"
-
-    def capacity(self, node):
-        return max(1, node.num_parallel or self.config.parallel)
+    def _choose(self, call, models, queued, admit=True):
+        return choose(self.nodes.values(), call, models, parallel=self.config.parallel,
+                      policy=self.context_policy, usual_output=self.usual_output, queued=queued, admit=admit)
 
     def _hold(self, lease):
         node = self.nodes[lease.node_id]
         lease.started = time.monotonic()
-        lease.shared_at_start = sharing(node.in_flight_by_model, lease.model, extra=1)
-        node.running.setdefault(lease.model, set()).add(lease)
-        node.eta_sum[lease.model] = node.eta_sum.get(lease.model, 0.0) + lease.eta_s
-        node.start_sum[lease.model] = node.start_sum.get(lease.model, 0.0) + lease.started
-        node.in_flight += 1
-        node.in_flight_by_model[lease.model] = node.in_flight_by_model.get(lease.model, 0) + 1
+        lease.shared_at_start = sharing(node.counts(), lease.model, extra=1)
+        node.hold(lease)
+
+    def _dequeue(self, waiter):
+        self.waiters.remove(waiter)
+        self.queued.subtract(set(waiter.models))
 
     def _grant_waiters(self):
         """Late binding: hand every free slot to the oldest waiter that wants it. Waiters for a
         model with no free slot anywhere are passed over without scoring (a long queue stays cheap)."""
         if not self.waiters:
             return
-        ahead = {}  # model -> waiters still queued before the one being looked at
+        ahead = collections.Counter()  # model -> waiters still queued before the one being looked at
         full = set()
         for waiter in list(self.waiters):
             lease, wait = None, "busy"
             if not all(model in full for model in waiter.models):
-                lease, wait = self._pick(waiter.call, waiter.models, ahead=ahead)
+                lease, wait = self._choose(waiter.call, waiter.models, ahead)
             waiter.deferred = wait == "defer"
             if lease is not None:
                 self._hold(lease)
                 waiter.lease = lease
-                self.waiters.remove(waiter)
+                self._dequeue(waiter)
                 waiter.event.set()
                 continue
-            for model in waiter.models:
-                ahead[model] = ahead.get(model, 0) + 1
-                if not self._free_slot(model):
-                    full.add(model)
+            ahead.update(waiter.models)
+            full.update(model for model in waiter.models if not self._free_slot(model))
 
     def _free_slot(self, model):
         now = time.time()
-        return any(self._eligible(n, model, now) == "ok" and n.in_flight_by_model.get(model, 0) < self.capacity(n)
+        return any(eligibility(n, model, now) == "ok" and n.running_count(model) < slots(n, self.config.parallel)
                    for n in self.nodes.values())
 
     # -- views -------------------------------------------------------------------------------
@@ -913,37 +1581,17 @@ class Fleet:
                     if n.status(now) == "online"]
 
     def status(self):
-        """The /fleet/status document (SPEC §5)."""
+        """The /fleet/status document."""
         now = time.time()
         with self.lock:
-            nodes = []
-            for node in self.nodes.values():
-                nodes.append({
-                    "node_id": node.node_id, "status": node.status(now), "ollama_url": node.url,
-                    "source": node.source, "hostname": node.hostname, "memory": node.memory,
-                    "gpu": node.gpu, "cpu_percent": node.cpu_percent,
-                    "num_parallel": node.num_parallel or self.config.parallel,
-                    "memory_budget_gb": node.memory_budget_gb,
-                    "default_context_length": node.context_default(None),
-                    "default_context": ("reported" if node.default_context_length else "seen" if node.default_ctx
-                                        else "guessed"),
-                    "ollama_version": node.ollama_version,
-                    "ollama_error": node.ollama_error, "models_available": sorted(node.models),
-                    "models_loaded": [{"name": name, "size_vram": entry.get("size_vram", entry.get("size")),
-                                       "context_length": entry.get("context_length"),
-                                       "requests_active": node.in_flight_by_model.get(name, 0)}
-                                      for name, entry in node.loaded.items()],
-                    "requests_active": node.in_flight, "last_seen": node.last_seen,
-                    "decode_gbs": round(speed, 1) if (speed := node_speed(node)) else None,
-                    "failures": node.failures, "last_failure": node.last_failure,
-                    "cooling_down_s": round(max(0.0, node.cooldown_until - now), 1),
-                })
-            online = [n for n in nodes if n["status"] == "online"]
-            return {"fleet": {"nodes_total": len(nodes), "nodes_online": len(online),
-                              "models_loaded": sum(len(n["models_loaded"]) for n in online),
-                              "requests_active": sum(n["requests_active"] for n in nodes),
-                              "requests_queued": len(self.waiters)},
-                    "nodes": nodes}
+            nodes = [node_view(node, now, self.config.parallel) for node in self.nodes.values()]
+            queued = len(self.waiters)
+        online = [n for n in nodes if n["status"] == "online"]
+        return {"fleet": {"nodes_total": len(nodes), "nodes_online": len(online),
+                          "models_loaded": sum(len(n["models_loaded"]) for n in online),
+                          "requests_active": sum(n["requests_active"] for n in nodes),
+                          "requests_queued": queued},
+                "nodes": nodes}
 
     def management(self):
         """Per node: installed and loaded models with sizes (dashboard model management)."""
@@ -961,16 +1609,15 @@ class Fleet:
 # Node polling and discovery: agentless `--node URL` nodes, the `local` Ollama, mDNS
 # =============================================================================================
 
-POLL_TIMEOUT = 3.0
 MDNS_SERVICE = "_herd._tcp.local."
 
 
 def poll_ollama(session, url):
     """Ask an Ollama for version, tags and ps; returns the heartbeat's `ollama` block."""
     try:
-        version = session.get(url + "/api/version", timeout=POLL_TIMEOUT).json().get("version")
-        models = session.get(url + "/api/tags", timeout=POLL_TIMEOUT).json().get("models") or []
-        loaded = session.get(url + "/api/ps", timeout=POLL_TIMEOUT).json().get("models") or []
+        version = session.get(url + "/api/version", timeout=NODE_CALL_TIMEOUT).json().get("version")
+        models = session.get(url + "/api/tags", timeout=NODE_CALL_TIMEOUT).json().get("models") or []
+        loaded = session.get(url + "/api/ps", timeout=NODE_CALL_TIMEOUT).json().get("models") or []
         return {"reachable": True, "version": version, "models": models, "loaded": loaded}
     except (requests.RequestException, ValueError, AttributeError) as exc:
         return {"reachable": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -1010,7 +1657,7 @@ class NodePoller:
 
 class Advertiser:
     """Announces the router as `_herd._tcp.local.` so agents find it. Registering blocks for
-    seconds (NOTES-STACK: zeroconf), so it happens in a thread, off the start-up path. Liveness
+    about two seconds, so it happens in a thread, off the start-up path. Liveness
     never comes from mDNS: heartbeats decide."""
 
     def __init__(self, host, port):
@@ -1059,988 +1706,8 @@ class Advertiser:
 
 
 # =============================================================================================
-# Scoring: eliminate, estimate where the time goes, then seven signals. Every formula lives here.
+# VRAM fallback: when no node can load the model, a loaded model of the same kind serves it
 # =============================================================================================
-#
-# Elimination (in Fleet._pick): offline or degraded nodes, nodes without the model, nodes whose
-# memory budget is smaller than the model.
-#
-# Each remaining node gets an expected completion time for this request, in seconds, built from
-# what herd measured on its own traffic (Ollama reports load, prompt and eval durations with
-# every reply; speeds are kept per node as GB of weights per second, so one model's speed
-# predicts another's). A node herd has not measured yet is timed once when it joins (Warmer:
-# calibration); until then it counts as the slowest measured node, or, when /api/ps shows
-# Ollama keeps its models in system RAM (size_vram < size), at CPU speed for that share.
-#   wait       until a slot for the model frees there (herd never exceeds num_parallel), counting
-#              the requests already queued for the model
-#   load       a cold load or a context reload: the node's fixed start-up + weights GB x its
-#              seconds per GB (both learned from its loads); half when the model left memory in
-#              the last 10 minutes (page cache)
-#   service    prompt tokens / prefill speed + expected output tokens / decode speed, where speed
-#              = the node's GB/s (25th percentile: its p75 time per token) / weights GB / sharing;
-#              sharing = (streams of this model) ^ 0.3 x (models running): parallel slots of one
-#              model batch well, while different models take turns at the memory bandwidth. It is
-#              integrated over time: each model running there speeds this one up when it ends
-#   slowdown   what this request adds to the streams already running there: they slow down too,
-#              for as long as the two overlap
-#   eviction   the load time of hot models a cold load would push out of memory, half of it
-#   risk       a node that failed recently may fail again: failures x 25% x its time
-# Deferring: when waiting for a node's other models to finish and then running alone there is
-# sooner (counting the slowdown avoided) than sharing it now, the wait is the estimate and, if
-# that node wins, the request waits in herd's queue for it (two models at once finish both late).
-# The seven signals express these seconds as points at one exchange rate per decision (chosen so
-# no signal leaves its range), so the highest total is the soonest expected completion:
-#
-# signal              range     points
-# thermal             0..+50    50 - rate x load (50 when the model is hot and will not reload)
-# memory_fit          0..+20    20 - rate x eviction
-# queue_depth         -30..0    -rate x wait
-# latency_history     -25..0    -rate x (service here - service on the fastest candidate)
-# role_affinity       0..+15    15 - rate x slowdown (small models leave the busy big machine free)
-# availability_trend  0..+10    10 - rate x risk
-# context_fit         0..+15    15 - rate x the part of the load that is a context reload
-#
-# Ties: fewest requests in flight on the whole node, then random, so equal nodes share the load.
-
-CHARS_PER_TOKEN = 4  # rough size of a token in English text
-BATCH_SLOWDOWN = 0.3  # n streams of one model each run at n ^ -0.3 of one alone (batched decode)
-LOAD_FIXED_S = 1.0  # starting a runner, before the weights stream in (at most; learned per node)
-HOT_LOAD_S = 0.05  # a load_duration below this is Ollama finding the model already loaded
-PRIOR_DECODE_GBS = 300.0  # a node herd has not measured yet: a mid-range GPU or Apple chip
-PRIOR_CPU_GBS = 60.0  # the part of a model Ollama keeps in system RAM: dual-channel DDR5
-PRIOR_PREFILL_RATIO = 20.0  # prompt tokens go this many times faster than generated ones
-PRIOR_LOAD_S_PER_GB = 0.5
-PRIOR_OUTPUT_TOKENS = 250  # a chat reply of a few paragraphs
-PAGE_CACHE_DISCOUNT = 0.5  # a model unloaded in the last 10 minutes reloads from the page cache
-SIGNAL_RANGES = {"thermal": 50.0, "memory_fit": 20.0, "queue_depth": 30.0, "latency_history": 25.0,
-                 "role_affinity": 15.0, "availability_trend": 10.0, "context_fit": 15.0}
-# which estimate each signal prices, and whether it is a bonus that the cost reduces (+) or a penalty (-)
-SIGNAL_SECONDS = {"thermal": ("cold_load", +1), "memory_fit": ("eviction", +1), "queue_depth": ("wait", -1),
-                  "latency_history": ("slower_by", -1), "role_affinity": ("slowdown", +1),
-                  "availability_trend": ("risk", +1), "context_fit": ("reload", +1)}
-
-
-def sharing(counts, model, extra=0):
-    """How much slower than alone a stream of `model` runs beside `counts` ({model: streams}),
-    with `extra` more streams of its own."""
-    same = counts.get(model, 0) + extra
-    models = sum(1 for n in counts.values() if n) + (1 if extra and not counts.get(model) else 0)
-    return max(1, same) ** BATCH_SLOWDOWN * max(1, models)
-
-
-def shared_run(node, model, work, start, now):
-    """(seconds, slowdown): how long a request needing `work` seconds alone takes on `node` when
-    it starts in `start` seconds, beside the requests running there that have not ended by then
-    (each model's group is taken to end at its mean remaining time, stretched by the share this
-    request takes), and the seconds it adds to theirs while they overlap."""
-    counts = {}
-    groups = []
-    for other, n in node.in_flight_by_model.items():
-        left = mean_remaining_s(node, other, now) if n > 0 else 0.0
-        if left > start:
-            counts[other] = n
-            groups.append((left, other))
-    with_me = dict(counts, **{model: counts.get(model, 0) + 1})
-    stretch = {other: sharing(with_me, other) / sharing(counts, other) for other in counts}
-    ends = sorted((start + (left - start) * stretch[other], other) for left, other in groups)
-    t, todo, running = start, work, dict(counts)
-    for end, other in ends:
-        pace = 1 / sharing(running, model, extra=1)
-        if todo <= (end - t) * pace:
-            break
-        todo -= (end - t) * pace
-        t = end
-        del running[other]
-    finish = t + todo * sharing(running, model, extra=1)
-    slowdown = sum(counts[other] * (min(end, finish) - start) * (1 - 1 / stretch[other])
-                   for end, other in ends)
-    return finish - start, slowdown
-
-
-def remaining_s(lease, now):
-    """Expected seconds left for a running request (at least a tenth of its estimate)."""
-    return max(0.1 * lease.eta_s, lease.eta_s - (now - lease.started))
-
-
-def mean_remaining_s(node, model, now):
-    """The same, on average over the model's running requests on the node, in O(1)."""
-    n = node.in_flight_by_model.get(model, 0)
-    if n <= 0:
-        return 0.0
-    mean_eta = node.eta_sum.get(model, 0.0) / n
-    return max(0.1 * mean_eta, mean_eta - (now - node.start_sum.get(model, now * n) / n))
-
-
-def node_speed(node):
-    """The decode speed (GB/s) herd routes on for a node, or None before any sample."""
-    clean = node.decode_gbs_alone if len(node.decode_gbs_alone) >= 3 else node.decode_gbs
-    return low_quartile(clean, None)
-
-
-def load_costs(loads):
-    """(fixed s, s per GB) of a node's model loads, from its (GB, seconds) samples, or None: the
-    fixed part (starting a runner) is at most half the quickest load."""
-    if not loads:
-        return None
-    fixed = min(LOAD_FIXED_S, 0.5 * min(seconds for _, seconds in loads))
-    return fixed, statistics.median((seconds - fixed) / gb for gb, seconds in loads)
-
-
-def remember(samples, value):
-    samples.append(value)
-    if len(samples) > SPEED_WINDOW:
-        del samples[0]
-
-
-def low_quartile(samples, prior):
-    """The 25th percentile of recent samples (a cautious speed), or the prior without any."""
-    if not samples:
-        return prior
-    ordered = sorted(samples)
-    return ordered[len(ordered) // 4]
-
-
-def fleet_priors(fleet):
-    """(decode GB/s, (load fixed s, load s/GB)) to assume for a node not measured yet: the slowest
-    measured node (a guess that is too fast sends it requests a known node would serve sooner)."""
-    known = [costs for costs in (load_costs(n.loads) for n in fleet.nodes.values()) if costs]
-    slowest_load = (max(c[0] for c in known), max(c[1] for c in known)) if known else None
-    return (fleet_prior(fleet, "decode_gbs", PRIOR_DECODE_GBS),
-            slowest_load or (LOAD_FIXED_S, PRIOR_LOAD_S_PER_GB))
-
-
-def offload_prior(node, gpu_gbs):
-    """Decode GB/s to assume for an unmeasured node from where Ollama put its loaded models: the
-    share in VRAM (size_vram / size in /api/ps) streams at GPU speed, the rest at CPU speed."""
-    share = node.gpu_share()
-    if share is None or share >= 0.99:
-        return gpu_gbs
-    return 1 / (share / gpu_gbs + (1 - share) / PRIOR_CPU_GBS)
-
-
-def fleet_prior(fleet, attribute, prior):
-    """Before a node is measured, assume it is like the slowest measured node."""
-    known = [low_quartile(getattr(n, attribute), prior) for n in fleet.nodes.values() if getattr(n, attribute)]
-    return min(known) if known else prior
-
-
-def expected_output(call, fleet, model):
-    """Tokens the reply will have: the client's cap when it is below what the model usually says."""
-    options = call.body.get("options") if isinstance(call.body.get("options"), dict) else {}
-    cap = call.body.get("max_tokens") or call.body.get("max_completion_tokens") or options.get("num_predict")
-    history = fleet.output_tokens.get(model)
-    usual = statistics.median(history) if history else PRIOR_OUTPUT_TOKENS
-    if isinstance(cap, int) and cap > 0:
-        return min(cap, 2 * usual)
-    return usual
-
-
-def estimate(node, model, call, fleet, admit, ahead, priors):
-    """Seconds this request would spend on `node`, by cause (see the table above). `priors`
-    (decode GB/s, (load fixed s, load s per GB)) stand in for what the node has not measured yet."""
-    size_gb = max(model_size(node, model) / GB, 0.05)  # memory it takes
-    weights = weights_gb(node, model)
-    now = time.monotonic()
-    decode_gbs = node_speed(node) or offload_prior(node, priors[0])
-    prefill_gbs = low_quartile(node.prefill_gbs, decode_gbs * PRIOR_PREFILL_RATIO)
-    load_fixed, load_per_gb = load_costs(node.loads) or priors[1]
-    counts = node.in_flight_by_model
-    mine = node.running.get(model, ())
-
-    loaded = node.loaded.get(model)
-    load = reload = 0.0
-    if loaded is None:
-        load = load_fixed + weights * load_per_gb
-        if now - node.unloaded_at.get(model, -1e9) < RECENT_UNLOAD_S:
-            load *= PAGE_CACHE_DISCOUNT  # its weights are likely still in the OS page cache
-    else:
-        default_ctx = node.context_default(model)
-        ctx = loaded.get("context_length") or default_ctx
-        if needs_reload(call, ctx, default_ctx, node.load_options.get(model, {}),
-                        fleet.context_policy):
-            drain = max((remaining_s(lease, now) for lease in mine), default=0.0)
-            reload = drain + load_fixed + weights * load_per_gb
-
-    wait = 0.0
-    slots = fleet.capacity(node)
-    if admit and len(mine) >= slots:  # the slots free as running requests end, queued ones first
-        ends = sorted(remaining_s(lease, now) for lease in mine)
-        per_slot = node.eta_sum.get(model, 0.0) / len(mine) or 1.0
-        wait = ends[ahead] if ahead < len(ends) else ends[-1] + (ahead - len(ends) + 1) / slots * per_slot
-
-    eviction = 0.0
-    budget = node.budget_bytes()
-    if loaded is None and budget:
-        free = budget - node.memory_in_use()
-        for name, entry in sorted(node.loaded.items(), key=lambda item: entry_bytes(item[1])):
-            if free >= size_gb * GB:
-                break
-            freed = entry_bytes(entry)
-            free += freed
-            if counts.get(name):  # Ollama waits for busy models before evicting
-                wait = max(wait, max((remaining_s(lease, now) for lease in node.running.get(name, ())),
-                                     default=0.0))
-            eviction += 0.5 * (load_fixed + freed / GB * load_per_gb)
-
-    prompt_tokens = call.prompt_chars / CHARS_PER_TOKEN
-    work = prompt_tokens * weights / prefill_gbs  # seconds alone on the node
-    if "embed" not in call.endpoint:
-        work += expected_output(call, fleet, model) * weights / decode_gbs
-    service, slowdown = shared_run(node, model, work, wait + load + reload, now)
-    # Models running side by side take turns at the memory bandwidth, so both finish late. When
-    # it is sooner overall, wait in herd's queue for the node's other models to finish instead
-    # (the choice is made again whenever a request ends and a few times a second).
-    # A request defers for at most as long as it would take alone, so a steady stream of other
-    # models cannot hold it back for ever.
-    defer = False
-    others = [lease for other, leases in node.running.items() if other != model for lease in leases]
-    if admit and others and not load and not reload:
-        free_in = max(remaining_s(lease, now) for lease in others)
-        alone = work * sharing({model: counts.get(model, 0)}, model, extra=1)
-        waited = time.perf_counter() - call.started
-        if waited < alone and max(wait, free_in) + alone < wait + service + slowdown:
-            wait, service, slowdown, defer = max(wait, free_in), alone, 0.0, True
-
-    eta = wait + load + reload + service
-    risk = min(1.0, 0.25 * node.failures) * eta
-    return {"wait": wait, "cold_load": load + reload, "reload": reload, "service": service,
-            "slowdown": slowdown, "eviction": eviction, "risk": risk, "eta": eta, "defer": defer}
-
-
-def score_candidates(estimates):
-    """[(node, seconds by cause)] -> [(node, total points, breakdown, eta)] at one exchange rate."""
-    fastest = min(e["service"] for _, e in estimates)
-    for _, e in estimates:
-        e["slower_by"] = e["service"] - fastest
-    rate = 1000.0  # points per second: as fine as the ranges allow
-    for signal, (cause, _) in SIGNAL_SECONDS.items():
-        worst = max(e[cause] for _, e in estimates)
-        if worst > 0:
-            rate = min(rate, SIGNAL_RANGES[signal] / worst)
-    scored = []
-    for node, e in estimates:
-        breakdown = {}
-        for signal, (cause, sign) in SIGNAL_SECONDS.items():
-            points = SIGNAL_RANGES[signal] - rate * e[cause] if sign > 0 else -rate * e[cause]
-            breakdown[signal] = round(points, 2)
-        scored.append((node, sum(breakdown.values()), breakdown, e["eta"]))
-    return scored
-
-
-# =============================================================================================
-# Proxying and streaming: one core for both APIs
-# =============================================================================================
-#
-# Admission happens in Fleet.acquire (the queue is fleet state and shares its lock). Then:
-# open the upstream, read its status and first byte, and only then answer the client, so a node
-# that fails before its first byte is retried on the next-best node without the client noticing.
-
-# Never copied from the node's response: Waitress frames the body itself (NOTES-STACK).
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te",
-                        "trailer", "upgrade", "proxy-authenticate", "proxy-authorization", "date",
-                        "server"})
-TAIL_BYTES = 2048  # the end of a reply, kept to read token counts and the done marker
-TOKEN_FIELD = re.compile(rb'"(prompt_eval_count|eval_count|prompt_tokens|completion_tokens|load_duration|'
-                         rb'prompt_eval_duration|eval_duration)"\s*:\s*(\d+)')
-UPSTREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError)
-
-
-def describe(exc):
-    """A short, human sentence for a network error (urllib3's reprs are long)."""
-    reason = getattr(exc, "reason", None) or exc
-    text = str(reason)
-    if "Connection refused" in text:
-        return "connection refused"
-    if isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
-        return "timed out waiting for the node"
-    return text.split(": ", 1)[-1][:200]
-
-
-def reply_tokens(tail):
-    """(prompt_tokens, completion_tokens) from the end of a reply, when the node reported them."""
-    found = dict(TOKEN_FIELD.findall(tail))
-    prompt = found.get(b"prompt_eval_count") or found.get(b"prompt_tokens")
-    completion = found.get(b"eval_count") or found.get(b"completion_tokens")
-    return (int(prompt) if prompt else None, int(completion) if completion else None)
-
-
-def reply_timings(tail, ttft_ms=None, latency_ms=None):
-    """What a reply says about the node's speed: Ollama's own durations (native API), else
-    tokens over the time between first byte and end (OpenAI streams)."""
-    found = {key.decode(): int(value) for key, value in TOKEN_FIELD.findall(tail)}
-    if "eval_duration" in found or "prompt_eval_duration" in found:
-        return {"eval_count": found.get("eval_count"), "eval_s": found.get("eval_duration", 0) / 1e9,
-                "prompt_count": found.get("prompt_eval_count"),
-                "prompt_s": found.get("prompt_eval_duration", 0) / 1e9,
-                "load_s": found.get("load_duration", 0) / 1e9}
-    if found.get("completion_tokens") and ttft_ms is not None and latency_ms and latency_ms > ttft_ms:
-        return {"eval_count": found["completion_tokens"], "eval_s": (latency_ms - ttft_ms) / 1000}
-    return None
-
-
-def reply_finished(call, tail):
-    """Did the node say the reply is complete (Ollama `"done":true`, OpenAI `[DONE]`, pull success)?"""
-    if call.api == "openai":
-        return b"[DONE]" in tail
-    tail = tail.replace(b" ", b"")
-    return b'"status":"success"' in tail if call.endpoint == "/api/pull" else b'"done":true' in tail
-
-
-def upstream_chunks(resp):
-    """Yield the node's bytes as they arrive: chunk by chunk when chunked, else what read1 has."""
-    if resp.chunked and resp.supports_chunked_reads():
-        for chunk in resp.read_chunked(decode_content=False):
-            if chunk:
-                yield chunk
-        return
-    while True:
-        chunk = resp.read1(65536)
-        if not chunk:
-            return
-        yield chunk
-
-
-@dataclass
-class Outcome:
-    """What the trace row says about one client request."""
-
-    status: str = "failed"
-    node_id: str | None = None
-    model: str | None = None
-    score: float | None = None
-    breakdown: dict | None = None
-    retries: int = 0
-    ttft_ms: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    error: str | None = None
-    queue_ms: float | None = None
-
-
-class Proxy:
-    """Forwards calls to nodes: admission, upstream, first byte, relay, release, trace."""
-
-    def __init__(self, fleet, traces, config, settings, pulls, capabilities):
-        self.fleet = fleet
-        self.traces = traces
-        self.config = config
-        self.settings = settings  # runtime settings (dashboard), read on each request
-        self.pulls = pulls
-        self.capabilities = capabilities
-        # urllib3 (the pool under requests) directly: one pooled connection per in-flight
-        # request, no per-call Session overhead on the hot path (NOTES-STACK: +1.0 ms vs +1.36).
-        # Its read timeout is only a backstop: the watchdog enforces each phase's own limit.
-        self.pool = urllib3.PoolManager(
-            num_pools=256, maxsize=config.threads, block=False, retries=False,
-            timeout=urllib3.Timeout(connect=config.connect_timeout,
-                                    read=max(config.first_byte_timeout, config.stall_timeout) + 30))
-        self.pool.pool_classes_by_scheme = {"http": WatchedHTTPPool, "https": WatchedHTTPSPool}
-        self.flights = set()
-        self.active_lock = threading.Lock()
-        # Keep a few threads for health checks, heartbeats and the fleet API (NOTES-STACK).
-        self.max_active = max(1, config.threads - max(4, config.threads // 16))
-
-    # -- entry ------------------------------------------------------------------------------
-
-    def serve(self, call, admit=True):
-        """Answer one parsed call with a Flask response; never raises."""
-        flight = Flight(call, self.config)
-        with self.active_lock:
-            overloaded = len(self.flights) >= self.max_active
-            if not overloaded:
-                self.flights.add(flight)
-        if overloaded:
-            message = (f"herd is serving its maximum of {self.max_active} requests; retry shortly "
-                       "or start herd with more --threads")
-            self.finish(call, Outcome(error=message))
-            return error_response(call.api, 503, message, "overloaded", retry_after=1)
-        try:
-            return self._serve(call, flight, admit)
-        except BaseException:
-            self._done(flight)
-            raise
-
-    def _done(self, flight):
-        with self.active_lock:
-            self.flights.discard(flight)
-
-    def running(self):
-        with self.active_lock:
-            return list(self.flights)
-
-    def _serve(self, call, flight, admit):
-        outcome = Outcome(model=call.model)
-        deadline = time.monotonic() + self.config.queue_timeout
-        attempts = 0
-        last_failure = None
-        while True:
-            try:
-                lease = self._choose(call, admit, deadline)
-            except RoutingError as exc:
-                return self._fail(call, flight, outcome, exc, last_failure)
-            flight.begin(lease)
-            attempts += 1
-            outcome.node_id, outcome.model = lease.node_id, lease.model
-            outcome.score, outcome.breakdown, outcome.queue_ms = lease.score, lease.breakdown, lease.queued_ms
-            try:
-                return self._forward(call, flight, lease, outcome)
-            except UpstreamFailure as failure:
-                self.fleet.release(lease, served=False)
-                if flight.aborted == "cancelled":
-                    outcome.status, outcome.error = "cancelled", "the client disconnected"
-                    self.finish(call, outcome)
-                    self._done(flight)
-                    return error_response(call.api, 499, outcome.error, "cancelled")
-                self.fleet.note_failure(lease, str(failure), failure.unreachable)
-                last_failure = failure
-                retry = not call.pin and attempts <= self.config.max_retries
-                call.note({"failed": lease.node_id, "reason": str(failure), "retried": retry})
-                log.warning("request %s: %s failed before its first byte (%s); %s", call.request_id,
-                            lease.node_id, failure, "retrying" if retry else "giving up")
-                if not retry:
-                    return self._fail(call, flight, outcome, None, failure)
-                outcome.retries += 1
-                flight.reset()
-
-    def _choose(self, call, admit, deadline):
-        """A lease for the call: the pinned node, the fleet's best, or a stand-in model."""
-        if call.pin:
-            return self.fleet.pin(call.pin, call.model)
-        try:
-            return self.fleet.acquire(call, admit, deadline)
-        except RoutingError as exc:
-            if not admit:
-                raise
-            if exc.code == "model_too_large" and self.settings.get("vram_fallback"):
-                substitute = vram_substitute(call, self.fleet.loaded_models(), self.capabilities)
-                if substitute is None:
-                    raise RoutingError(507, f"{exc.message}, and no loaded model of the same kind "
-                                       f"({', '.join(sorted(required_capabilities(call)))}) can stand in",
-                                       exc.code) from None
-                call.substitute = substitute
-                call.note({"vram_fallback": substitute})
-                log.info("request %s: %s fits no node; serving loaded %s instead", call.request_id,
-                         call.model, substitute)
-                return self.fleet.acquire(call, admit, deadline)
-            if exc.code == "model_not_found" and self.settings.get("auto_pull"):
-                message = self.pulls.ensure(call.model, self.fleet)
-                if message:
-                    call.note({"auto_pull": message})
-                    raise RoutingError(404, f"{exc.message.split(' Pull it with')[0]} {message}",
-                                       "model_not_found") from None
-            raise
-
-    def _fail(self, call, flight, outcome, routing_error, upstream_failure):
-        """Answer with the routing error, or with the last node failure when nodes ran out."""
-        self._done(flight)
-        if routing_error is None or (upstream_failure is not None and routing_error.code == "queue_timeout"):
-            message = (f"every node that could serve {call.model} failed (last: {upstream_failure})"
-                       + ("; none recovered in time" if routing_error else "")
-                       + "; check the nodes' Ollama logs or retry")
-            status = 504 if upstream_failure.timed_out else upstream_failure.status
-            outcome.status = "reaped" if flight.aborted == "reaped" else "failed"
-            outcome.error = message
-            self.finish(call, outcome)
-            return error_response(call.api, status, message, "upstream_failed")
-        outcome.status = "cancelled" if routing_error.code == "cancelled" else "failed"
-        outcome.error = routing_error.message
-        outcome.node_id = None
-        self.finish(call, outcome)
-        return error_response(call.api, routing_error.status, routing_error.message,
-                              routing_error.code, routing_error.retry_after)
-
-    # -- one attempt ------------------------------------------------------------------------
-
-    def _forward(self, call, flight, lease, outcome):
-        """Send to the leased node; return the client's response once the node has answered."""
-        body = forward_body(call, lease, self.fleet)
-        try:
-            with flight.watching():
-                resp = self.pool.urlopen(call.method, lease.url + call.endpoint, body=body,
-                                         headers={"Content-Type": "application/json"},
-                                         preload_content=False, redirect=False)
-        except UPSTREAM_ERRORS as exc:
-            raise flight.failure(lease, exc) from None
-        headers = {"X-Herd-Node": lease.node_id, "X-Herd-Model": lease.model}
-        for key, value in resp.headers.items():
-            if key.lower() not in HOP_BY_HOP:
-                headers.setdefault(key, value)
-
-        if resp.status >= 400 or not call.stream:
-            try:
-                data = resp.read()
-            except UPSTREAM_ERRORS as exc:
-                flight.detach()
-                resp.close()
-                raise flight.failure(lease, exc, "broke before its reply was complete") from None
-            flight.detach()
-            resp.release_conn()
-            if resp.status >= 500:
-                raise UpstreamFailure(f"{lease.node_id} answered {resp.status}: {upstream_message(data)}",
-                                      status=resp.status)
-            latency_ms = (time.perf_counter() - call.started) * 1000
-            if resp.status >= 400:
-                outcome.status, outcome.error = "failed", upstream_message(data)
-                self.fleet.release(lease, served=False)
-                if not data.lstrip().startswith(b"{"):
-                    data = json.dumps(error_body(call.api, resp.status, outcome.error, "upstream_error")).encode()
-                headers["Content-Type"] = "application/json"
-            else:
-                outcome.status = "completed"
-                outcome.prompt_tokens, outcome.completion_tokens = reply_tokens(data[-TAIL_BYTES:])
-                self.fleet.release(lease, served=True, sent_ctx=sent_num_ctx(call),
-                                   timings=reply_timings(data[-TAIL_BYTES:]))
-            self.finish(call, outcome, latency_ms)
-            self._done(flight)
-            return Response(data, status=resp.status, headers=headers)
-
-        chunks = upstream_chunks(resp)
-        try:
-            first = next(chunks, b"")
-        except UPSTREAM_ERRORS as exc:
-            flight.detach()
-            resp.close()
-            raise flight.failure(lease, exc, "failed before its first byte") from None
-        flight.first_byte()
-        outcome.ttft_ms = (time.perf_counter() - call.started) * 1000
-        headers["X-Accel-Buffering"] = "no"
-        headers["Cache-Control"] = "no-cache"
-        return Response(Relay(self, call, flight, lease, outcome, resp, chunks, first), status=resp.status,
-                        headers=headers, direct_passthrough=True)
-
-    # -- the record -------------------------------------------------------------------------
-
-    def reject(self, api, endpoint, client_ip, request_id, message):
-        """Trace a request refused at the door (bad input): every client request has a row."""
-        call = Call(api=api, endpoint=endpoint, body={}, raw=b"", model="", stream=False,
-                    fallback_models=[], tags=[], client_ip=client_ip, request_id=request_id,
-                    started=time.perf_counter())
-        self.finish(call, Outcome(error=message))
-
-    def finish(self, call, outcome, latency_ms=None):
-        if latency_ms is None:
-            latency_ms = (time.perf_counter() - call.started) * 1000
-        self.traces.record((
-            call.request_id, time.time(), outcome.model or call.model, call.model, outcome.node_id,
-            outcome.status, round(latency_ms, 3),
-            round(outcome.ttft_ms, 3) if outcome.ttft_ms is not None else None,
-            outcome.prompt_tokens, outcome.completion_tokens, outcome.score,
-            json.dumps(outcome.breakdown) if outcome.breakdown else None, outcome.retries,
-            int(bool(outcome.model and outcome.model != call.model)), call.api, call.endpoint,
-            json.dumps(call.tags) if call.tags else None, call.client_ip, outcome.error,
-            round(outcome.queue_ms, 3) if outcome.queue_ms else None, int(call.stream),
-            json.dumps(call.events) if call.events else None))
-
-
-class Relay:
-    """A stream from node to client. Cleans up exactly once: at its end, on a node error, or
-    when the server closes it (client gone), even if it was closed before its first chunk."""
-
-    def __init__(self, proxy, call, flight, lease, outcome, resp, chunks, first):
-        self.proxy, self.call, self.flight, self.lease, self.outcome = proxy, call, flight, lease, outcome
-        self.resp, self.chunks, self.first = resp, chunks, first
-        self.tail = first[-TAIL_BYTES:]
-        self.closed = False
-        outcome.status = "incomplete"
-
-    def __iter__(self):
-        outcome, flight = self.outcome, self.flight
-        try:
-            yield self.first
-            for chunk in self.chunks:
-                flight.last_byte = time.monotonic()
-                self.tail = (self.tail + chunk)[-TAIL_BYTES:]
-                yield chunk
-            if reply_finished(self.call, self.tail):
-                outcome.status = "completed"
-            else:
-                outcome.error = f"{self.lease.node_id} closed the stream before it was done"
-                yield stream_error_chunk(self.call.api, outcome.error)
-        except UPSTREAM_ERRORS as exc:
-            if flight.aborted != "cancelled":
-                outcome.status = "reaped" if flight.aborted == "reaped" else "incomplete"
-                outcome.error = f"{self.lease.node_id} {flight.explain(exc)}"
-                yield stream_error_chunk(self.call.api, outcome.error)
-        finally:
-            self.close()
-
-    def close(self):
-        if self.closed:
-            return
-        self.closed = True
-        outcome = self.outcome
-        completed = outcome.status == "completed"
-        self.flight.detach()
-        if completed:
-            self.resp.release_conn()
-        else:
-            if outcome.error is None or self.flight.aborted == "cancelled":
-                outcome.status, outcome.error = "cancelled", "the client disconnected"
-            self.resp.close()
-        outcome.prompt_tokens, outcome.completion_tokens = reply_tokens(self.tail)
-        latency_ms = (time.perf_counter() - self.call.started) * 1000
-        timings = reply_timings(self.tail, outcome.ttft_ms, latency_ms) if completed else None
-        self.proxy.fleet.release(self.lease, served=completed, sent_ctx=sent_num_ctx(self.call), timings=timings)
-        self.proxy.finish(self.call, outcome, latency_ms)
-        self.proxy._done(self.flight)
-
-
-def upstream_message(data):
-    """The error text a node sent, whatever its shape."""
-    try:
-        parsed = json.loads(data)
-        error = parsed.get("error") if isinstance(parsed, dict) else None
-        if isinstance(error, dict):
-            return str(error.get("message") or error)
-        if error:
-            return str(error)
-    except ValueError:
-        pass
-    return data[:300].decode("utf-8", "replace").strip() or "no body"
-
-
-def forward_body(call, lease, fleet):
-    """The bytes to send the node: the client's own unless herd had to change something."""
-    if lease.model != call.model:  # a fallback model serves it
-        if call.body.get("model") != lease.model:
-            log.info("request %s: %s served by fallback model %s on %s", call.request_id, call.model,
-                     lease.model, lease.node_id)
-            call.note({"fallback_model": lease.model})
-            call.body["model"] = lease.model
-            call.edited = True
-    elif call.asked_name is not None and call.body.get("model") != call.asked_name:  # back to the primary
-        call.body["model"] = call.asked_name
-    if call.endpoint in INFERENCE_ENDPOINTS:
-        protect_context(call, lease, fleet.context_policy)
-        if lease.loaded_ctx is None and lease.held:
-            fleet.remember_load(lease, call.body.get("options") or {}, sent_num_ctx(call))
-    return json.dumps(call.body).encode() if call.edited else call.raw
-
-
-# =============================================================================================
-# Resilience: the watchdog, context protection, VRAM fallback, auto-pull
-# =============================================================================================
-
-WATCHDOG_PERIOD_S = 0.2  # how often running requests are checked: a client that left is cut within it
-RECONCILE_EVERY_S = 10.0
-INFERENCE_ENDPOINTS = frozenset({"/api/chat", "/api/generate", "/api/embed", "/api/embeddings"})
-_watched = threading.local()  # the Flight whose upstream connection the current thread opens
-
-
-class UpstreamFailure(Exception):
-    """A node failed before its first byte reached the client: the request may be retried."""
-
-    def __init__(self, message, status=502, unreachable=False, timed_out=False):
-        super().__init__(message)
-        self.status = status
-        self.unreachable = unreachable
-        self.timed_out = timed_out
-
-
-class WatchedHTTPConnection(urllib3.connection.HTTPConnection):
-    """Hands itself to the request's Flight, so the watchdog can cut a silent upstream."""
-
-    def request(self, *args, **kwargs):
-        flight = getattr(_watched, "flight", None)
-        if flight is not None:
-            flight.attach(self)
-        return super().request(*args, **kwargs)
-
-
-class WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
-    request = WatchedHTTPConnection.request
-
-
-class WatchedHTTPPool(urllib3.HTTPConnectionPool):
-    ConnectionCls = WatchedHTTPConnection
-
-
-class WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
-    ConnectionCls = WatchedHTTPSConnection
-
-
-class Flight:
-    """One running request as the watchdog sees it: its phase, its last byte, its connection."""
-
-    def __init__(self, call, config):
-        self.call = call
-        self.lease = None
-        # Non-streaming replies have no first byte until they are done: only the stall limit applies.
-        self.first_byte_limit = config.first_byte_timeout if call.stream else config.stall_timeout
-        self.idle_limit = config.idle_timeout
-        self.stall_limit = config.stall_timeout
-        self.lock = threading.Lock()
-        self.reset()
-
-    def reset(self):
-        """A fresh attempt (after a retry)."""
-        self.started = self.last_byte = time.monotonic()
-        self.first_byte_at = None
-        self.conn = None
-        self.aborted = None
-        self.cut_done = False
-
-    def begin(self, lease):
-        self.lease = lease
-        self.started = self.last_byte = time.monotonic()
-
-    @contextlib.contextmanager
-    def watching(self):
-        """While open, the connection this thread opens upstream is handed to this flight."""
-        _watched.flight = self
-        try:
-            yield
-        finally:
-            _watched.flight = None
-
-    def attach(self, conn):
-        with self.lock:
-            self.conn = conn
-            self.cut_done = False
-
-    def detach(self):
-        """The connection goes back to the pool: the watchdog must not touch it any more."""
-        with self.lock:
-            self.conn = None
-
-    def first_byte(self):
-        self.first_byte_at = self.last_byte = time.monotonic()
-
-    def abort(self, reason):
-        with self.lock:
-            if self.aborted is None:
-                self.aborted = reason
-                log.warning("request %s on %s: %s", self.call.request_id,
-                            self.lease.node_id if self.lease else "-", self.explain())
-            self._cut()
-
-    def _cut(self):
-        sock = getattr(self.conn, "sock", None)
-        if sock is not None and not self.cut_done:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self.cut_done = True
-
-    def check(self, now):
-        """The watchdog's look at this request: cut it if it broke a limit."""
-        if self.aborted is not None:
-            with self.lock:
-                self._cut()  # the connection may have opened after the abort
-            return
-        if self.call.client_gone():
-            self.abort("cancelled")
-        elif self.first_byte_at is None and self.lease and now - self.started > self.first_byte_limit:
-            self.abort("first_byte_timeout")
-        elif self.first_byte_at is not None and now - self.last_byte > self.idle_limit:
-            self.abort("idle_timeout")
-        elif self.lease and now - self.last_byte > self.stall_limit:
-            self.abort("reaped")
-
-    def explain(self, exc=None):
-        reasons = {"cancelled": "the client disconnected",
-                   "first_byte_timeout": f"sent nothing for {self.first_byte_limit:g} s (first-byte timeout)",
-                   "idle_timeout": f"went silent for {self.idle_limit:g} s mid-stream (idle timeout)",
-                   "reaped": f"produced no byte for {self.stall_limit:g} s and was reaped"}
-        if self.aborted:
-            return reasons[self.aborted]
-        return f"broke off mid-stream ({describe(exc)})" if exc is not None else "failed"
-
-    def failure(self, lease, exc, what=None):
-        """The UpstreamFailure for an error before the first byte."""
-        if self.aborted and self.aborted != "cancelled":
-            return UpstreamFailure(f"{lease.node_id} {self.explain()}", status=504, timed_out=True)
-        unreachable = isinstance(exc, urllib3.exceptions.NewConnectionError) or \
-            isinstance(getattr(exc, "reason", None), urllib3.exceptions.NewConnectionError)
-        text = describe(exc)
-        return UpstreamFailure(f"{lease.node_id}: {what + ' (' + text + ')' if what else text}",
-                               unreachable=unreachable)
-
-
-class Watchdog:
-    """Background thread: cuts requests whose client left or whose node went silent, wakes
-    queued requests when a node's rest ends, and reconciles in-flight counts."""
-
-    def __init__(self, proxy, fleet):
-        self.proxy, self.fleet = proxy, fleet
-        self.stop = threading.Event()
-        self.suspect = None
-        self.thread = threading.Thread(target=self.run, name="herd-watchdog", daemon=True)
-
-    def run(self):
-        next_reconcile = time.monotonic() + RECONCILE_EVERY_S
-        while not self.stop.wait(WATCHDOG_PERIOD_S):
-            now = time.monotonic()
-            for flight in self.proxy.running():
-                try:
-                    flight.check(now)
-                except Exception:  # noqa: BLE001 - one odd request must not stop the watchdog
-                    log.exception("watchdog check failed")
-            self.fleet.tick()
-            if now >= next_reconcile:
-                self._reconcile()
-                next_reconcile = now + RECONCILE_EVERY_S
-
-    def _reconcile(self):
-        """Counts that disagree with the running requests twice in a row are corrected."""
-        counts = {}
-        for flight in self.proxy.running():
-            lease = flight.lease
-            if lease is not None and lease.held and not lease.released:
-                counts[(lease.node_id, lease.model)] = counts.get((lease.node_id, lease.model), 0) + 1
-        if counts == self.suspect:
-            self.fleet.reconcile(counts)
-            self.suspect = None
-        else:
-            self.suspect = counts if counts != self.fleet.in_flight_counts() else None
-
-
-# -- warming: time new nodes, put a model in demand on a node that has room for it ----------
-
-WARMER_EVERY_S = 0.5  # how often the warmer looks for a node to calibrate and a model to preload
-PRELOAD_WINDOW_S = 60.0  # demand is counted over this window
-PRELOAD_MIN_REQUESTS = 2
-PRELOAD_FASTER_BY = 1.15  # the node must be this much faster than where the model is hot
-PRELOAD_HEADROOM = 0.15  # free memory beyond the model, for its context
-PRELOAD_SPARE = 0.25  # a second home for a model hot on one node only keeps this share of memory free
-CALIBRATE_RETRY_S = 60.0  # a node still unmeasured after a calibration is tried again after this
-CALIBRATION_TOKENS = 32
-CALIBRATION_PROMPT = ("herd is timing this machine so it can route requests to it well. "
-                      "Please answer with a short list of animals that live in the sea.") * 2
-
-
-class Warmer:
-    """Background thread with two jobs that keep routing informed ahead of traffic:
-
-    - calibration: a node herd has no speed for yet gets one short generation (32 tokens) on
-      its smallest hot chat model while it is idle, so the first real requests are routed on a
-      measured speed rather than a guess;
-    - preloading: a model that traffic keeps asking for is loaded onto a faster node with free
-      memory (no eviction), so the next requests find it hot there. Ollama loads a model, and
-      does nothing else, on a /api/generate with no prompt."""
-
-    def __init__(self, fleet, settings, capabilities):
-        self.fleet = fleet
-        self.settings = settings
-        self.capabilities = capabilities
-        self.session = control_session()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, name="herd-warmer", daemon=True)
-
-    def run(self):
-        while not self.stop.wait(WARMER_EVERY_S):
-            plan = self.fleet.calibration_plan() if self.settings.get("calibrate") else None
-            if plan is not None:
-                self.calibrate(*plan)
-            if self.settings.get("preload"):
-                self.preload()
-
-    def calibrate(self, node_id, url, hot):
-        """Time one short generation on the first chat model among `hot` ([(model, the options it
-        runs with)]), sent with those options so that Ollama does not reload it."""
-        for model, options in hot:
-            caps = self.capabilities.get(model)
-            if caps is not None and "completion" not in caps:
-                continue  # an embedding model cannot generate
-            body = {"model": model, "prompt": CALIBRATION_PROMPT, "stream": False,
-                    "options": dict(options, num_predict=CALIBRATION_TOKENS)}
-            try:
-                resp = self.session.post(url + "/api/generate", json=body, timeout=(POLL_TIMEOUT, 120))
-                timings = reply_timings(resp.content[-TAIL_BYTES:]) if resp.status_code == 200 else None
-            except requests.RequestException as exc:
-                log.debug("calibration of %s failed: %s", node_id, exc)
-                timings = None
-            if timings:
-                self.fleet.calibrated(node_id, model, timings)
-            return
-
-    def preload(self):
-        plan = self.fleet.preload_plan(PRELOAD_WINDOW_S, PRELOAD_MIN_REQUESTS, PRELOAD_FASTER_BY)
-        if plan is None:
-            return
-        node_id, url, model, why = plan
-        log.info("preloading %s on %s: it is in demand, and %s", model, node_id, why)
-        started = time.monotonic()
-        try:
-            ok = self.session.post(url + "/api/generate", json={"model": model},
-                                   timeout=(POLL_TIMEOUT, 600)).status_code == 200
-        except requests.RequestException as exc:
-            log.warning("preload of %s on %s failed: %s", model, node_id, exc)
-            ok = False
-        self.fleet.preloaded(node_id, model, ok, time.monotonic() - started)
-
-
-# -- context protection (SPEC §7) ------------------------------------------------------------
-
-def context_number(value):
-    """num_ctx as a whole number, whether the client wrote 8192 or 8192.0; None when absent."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return int(value)
-    return None
-
-
-def sent_num_ctx(call):
-    options = call.body.get("options")
-    return options.get("num_ctx") if isinstance(options, dict) else None
-
-
-def needs_reload(call, loaded_ctx, default_ctx, load_options, policy):
-    """Would this request make Ollama reload a model that runs with `loaded_ctx`?"""
-    if call.api == "openai":  # /v1 cannot set options: it runs with the defaults
-        return loaded_ctx != default_ctx or any(load_options.get(k) is not None for k in RELOAD_OPTIONS)
-    options = call.body.get("options") if isinstance(call.body.get("options"), dict) else {}
-    asked = context_number(options.get("num_ctx"))
-    if policy == "strip":  # herd rewrites whatever would reload, except a context that is too small
-        return asked is not None and asked > loaded_ctx
-    wanted = asked if asked is not None else default_ctx
-    return wanted != loaded_ctx or any(options.get(k) != load_options.get(k) for k in RELOAD_OPTIONS)
-
-
-def protect_context(call, lease, policy):
-    """Keep a native request from reloading the model it is sent to (strip), or say it would (warn)."""
-    if policy == "passthrough" or call.api == "openai" or lease.loaded_ctx is None:
-        return
-    original = call.body.get("options") if isinstance(call.body.get("options"), dict) else {}
-    options = dict(original)
-    loaded, default = lease.loaded_ctx, lease.default_ctx
-    asked = context_number(options.get("num_ctx"))
-    changes = []
-    if asked is not None and asked > loaded:
-        changes.append(f"num_ctx {asked} > loaded {loaded}: passed through (reload)")
-    elif asked is not None and loaded == default and not lease.pin_ctx:
-        del options["num_ctx"]
-        changes.append(f"num_ctx {asked} stripped (loaded {loaded})")
-    elif asked is not None and asked != loaded:
-        options["num_ctx"] = loaded
-        changes.append(f"num_ctx {asked} -> {loaded} (loaded)")
-    elif asked is None and loaded != default:
-        options["num_ctx"] = loaded
-        changes.append(f"num_ctx set to loaded {loaded}")
-    elif asked is None and lease.pin_ctx:
-        options["num_ctx"] = loaded  # the node's default is a guess: name what runs (not a change)
-    for key in RELOAD_OPTIONS:
-        if options.get(key) != lease.load_options.get(key):
-            if key in lease.load_options:
-                changes.append(f"{key} {options.get(key)} -> {lease.load_options[key]} (loaded)")
-                options[key] = lease.load_options[key]
-            else:
-                changes.append(f"{key} {options.pop(key)} stripped")
-    if policy == "warn":
-        if changes:
-            log.warning("request %s would reload %s on %s: %s", call.request_id, lease.model, lease.node_id,
-                        "; ".join(changes))
-            call.note({"context": "warn: " + "; ".join(changes)})
-        return
-    if options != original:
-        call.body["options"] = options
-        call.edited = True
-    if changes:
-        log.info("request %s to %s on %s: %s", call.request_id, lease.model, lease.node_id, "; ".join(changes))
-        call.note({"context": "; ".join(changes)})
-
-
-# -- VRAM-aware fallback ---------------------------------------------------------------------
 
 def has_images(body):
     if body.get("images"):
@@ -2100,7 +1767,7 @@ class Capabilities:
         if url:
             try:
                 caps = self.session.post(url + "/api/show", json={"model": model},
-                                         timeout=POLL_TIMEOUT).json().get("capabilities")
+                                         timeout=NODE_CALL_TIMEOUT).json().get("capabilities")
             except (requests.RequestException, ValueError, AttributeError):
                 caps = None
         with self.lock:
@@ -2111,7 +1778,9 @@ class Capabilities:
         return caps if isinstance(caps, list) else None
 
 
-# -- auto-pull -------------------------------------------------------------------------------
+# =============================================================================================
+# Auto-pull: a model no node has is pulled onto the roomiest node
+# =============================================================================================
 
 class Pulls:
     """Model pulls started by herd (auto-pull, dashboard): at most one per model at a time."""
@@ -2151,7 +1820,7 @@ class Pulls:
         progress = self.pulls[model]
         try:
             with self.session.post(url + "/api/pull", json={"model": model, "stream": True},
-                                   stream=True, timeout=(POLL_TIMEOUT, 600)) as response:
+                                   stream=True, timeout=(NODE_CALL_TIMEOUT, 600)) as response:
                 if response.status_code != 200:
                     raise ValueError(upstream_message(response.content))
                 for line in response.iter_lines():
@@ -2178,18 +1847,588 @@ class Pulls:
 
 
 # =============================================================================================
+# Watchdog: each phase of a running request has its limit, and the in-flight counts stay true
+# =============================================================================================
+#
+# A client that leaves is noticed by Waitress only on the next write, and a node that goes silent
+# (a model load, a hang) holds its stream open for ever: the watchdog looks at every running
+# request a few times a second and cuts its upstream connection when its client left or its node
+# broke a limit. It also ends the rest of resting nodes that waiters need, and corrects in-flight
+# counts that disagree with the requests actually running.
+
+WATCHDOG_PERIOD_S = 0.2  # how often running requests are checked: a client that left is cut within it
+RECONCILE_EVERY_S = 10.0
+_watched = threading.local()  # the Exchange whose upstream connection the current thread opens
+
+
+class UpstreamFailure(Exception):
+    """A node failed before its first byte reached the client: the request may be retried."""
+
+    def __init__(self, message, status=502, unreachable=False, timed_out=False):
+        super().__init__(message)
+        self.status = status
+        self.unreachable = unreachable
+        self.timed_out = timed_out
+
+
+class WatchedHTTPConnection(urllib3.connection.HTTPConnection):
+    """Hands itself to the request's Exchange, so the watchdog can cut a silent upstream."""
+
+    def request(self, *args, **kwargs):
+        exchange = getattr(_watched, "exchange", None)
+        if exchange is not None:
+            exchange.attach(self)
+        return super().request(*args, **kwargs)
+
+
+class WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    request = WatchedHTTPConnection.request
+
+
+class WatchedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = WatchedHTTPConnection
+
+
+class WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = WatchedHTTPSConnection
+
+
+class Watchdog:
+    """Background thread: checks every running exchange, wakes queued requests when a node's
+    rest ends, and reconciles in-flight counts."""
+
+    def __init__(self, proxy, fleet):
+        self.proxy, self.fleet = proxy, fleet
+        self.stop = threading.Event()
+        self.suspect = None
+        self.thread = threading.Thread(target=self.run, name="herd-watchdog", daemon=True)
+
+    def run(self):
+        next_reconcile = time.monotonic() + RECONCILE_EVERY_S
+        while not self.stop.wait(WATCHDOG_PERIOD_S):
+            now = time.monotonic()
+            for exchange in self.proxy.running():
+                try:
+                    exchange.check(now)
+                except Exception:  # noqa: BLE001 - one odd request must not stop the watchdog
+                    log.exception("watchdog check failed")
+            try:
+                self.fleet.tick()
+                if now >= next_reconcile:
+                    self.reconcile()
+                    next_reconcile = now + RECONCILE_EVERY_S
+            except Exception:  # noqa: BLE001
+                log.exception("watchdog tick failed")
+
+    def reconcile(self):
+        """Counts that disagree with the running requests twice in a row are corrected."""
+        leases = [exchange.lease for exchange in self.proxy.running()
+                  if exchange.lease is not None and exchange.lease.held and not exchange.lease.released]
+        counts = collections.Counter((lease.node_id, lease.model) for lease in leases)
+        if counts == self.suspect:
+            self.fleet.reconcile(leases)
+            self.suspect = None
+        else:
+            self.suspect = counts if counts != collections.Counter(self.fleet.in_flight_counts()) else None
+
+
+# =============================================================================================
+# Proxying and streaming: one Exchange per client request, one core for both APIs
+# =============================================================================================
+#
+# A request's path: the route parses it into a Call (the door) and hands it to Proxy.serve,
+# which makes its Exchange. Then, attempt by attempt: the Fleet grants a slot on the best node
+# (waiting in the admission queue if it must), the body is adjusted for that node (fallback
+# model, context protection), the upstream request is opened and its status and first byte read,
+# and only then the client is answered, so a node that fails before its first byte is retried
+# on the next-best node without the client noticing. A buffered reply ends the exchange at once;
+# a stream ends it when the Relay ends, however it ends.
+
+# Never copied from the node's response: Waitress frames the body itself, and fails a response
+# that carries the upstream's framing headers.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te",
+                        "trailer", "upgrade", "proxy-authenticate", "proxy-authorization", "date",
+                        "server"})
+UPSTREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError)
+INFERENCE_ENDPOINTS = frozenset({"/api/chat", "/api/generate", "/api/embed", "/api/embeddings"})
+# Waitress threads kept free of proxied requests, for health checks, heartbeats and the fleet API:
+# a sixteenth of them, at least four.
+THREAD_RESERVE_SHARE, THREAD_RESERVE_MIN = 16, 4
+
+
+def describe(exc):
+    """A short, human sentence for a network error (urllib3's reprs are long)."""
+    reason = getattr(exc, "reason", None) or exc
+    text = str(reason)
+    if "Connection refused" in text:
+        return "connection refused"
+    if isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+        return "timed out waiting for the node"
+    return text.split(": ", 1)[-1][:200]
+
+
+def reply_finished(call, tail):
+    """Did the node say the reply is complete (Ollama `"done":true`, OpenAI `[DONE]`, pull success)?"""
+    if call.api == "openai":
+        return b"[DONE]" in tail
+    tail = tail.replace(b" ", b"")
+    return b'"status":"success"' in tail if call.endpoint == "/api/pull" else b'"done":true' in tail
+
+
+def upstream_chunks(resp):
+    """Yield the node's bytes as they arrive: chunk by chunk when chunked, else what read1 has
+    (iter_content would buffer a body that ends at connection close)."""
+    if resp.chunked and resp.supports_chunked_reads():
+        for chunk in resp.read_chunked(decode_content=False):
+            if chunk:
+                yield chunk
+        return
+    while True:
+        chunk = resp.read1(65536)
+        if not chunk:
+            return
+        yield chunk
+
+
+def body_for(call, lease, policy):
+    """The bytes to send the leased node: the client's own unless the model or its options had
+    to change (a fallback model serves it; context protection)."""
+    if lease.model != call.model:  # a fallback model serves it
+        if call.body.get("model") != lease.model:
+            log.info("request %s: %s served by fallback model %s on %s", call.request_id, call.model,
+                     lease.model, lease.node_id)
+            call.note({"fallback_model": lease.model})
+            call.body["model"] = lease.model
+            call.edited = True
+    elif call.asked_name is not None and call.body.get("model") != call.asked_name:  # back to the primary
+        call.body["model"] = call.asked_name
+    if call.endpoint in INFERENCE_ENDPOINTS:
+        protect_context(call, lease, policy)
+    return json.dumps(call.body).encode() if call.edited else call.raw
+
+
+class Exchange:
+    """One client request from the door to its trace row.
+
+    It carries the call, the attempt under way (the lease on a node's slot and the upstream
+    connection, which the watchdog may cut) and the outcome the trace row reports. However the
+    request ends (a buffered reply, a stream's end, the client gone, the upstream cut, an error
+    before the first byte, a refusal), `finish()` ends it exactly once: it closes the upstream,
+    gives the slot back, writes the trace row and drops the exchange from the running set."""
+
+    def __init__(self, call, proxy):
+        self.call = call
+        self.proxy = proxy
+        config = proxy.config
+        # A non-streaming reply has no first byte until it is done: only the stall limit applies.
+        self.first_byte_limit = config.first_byte_timeout if call.stream else config.stall_timeout
+        self.idle_limit = config.idle_timeout
+        self.stall_limit = config.stall_timeout
+        self.lock = threading.Lock()
+        self.ended = False
+        self.lease = None
+        self.upstream = None  # the node's streaming response while the relay reads it
+        # the outcome, as the trace row reports it
+        self.status = "failed"
+        self.node_id = None
+        self.model = call.model
+        self.score = self.breakdown = self.queue_ms = None
+        self.retries = 0
+        self.ttft_ms = None
+        self.error = None
+        self.reply = ReplyStats()
+        self._watch_afresh()
+
+    # -- attempts -----------------------------------------------------------------------------
+
+    def _watch_afresh(self):
+        self.started = self.last_byte = time.monotonic()
+        self.first_byte_at = None
+        self.conn = None
+        self.aborted = None
+        self.cut_done = False
+
+    def begin(self, lease):
+        """A new attempt on the leased node."""
+        self._watch_afresh()
+        self.lease = lease
+        self.node_id, self.model = lease.node_id, lease.model
+        self.score, self.breakdown, self.queue_ms = lease.score, lease.breakdown, lease.queued_ms
+
+    def abandon(self):
+        """The attempt failed before its first byte: give its slot back; returns its lease."""
+        lease, self.lease = self.lease, None
+        self.detach()
+        self.proxy.fleet.release(lease, served=False)
+        return lease
+
+    def first_byte(self):
+        self.first_byte_at = self.last_byte = time.monotonic()
+        self.ttft_ms = (time.perf_counter() - self.call.started) * 1000
+
+    # -- the watchdog's view ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def watching(self):
+        """While open, the connection this thread opens upstream is handed to this exchange."""
+        _watched.exchange = self
+        try:
+            yield
+        finally:
+            _watched.exchange = None
+
+    def attach(self, conn):
+        with self.lock:
+            self.conn = conn
+            self.cut_done = False
+
+    def detach(self):
+        """The connection goes back to the pool: the watchdog must not touch it any more."""
+        with self.lock:
+            self.conn = None
+
+    def abort(self, reason):
+        with self.lock:
+            if self.aborted is None:
+                self.aborted = reason
+                log.warning("request %s on %s: %s", self.call.request_id, self.node_id or "-", self.explain())
+            self._cut()
+
+    def _cut(self):
+        sock = getattr(self.conn, "sock", None)
+        if sock is not None and not self.cut_done:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.cut_done = True
+
+    def check(self, now):
+        """The watchdog's look at this request: cut it if it broke a limit."""
+        if self.aborted is not None:
+            with self.lock:
+                self._cut()  # the connection may have opened after the abort
+            return
+        if self.call.client_gone():
+            self.abort("cancelled")
+        elif self.lease is None:
+            return  # between attempts or queued: the admission queue keeps its own deadline
+        elif self.first_byte_at is None and now - self.started > self.first_byte_limit:
+            self.abort("first_byte_timeout")
+        elif self.first_byte_at is not None and now - self.last_byte > self.idle_limit:
+            self.abort("idle_timeout")
+        elif now - self.last_byte > self.stall_limit:
+            self.abort("reaped")
+
+    def explain(self, exc=None):
+        reasons = {"cancelled": "the client disconnected",
+                   "first_byte_timeout": f"sent nothing for {self.first_byte_limit:g} s (first-byte timeout)",
+                   "idle_timeout": f"went silent for {self.idle_limit:g} s mid-stream (idle timeout)",
+                   "reaped": f"produced no byte for {self.stall_limit:g} s and was reaped"}
+        if self.aborted:
+            return reasons[self.aborted]
+        return f"broke off mid-stream ({describe(exc)})" if exc is not None else "failed"
+
+    def failure(self, exc, what=None):
+        """The UpstreamFailure for an error before the first byte."""
+        node_id = self.lease.node_id
+        if self.aborted and self.aborted != "cancelled":
+            return UpstreamFailure(f"{node_id} {self.explain()}", status=504, timed_out=True)
+        unreachable = isinstance(exc, urllib3.exceptions.NewConnectionError) or \
+            isinstance(getattr(exc, "reason", None), urllib3.exceptions.NewConnectionError)
+        text = describe(exc)
+        return UpstreamFailure(f"{node_id}: {what + ' (' + text + ')' if what else text}",
+                               unreachable=unreachable)
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def finish(self, status, error=None, tail=b""):
+        """End the request (once): close or reuse the upstream, give the slot back (learning from
+        the reply when it completed), write the trace row, leave the running set."""
+        with self.lock:
+            if self.ended:
+                return
+            self.ended = True
+            self.conn = None
+        latency_ms = (time.perf_counter() - self.call.started) * 1000
+        self.status, self.error = status, error
+        completed = status == "completed"
+        if tail:
+            self.reply = read_reply(tail, self.ttft_ms, latency_ms)
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            if completed:
+                upstream.release_conn()
+            else:
+                upstream.close()
+        if self.lease is not None:
+            self.proxy.fleet.release(self.lease, served=completed, sent_ctx=sent_num_ctx(self.call),
+                                     timings=self.reply.timings if completed else None)
+        self.proxy.traces.record(self.trace_row(latency_ms))
+        self.proxy.drop(self)
+
+    def fail(self, status, message, code, retry_after=None, outcome="failed"):
+        """End the request with an error answer in the client's API shape."""
+        self.finish(outcome, message)
+        return error_response(self.call.api, status, message, code, retry_after)
+
+    def trace_row(self, latency_ms):
+        """The request_traces row, keyed by column."""
+        call = self.call
+        return {
+            "request_id": call.request_id, "timestamp": time.time(), "model": self.model or call.model,
+            "original_model": call.model, "node_id": self.node_id, "status": self.status,
+            "latency_ms": round(latency_ms, 3),
+            "time_to_first_token_ms": round(self.ttft_ms, 3) if self.ttft_ms is not None else None,
+            "prompt_tokens": self.reply.prompt_tokens, "completion_tokens": self.reply.completion_tokens,
+            "score": self.score, "scores_breakdown": json.dumps(self.breakdown) if self.breakdown else None,
+            "retry_count": self.retries, "fallback_used": int(bool(self.model and self.model != call.model)),
+            "api": call.api, "endpoint": call.endpoint, "tags": json.dumps(call.tags) if call.tags else None,
+            "client_ip": call.client_ip, "error_message": self.error,
+            "queue_ms": round(self.queue_ms, 3) if self.queue_ms else None, "stream": int(call.stream),
+            "events": json.dumps(call.events) if call.events else None,
+        }
+
+
+class Relay:
+    """A stream from node to client. Its end, whatever it is (the node's last chunk, a node
+    error, the server closing it because the client left, even before its first chunk), ends
+    the exchange."""
+
+    def __init__(self, exchange, chunks, first):
+        self.exchange, self.chunks, self.first = exchange, chunks, first
+        self.tail = first[-TAIL_BYTES:]
+        self.status, self.error = "incomplete", None
+
+    def __iter__(self):
+        exchange, call = self.exchange, self.exchange.call
+        try:
+            yield self.first
+            for chunk in self.chunks:
+                exchange.last_byte = time.monotonic()
+                self.tail = (self.tail + chunk)[-TAIL_BYTES:]
+                yield chunk
+            if reply_finished(call, self.tail):
+                self.status = "completed"
+            else:
+                self.error = f"{exchange.node_id} closed the stream before it was done"
+                yield stream_error_chunk(call.api, self.error)
+        except UPSTREAM_ERRORS as exc:
+            if exchange.aborted != "cancelled":
+                self.status = "reaped" if exchange.aborted == "reaped" else "incomplete"
+                self.error = f"{exchange.node_id} {exchange.explain(exc)}"
+                yield stream_error_chunk(call.api, self.error)
+        finally:
+            self.close()
+
+    def close(self):
+        status, error = self.status, self.error
+        if status != "completed" and (error is None or self.exchange.aborted == "cancelled"):
+            status, error = "cancelled", "the client disconnected"
+        self.exchange.finish(status, error, self.tail)
+
+
+class Proxy:
+    """Carries each exchange through its attempts: admission, upstream, first byte, the reply."""
+
+    def __init__(self, fleet, traces, config, settings, pulls, capabilities):
+        self.fleet = fleet
+        self.traces = traces
+        self.config = config
+        self.settings = settings  # runtime settings (dashboard), read on each request
+        self.pulls = pulls
+        self.capabilities = capabilities
+        # urllib3 (the pool under requests) directly: one pooled connection per in-flight request,
+        # no per-call Session overhead on the hot path. Its read timeout is only a backstop: the
+        # watchdog enforces each phase's own limit.
+        self.pool = urllib3.PoolManager(
+            num_pools=256, maxsize=config.threads, block=False, retries=False,
+            timeout=urllib3.Timeout(connect=config.connect_timeout,
+                                    read=max(config.first_byte_timeout, config.stall_timeout) + 30))
+        self.pool.pool_classes_by_scheme = {"http": WatchedHTTPPool, "https": WatchedHTTPSPool}
+        self.exchanges = set()
+        self.lock = threading.Lock()
+        self.max_active = max(1, config.threads - max(THREAD_RESERVE_MIN, config.threads // THREAD_RESERVE_SHARE))
+
+    # -- entry ------------------------------------------------------------------------------
+
+    def serve(self, call, admit=True):
+        """Answer one parsed call with a Flask response; never raises."""
+        exchange = Exchange(call, self)
+        with self.lock:
+            overloaded = len(self.exchanges) >= self.max_active
+            if not overloaded:
+                self.exchanges.add(exchange)
+        if overloaded:
+            return exchange.fail(503, f"herd is serving its maximum of {self.max_active} requests; retry "
+                                 "shortly or start herd with more --threads", "overloaded", retry_after=1)
+        try:
+            return self._attempts(exchange, admit)
+        except BaseException as exc:
+            exchange.finish("failed", f"herd hit an internal error ({type(exc).__name__})")
+            raise
+
+    def refuse(self, api, endpoint, client_ip, request_id, message):
+        """Trace a request refused at the door (bad input): every client request has a row."""
+        call = Call(api=api, endpoint=endpoint, body={}, raw=b"", model="", stream=False,
+                    fallback_models=[], tags=[], client_ip=client_ip, request_id=request_id,
+                    started=time.perf_counter())
+        Exchange(call, self).finish("failed", message)
+
+    def drop(self, exchange):
+        with self.lock:
+            self.exchanges.discard(exchange)
+
+    def running(self):
+        with self.lock:
+            return list(self.exchanges)
+
+    # -- attempts ----------------------------------------------------------------------------
+
+    def _attempts(self, exchange, admit):
+        call = exchange.call
+        deadline = time.monotonic() + self.config.queue_timeout
+        attempts = 0
+        last_failure = None
+        while True:
+            try:
+                lease = self._lease(call, admit, deadline)
+            except RoutingError as exc:
+                return self._give_up(exchange, exc, last_failure)
+            exchange.begin(lease)
+            attempts += 1
+            try:
+                return self._forward(exchange, lease)
+            except UpstreamFailure as failure:
+                exchange.abandon()
+                if exchange.aborted == "cancelled":
+                    return exchange.fail(499, "the client disconnected", "cancelled", outcome="cancelled")
+                self.fleet.note_failure(lease, str(failure), failure.unreachable)
+                last_failure = failure
+                retry = not call.pin and attempts <= self.config.max_retries
+                call.note({"failed": lease.node_id, "reason": str(failure), "retried": retry})
+                log.warning("request %s: %s failed before its first byte (%s); %s", call.request_id,
+                            lease.node_id, failure, "retrying" if retry else "giving up")
+                if not retry:
+                    return self._give_up(exchange, None, failure)
+                exchange.retries += 1
+
+    def _lease(self, call, admit, deadline):
+        """A lease for the call: the pinned node, the fleet's best, or a stand-in model."""
+        if call.pin:
+            return self.fleet.pin(call.pin, call.model)
+        try:
+            return self.fleet.acquire(call, admit, deadline)
+        except RoutingError as exc:
+            if not admit:
+                raise
+            if exc.code == "model_too_large" and self.settings.get("vram_fallback"):
+                substitute = vram_substitute(call, self.fleet.loaded_models(), self.capabilities)
+                if substitute is None:
+                    raise RoutingError(507, f"{exc.message}, and no loaded model of the same kind "
+                                       f"({', '.join(sorted(required_capabilities(call)))}) can stand in",
+                                       exc.code) from None
+                call.substitute = substitute
+                call.note({"vram_fallback": substitute})
+                log.info("request %s: %s fits no node; serving loaded %s instead", call.request_id,
+                         call.model, substitute)
+                return self.fleet.acquire(call, admit, deadline)
+            if exc.code == "model_not_found" and self.settings.get("auto_pull"):
+                message = self.pulls.ensure(call.model, self.fleet)
+                if message:
+                    call.note({"auto_pull": message})
+                    raise RoutingError(404, f"{exc.message.split(' Pull it with')[0]} {message}",
+                                       "model_not_found") from None
+            raise
+
+    def _give_up(self, exchange, routing_error, upstream_failure):
+        """Answer with the routing error, or with the last node failure when nodes ran out."""
+        call = exchange.call
+        if routing_error is None or (upstream_failure is not None and routing_error.code == "queue_timeout"):
+            message = (f"every node that could serve {call.model} failed (last: {upstream_failure})"
+                       + ("; none recovered in time" if routing_error else "")
+                       + "; check the nodes' Ollama logs or retry")
+            status = 504 if upstream_failure.timed_out else upstream_failure.status
+            outcome = "reaped" if exchange.aborted == "reaped" else "failed"
+            return exchange.fail(status, message, "upstream_failed", outcome=outcome)
+        exchange.node_id = None
+        return exchange.fail(routing_error.status, routing_error.message, routing_error.code,
+                             routing_error.retry_after,
+                             outcome="cancelled" if routing_error.code == "cancelled" else "failed")
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    def _forward(self, exchange, lease):
+        """Send to the leased node; return the client's response once the node has answered."""
+        call = exchange.call
+        body = body_for(call, lease, self.fleet.context_policy)
+        if lease.loaded_ctx is None and lease.held and call.endpoint in INFERENCE_ENDPOINTS:
+            self.fleet.note_load(lease, call.options(), sent_num_ctx(call))
+        try:
+            with exchange.watching():
+                resp = self.pool.urlopen(call.method, lease.url + call.endpoint, body=body,
+                                         headers={"Content-Type": "application/json"},
+                                         preload_content=False, redirect=False)
+        except UPSTREAM_ERRORS as exc:
+            raise exchange.failure(exc) from None
+        headers = {"X-Herd-Node": lease.node_id, "X-Herd-Model": lease.model}
+        for key, value in resp.headers.items():
+            if key.lower() not in HOP_BY_HOP:
+                headers.setdefault(key, value)
+
+        if resp.status >= 400 or not call.stream:
+            try:
+                data = resp.read()
+            except UPSTREAM_ERRORS as exc:
+                exchange.detach()
+                resp.close()
+                raise exchange.failure(exc, "broke before its reply was complete") from None
+            exchange.detach()
+            resp.release_conn()
+            if resp.status >= 500:
+                raise UpstreamFailure(f"{lease.node_id} answered {resp.status}: {upstream_message(data)}",
+                                      status=resp.status)
+            if resp.status >= 400:
+                message = upstream_message(data)
+                if not data.lstrip().startswith(b"{"):
+                    data = json.dumps(error_body(call.api, resp.status, message, "upstream_error")).encode()
+                headers["Content-Type"] = "application/json"
+                exchange.finish("failed", message)
+            else:
+                exchange.finish("completed", tail=data[-TAIL_BYTES:])
+            return Response(data, status=resp.status, headers=headers)
+
+        chunks = upstream_chunks(resp)
+        try:
+            first = next(chunks, b"")
+        except UPSTREAM_ERRORS as exc:
+            exchange.detach()
+            resp.close()
+            raise exchange.failure(exc, "failed before its first byte") from None
+        exchange.first_byte()
+        exchange.upstream = resp
+        headers["X-Accel-Buffering"] = "no"
+        headers["Cache-Control"] = "no-cache"
+        return Response(Relay(exchange, chunks, first), status=resp.status, headers=headers,
+                        direct_passthrough=True)
+
+
+
+# =============================================================================================
 # Trace store: one row per client request, written by one thread in batches (SQLite, WAL)
 # =============================================================================================
 
-TRACE_COLUMNS = (
-    ("request_id", "TEXT"), ("timestamp", "REAL"), ("model", "TEXT"), ("original_model", "TEXT"),
-    ("node_id", "TEXT"), ("status", "TEXT"), ("latency_ms", "REAL"), ("time_to_first_token_ms", "REAL"),
-    ("prompt_tokens", "INTEGER"), ("completion_tokens", "INTEGER"), ("score", "REAL"),
-    ("scores_breakdown", "TEXT"), ("retry_count", "INTEGER"), ("fallback_used", "INTEGER"),
-    ("api", "TEXT"), ("endpoint", "TEXT"), ("tags", "TEXT"), ("client_ip", "TEXT"),
-    ("error_message", "TEXT"), ("queue_ms", "REAL"), ("stream", "INTEGER"), ("events", "TEXT"),
-)
-TRACE_BATCH = 500  # rows per transaction: ~2 µs a row on the request path (NOTES-STACK: sqlite3)
+TRACE_COLUMNS = {
+    "request_id": "TEXT", "timestamp": "REAL", "model": "TEXT", "original_model": "TEXT",
+    "node_id": "TEXT", "status": "TEXT", "latency_ms": "REAL", "time_to_first_token_ms": "REAL",
+    "prompt_tokens": "INTEGER", "completion_tokens": "INTEGER", "score": "REAL",
+    "scores_breakdown": "TEXT", "retry_count": "INTEGER", "fallback_used": "INTEGER",
+    "api": "TEXT", "endpoint": "TEXT", "tags": "TEXT", "client_ip": "TEXT",
+    "error_message": "TEXT", "queue_ms": "REAL", "stream": "INTEGER", "events": "TEXT",
+}
+# Rows per transaction: a few µs a row on the request path, where committing each row from its
+# own request thread costs milliseconds and stalls under load.
+TRACE_BATCH = 500
 TRACE_QUEUE = 100_000  # rows buffered before request threads wait for the writer (none are dropped)
 PRUNE_EVERY_S = 3600.0
 
@@ -2203,16 +2442,16 @@ class TraceStore:
         self.queue = queue.Queue(maxsize=TRACE_QUEUE)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
-            columns = ", ".join(f"{name} {kind}" for name, kind in TRACE_COLUMNS)
+            columns = ", ".join(f"{name} {kind}" for name, kind in TRACE_COLUMNS.items())
             db.execute(f"CREATE TABLE IF NOT EXISTS request_traces ({columns})")
             have = {row[1] for row in db.execute("PRAGMA table_info(request_traces)")}
-            for name, kind in TRACE_COLUMNS:  # an older database gains new columns in place
+            for name, kind in TRACE_COLUMNS.items():  # an older database gains new columns in place
                 if name not in have:
                     db.execute(f"ALTER TABLE request_traces ADD COLUMN {name} {kind}")
             db.execute("CREATE INDEX IF NOT EXISTS traces_time ON request_traces (timestamp)")
             db.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)")
-        self.insert = (f"INSERT INTO request_traces ({', '.join(n for n, _ in TRACE_COLUMNS)}) "
-                       f"VALUES ({', '.join('?' for _ in TRACE_COLUMNS)})")
+        self.insert = (f"INSERT INTO request_traces ({', '.join(TRACE_COLUMNS)}) "
+                       f"VALUES ({', '.join(':' + name for name in TRACE_COLUMNS)})")
         self.thread = threading.Thread(target=self._write_loop, name="herd-traces", daemon=True)
         self.thread.start()
 
@@ -2222,7 +2461,7 @@ class TraceStore:
         return db
 
     def record(self, row):
-        """Queue one row (a tuple in TRACE_COLUMNS order); blocks only if the writer is far behind."""
+        """Queue one row (a dict keyed by TRACE_COLUMNS); blocks only if the writer is far behind."""
         self.queue.put(row)
 
     def _write_loop(self):
@@ -2236,7 +2475,7 @@ class TraceStore:
                 except queue.Empty:
                     break
             stop = None in batch
-            rows = [row for row in batch if isinstance(row, tuple)]
+            rows = [row for row in batch if isinstance(row, dict)]
             flushes = [item for item in batch if isinstance(item, threading.Event)]
             if rows:
                 for attempt in range(5):
@@ -2292,6 +2531,8 @@ class TraceStore:
                            [(key, json.dumps(value)) for key, value in changes.items()])
 
 
+# -- logs: lines for people on the console, JSON lines for machines in the data dir ----------
+
 class JsonLines(logging.Formatter):
     """One JSON object a line, for <data dir>/logs/herd.jsonl."""
 
@@ -2324,15 +2565,8 @@ def setup_logging(data_dir, level):
 
 
 # =============================================================================================
-# HTTP routes: each handler parses, chooses, forwards, records
+# Herd: one router, the parts above wired together and their background threads
 # =============================================================================================
-
-PROXIED = {"/api/chat": "ollama", "/api/generate": "ollama", "/api/embed": "ollama",
-           "/api/embeddings": "ollama", "/v1/chat/completions": "openai", "/v1/completions": "openai",
-           "/v1/embeddings": "openai"}
-NOT_IMPLEMENTED = ("/api/copy", "/api/create", "/api/push", "/api/blobs/<path:digest>")
-MB = 1024 * 1024
-
 
 class Herd:
     """One router: configuration, fleet, poller, proxy, watchdog, trace store. Built by create_app."""
@@ -2395,22 +2629,48 @@ class Herd:
         return f"{self._boot}-{next(self._ids)}"
 
 
-def api_of(path):
-    return "openai" if path.startswith("/v1/") else "ollama"
+# =============================================================================================
+# HTTP routes: each handler parses, chooses, forwards, records
+# =============================================================================================
+
+PROXIED = {"/api/chat": "ollama", "/api/generate": "ollama", "/api/embed": "ollama",
+           "/api/embeddings": "ollama", "/v1/chat/completions": "openai", "/v1/completions": "openai",
+           "/v1/embeddings": "openai"}
+NOT_IMPLEMENTED = ("/api/copy", "/api/create", "/api/push", "/api/blobs/<path:digest>")
 
 
-def is_loopback(address):
-    return address in ("127.0.0.1", "::1", "localhost") or (address or "").startswith("127.")
+def version_key(version):
+    return tuple(int(part) if part.isdigit() else 0 for part in re.split(r"[.\-+]", version))
 
 
-def create_app(config):
-    """Build a router (Flask app) with its own fleet, threads and database."""
-    herd = Herd(config)
-    app = Flask(__name__, static_folder=str(Path(__file__).resolve().parent / "static"),
-                static_url_path="/static")
-    app.config["MAX_CONTENT_LENGTH"] = int(config.max_body_mb * MB)
-    app.herd = herd
+def union_models(online, which):
+    """Ollama's /api/tags or /api/ps shape, merged over nodes, each entry with a `nodes` list."""
+    merged = {}
+    for node_id, _url, models, loaded in online:
+        for name, entry in (models if which == "models" else loaded).items():
+            if name not in merged:
+                merged[name] = dict(entry, name=name, model=name, nodes=[])
+            merged[name]["nodes"].append(node_id)
+    for entry in merged.values():
+        entry["nodes"].sort()
+    return [merged[name] for name in sorted(merged)]
 
+
+def openai_model(entry):
+    try:
+        created = int(datetime.fromisoformat(entry["modified_at"].replace("Z", "+00:00")).timestamp())
+    except (KeyError, TypeError, AttributeError, ValueError):
+        created = 0
+    return {"id": entry["name"], "object": "model", "created": created, "owned_by": "library",
+            "nodes": entry.get("nodes", [])}
+
+
+def changes_fleet_allowed(config):
+    """Routes that change the fleet: a client with the key, or a loopback client when there is none."""
+    return bool(config.api_key) or is_loopback(request.remote_addr)
+
+
+def add_key_check(app, config):
     @app.before_request
     def check_api_key():
         if config.api_key and request.path != "/":
@@ -2420,9 +2680,9 @@ def create_app(config):
                                       "unauthorized")
         return None
 
-    def changes_fleet_allowed():
-        """Routes that change the fleet: a key, or a loopback client when there is none."""
-        return bool(config.api_key) or is_loopback(request.remote_addr)
+
+def add_proxied_routes(app, herd):
+    """The Ollama and OpenAI inference routes: parse at the door, then the proxy serves the call."""
 
     def proxied(path, api):
         def view():
@@ -2431,7 +2691,7 @@ def create_app(config):
             try:
                 call = parse_call(api, path, raw, request.headers, request.remote_addr, request_id)
             except HerdError as exc:
-                herd.proxy.reject(api, path, request.remote_addr, request_id, exc.message)
+                herd.proxy.refuse(api, path, request.remote_addr, request_id, exc.message)
                 return error_response(api, exc.status, exc.message, exc.code)
             call.client_gone = request.environ.get("waitress.client_disconnected", call.client_gone)
             return herd.proxy.serve(call, admit=(path != "/api/show"))
@@ -2442,9 +2702,16 @@ def create_app(config):
         app.add_url_rule(path, view_func=proxied(path, api), methods=["POST"])
     app.add_url_rule("/api/show", view_func=proxied("/api/show", "ollama"), methods=["POST"])
 
+
+
+def add_model_management(app, herd):
+    """Pull and delete through the Ollama API (a pull goes where herd would route the model; a
+    delete needs the node named), and the Ollama routes herd does not serve."""
+    config = herd.config
+
     def management_call(endpoint, method, verb):
         """(Call, None) for a pull or delete body, or (None, the 4xx to answer)."""
-        if not changes_fleet_allowed():
+        if not changes_fleet_allowed(config):
             return None, error_response("ollama", 403, f"{verb} changes the fleet: call from the router's "
                                         "own machine or start herd with --api-key", "forbidden")
         raw = request.get_data(cache=False)
@@ -2490,6 +2757,10 @@ def create_app(config):
         app.add_url_rule(path, endpoint="not_implemented_" + path, view_func=not_implemented,
                          methods=["POST", "HEAD", "GET", "DELETE"])
 
+
+def add_local_answers(app, herd):
+    """Ollama and OpenAI reads herd answers itself, from what the fleet reports."""
+
     @app.get("/")
     def root():
         return Response("herd is running", mimetype="text/plain")
@@ -2520,6 +2791,10 @@ def create_app(config):
                 return openai_model(entry)
         return error_response("openai", 404, f"model {model} is not on any online node", "model_not_found")
 
+
+def add_fleet_api(app, herd):
+    """The fleet's own routes: its status, and heartbeats from agents."""
+
     @app.get("/fleet/status")
     def fleet_status():
         return herd.fleet.status()
@@ -2534,10 +2809,14 @@ def create_app(config):
                           float(beat.get("interval_s") or 5), beat)
         return {"ok": True, "node_id": beat["node_id"]}
 
+
+def add_dashboard_api(app, herd):
+    """JSON for the dashboard under /dashboard/api/."""
+
     @app.route("/dashboard/api/settings", methods=["GET", "POST"])
     def settings():
         if request.method == "POST":
-            if not changes_fleet_allowed():
+            if not changes_fleet_allowed(herd.config):
                 return error_response("ollama", 403, "changing settings needs the router's own machine "
                                       "or --api-key", "forbidden")
             try:
@@ -2552,7 +2831,7 @@ def create_app(config):
 
     @app.post("/dashboard/api/pull")
     def dashboard_pull():
-        if not changes_fleet_allowed():
+        if not changes_fleet_allowed(herd.config):
             return error_response("ollama", 403, "pulling needs the router's own machine or --api-key",
                                   "forbidden")
         body = request.get_json(force=True, silent=True) or {}
@@ -2563,6 +2842,10 @@ def create_app(config):
                                   "invalid_pull")
         started = herd.pulls.start(model, node_id, url)
         return {"started": started, "pulls": herd.pulls.snapshot()}, 202 if started else 409
+
+
+def add_error_pages(app, config):
+    """Flask's own errors (no route, wrong method, body too large, a bug) in the API's shape."""
 
     @app.errorhandler(404)
     def no_route(_):
@@ -2588,64 +2871,43 @@ def create_app(config):
                               f"({type(exc).__name__}); the log at {config.data_dir}/logs/herd.jsonl "
                               "has the details", "internal_error")
 
+
+def create_app(config):
+    """Build a router (Flask app) with its own fleet, threads and database."""
+    herd = Herd(config)
+    app = Flask(__name__, static_folder=str(Path(__file__).resolve().parent / "static"),
+                static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = int(config.max_body_mb * MB)
+    app.herd = herd
+    add_key_check(app, config)
+    add_proxied_routes(app, herd)
+    add_model_management(app, herd)
+    add_local_answers(app, herd)
+    add_fleet_api(app, herd)
+    add_dashboard_api(app, herd)
+    add_error_pages(app, config)
     herd.start()
     return app
-
-
-def version_key(version):
-    return tuple(int(part) if part.isdigit() else 0 for part in re.split(r"[.\-+]", version))
-
-
-def union_models(online, which):
-    """Ollama's /api/tags or /api/ps shape, merged over nodes, each entry with a `nodes` list."""
-    merged = {}
-    for node_id, _url, models, loaded in online:
-        for name, entry in (models if which == "models" else loaded).items():
-            if name not in merged:
-                merged[name] = dict(entry, name=name, model=name, nodes=[])
-            merged[name]["nodes"].append(node_id)
-    for entry in merged.values():
-        entry["nodes"].sort()
-    return [merged[name] for name in sorted(merged)]
-
-
-def openai_model(entry):
-    try:
-        created = int(datetime.fromisoformat(entry["modified_at"].replace("Z", "+00:00")).timestamp())
-    except (KeyError, TypeError, AttributeError, ValueError):
-        created = 0
-    return {"id": entry["name"], "object": "model", "created": created, "owned_by": "library",
-            "nodes": entry.get("nodes", [])}
-
-
-HEARTBEAT_REQUIRED = ("node_id", "ollama_url", "ollama")
-
-
-def parse_heartbeat(raw):
-    """Check a heartbeat body (SPEC §3); raises HerdError(400) naming what is wrong."""
-    try:
-        beat = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise HerdError(400, "heartbeat body is not valid JSON", "invalid_json") from None
-    if not isinstance(beat, dict):
-        raise HerdError(400, "heartbeat body must be a JSON object", "invalid_heartbeat")
-    missing = [key for key in HEARTBEAT_REQUIRED if not beat.get(key)]
-    if missing:
-        raise HerdError(400, f"heartbeat is missing {', '.join(missing)}", "invalid_heartbeat")
-    if not isinstance(beat["node_id"], str):
-        raise HerdError(400, "heartbeat node_id must be a string", "invalid_heartbeat")
-    url = urlsplit(str(beat["ollama_url"]))
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise HerdError(400, f"heartbeat ollama_url must be an http(s) URL, got {beat['ollama_url']!r}",
-                        "invalid_heartbeat")
-    if not isinstance(beat["ollama"], dict):
-        raise HerdError(400, "heartbeat ollama must be an object", "invalid_heartbeat")
-    return beat
 
 
 # =============================================================================================
 # Server: Waitress sized for hundreds of concurrent streams
 # =============================================================================================
+
+def raise_fd_limit():
+    """Each stream holds two sockets: lift the soft descriptor limit where the OS allows it."""
+    try:
+        import resource
+    except ImportError:  # Windows has no such limit to lift
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            log.warning("could not raise the open-file limit from %d; large stream counts may fail", soft)
+
 
 def make_server(app, config):
     """A Waitress server for `app` on config.host:port (port 0 picks a free one)."""
@@ -2672,20 +2934,6 @@ def stop_server(server):
     wasyncore.close_all(server._map)
 
 
-def raise_fd_limit():
-    """Each stream holds two sockets: lift the soft descriptor limit where the OS allows it."""
-    try:
-        import resource
-    except ImportError:  # Windows has no such limit to lift
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else 65536
-    if soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        except (ValueError, OSError):
-            log.warning("could not raise the open-file limit from %d; large stream counts may fail", soft)
-
 
 # =============================================================================================
 # Command line
@@ -2708,86 +2956,6 @@ def parse_node(spec):
     return name, url.rstrip("/")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--host", default="0.0.0.0", show_default=True, envvar="FLEET_HOST", help="Address to listen on.")
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
-              envvar="FLEET_PORT", help="Port to listen on.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR,
-              show_default=True, envvar="FLEET_DATA_DIR", help="Where latency.db and logs/ live.")
-@click.option("--node", "node_specs", multiple=True, metavar="[NAME=]URL",
-              help="An Ollama to route to without an agent (repeatable; FLEET_NODES, comma separated).")
-@click.option("--threads", default=DEFAULT_THREADS, show_default=True, type=click.IntRange(8, 10000),
-              envvar="FLEET_THREADS", help="Worker threads: one per concurrent request or stream.")
-@click.option("--api-key", envvar="FLEET_API_KEY", default=None, help="Require 'Authorization: Bearer KEY'.")
-@click.option("--parallel", default=1, show_default=True, type=click.IntRange(1, 4096), envvar="FLEET_PARALLEL",
-              help="Requests a node runs at once per model when it does not report num_parallel.")
-@click.option("--no-mdns", is_flag=True, envvar="FLEET_NO_MDNS", help="Do not advertise _herd._tcp on mDNS.")
-@click.option("--no-local", is_flag=True, envvar="FLEET_NO_LOCAL",
-              help="Do not serve http://localhost:11434 as node 'local' when no node is configured.")
-@click.option("--log-level", default="INFO", show_default=True, envvar="FLEET_LOG_LEVEL",
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-@click.option("--queue-timeout", default=300.0, show_default=True, type=click.FloatRange(0.1),
-              envvar="FLEET_QUEUE_TIMEOUT", help="Seconds a request may wait for a free slot.")
-@click.option("--max-queue", default=1000, show_default=True, type=click.IntRange(0),
-              envvar="FLEET_MAX_QUEUE", help="Requests that may wait for a slot at once.")
-@click.option("--stall-timeout", default=600.0, show_default=True, type=click.FloatRange(1),
-              envvar="FLEET_STALL_TIMEOUT", help="Seconds without a byte before a request is reaped.")
-@click.option("--context-protection", default="strip", show_default=True, envvar="FLEET_CONTEXT_PROTECTION",
-              type=click.Choice(CONTEXT_POLICIES), help="What to do with num_ctx that would force a reload.")
-@click.option("--connect-timeout", default=3.0, show_default=True, type=click.FloatRange(0.1),
-              envvar="FLEET_CONNECT_TIMEOUT", help="Seconds to connect to a node before trying another.")
-@click.option("--first-byte-timeout", default=300.0, show_default=True, type=click.FloatRange(0.1),
-              envvar="FLEET_FIRST_BYTE_TIMEOUT",
-              help="Seconds a streaming request may wait for its first byte (a cold load) before another node is tried.")
-@click.option("--idle-timeout", default=120.0, show_default=True, type=click.FloatRange(0.1),
-              envvar="FLEET_IDLE_TIMEOUT", help="Longest silence between chunks of a running stream.")
-@click.option("--trace-retention-days", default=30.0, show_default=True, type=click.FloatRange(0.01),
-              envvar="FLEET_TRACE_RETENTION_DAYS", help="Trace rows older than this are pruned.")
-@click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(0.01),
-              envvar="FLEET_MAX_BODY_MB", help="Largest request body accepted.")
-def main(host, port, data_dir, node_specs, threads, api_key, parallel, no_mdns, no_local, log_level,
-         queue_timeout, max_queue, stall_timeout, context_protection, connect_timeout, first_byte_timeout,
-         idle_timeout, trace_retention_days, max_body_mb):
-    """herd: one Ollama/OpenAI endpoint that routes each request to the best Ollama node."""
-    specs = list(node_specs) or [s for s in os.environ.get("FLEET_NODES", "").split(",") if s.strip()]
-    nodes = [parse_node(spec) for spec in specs]
-    names = [name for name, _ in nodes]
-    if len(set(names)) != len(names):
-        raise click.BadParameter("two nodes have the same name; name them: --node gpu=http://...",
-                                 param_hint="--node")
-    config = Config(host=host, port=port, data_dir=data_dir.expanduser(), nodes=nodes, threads=threads,
-                    api_key=api_key, parallel=parallel, mdns=not no_mdns, local=not no_local,
-                    log_level=log_level, queue_timeout=queue_timeout, max_queue=max_queue,
-                    stall_timeout=stall_timeout, context_protection=context_protection,
-                    connect_timeout=connect_timeout, first_byte_timeout=first_byte_timeout,
-                    idle_timeout=idle_timeout, retention_days=trace_retention_days, max_body_mb=max_body_mb)
-    try:
-        setup_logging(config.data_dir, log_level)
-        app = create_app(config)
-    except (OSError, sqlite3.Error) as exc:
-        raise click.ClickException(f"cannot use data dir {config.data_dir}: {exc}") from None
-    try:
-        server = make_server(app, config)
-    except OSError as exc:
-        app.herd.shutdown()
-        raise click.ClickException(f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another "
-                                   "herd running? Pick another --port") from None
-    where = ", ".join(f"{n}={u}" for n, u in nodes) or ("agents (mDNS) and http://localhost:11434"
-                                                         if config.local else "agents (mDNS)")
-    click.echo(f"herd {__version__} listening on http://{host}:{server.effective_port} "
-               f"({threads} threads); nodes: {where}; data: {config.data_dir}")
-    if not api_key and not is_loopback(host):
-        log.warning("listening on %s without --api-key: anyone on the network can use this router; "
-                    "pull, delete and settings are limited to this machine", host)
-    app.herd.advertise(server.effective_port)
-    signal_stop()
-    try:
-        server.run()
-    finally:
-        app.herd.shutdown()
-        click.echo("herd stopped; traces flushed")
-
-
 def signal_stop():
     """SIGTERM stops the server like Ctrl-C, so queued trace rows are written before exit."""
     import signal
@@ -2797,6 +2965,83 @@ def signal_stop():
 
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, stop)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--host", default=Config.host, show_default=True, envvar="FLEET_HOST", help="Address to listen on.")
+@click.option("--port", default=Config.port, show_default=True, type=click.IntRange(0, 65535),
+              envvar="FLEET_PORT", help="Port to listen on.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Config.data_dir,
+              show_default=True, envvar="FLEET_DATA_DIR", help="Where latency.db and logs/ live.")
+@click.option("--node", "node_specs", multiple=True, metavar="[NAME=]URL",
+              help="An Ollama to route to without an agent (repeatable; FLEET_NODES, comma separated).")
+@click.option("--threads", default=Config.threads, show_default=True, type=click.IntRange(8, 10000),
+              envvar="FLEET_THREADS", help="Worker threads: one per concurrent request or stream.")
+@click.option("--api-key", envvar="FLEET_API_KEY", default=Config.api_key, help="Require 'Authorization: Bearer KEY'.")
+@click.option("--parallel", default=Config.parallel, show_default=True, type=click.IntRange(1, 4096),
+              envvar="FLEET_PARALLEL", help="Requests a node runs at once per model when it does not report num_parallel.")
+@click.option("--no-mdns", is_flag=True, envvar="FLEET_NO_MDNS", help="Do not advertise _herd._tcp on mDNS.")
+@click.option("--no-local", is_flag=True, envvar="FLEET_NO_LOCAL",
+              help="Do not serve http://localhost:11434 as node 'local' when no node is configured.")
+@click.option("--log-level", default=Config.log_level, show_default=True, envvar="FLEET_LOG_LEVEL",
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--poll-interval", default=Config.poll_interval, show_default=True, type=click.FloatRange(0.05, 3600),
+              envvar="FLEET_POLL_INTERVAL", help="Seconds between polls of --node (agentless) nodes.")
+@click.option("--queue-timeout", default=Config.queue_timeout, show_default=True, type=click.FloatRange(0.1),
+              envvar="FLEET_QUEUE_TIMEOUT", help="Seconds a request may wait for a free slot.")
+@click.option("--max-queue", default=Config.max_queue, show_default=True, type=click.IntRange(0),
+              envvar="FLEET_MAX_QUEUE", help="Requests that may wait for a slot at once.")
+@click.option("--stall-timeout", default=Config.stall_timeout, show_default=True, type=click.FloatRange(1),
+              envvar="FLEET_STALL_TIMEOUT", help="Seconds without a byte before a request is reaped.")
+@click.option("--context-protection", default=Config.context_protection, show_default=True,
+              envvar="FLEET_CONTEXT_PROTECTION", type=click.Choice(CONTEXT_POLICIES),
+              help="What to do with num_ctx that would force a reload.")
+@click.option("--connect-timeout", default=Config.connect_timeout, show_default=True, type=click.FloatRange(0.1),
+              envvar="FLEET_CONNECT_TIMEOUT", help="Seconds to connect to a node before trying another.")
+@click.option("--first-byte-timeout", default=Config.first_byte_timeout, show_default=True,
+              type=click.FloatRange(0.1), envvar="FLEET_FIRST_BYTE_TIMEOUT",
+              help="Seconds a streaming request may wait for its first byte (a cold load) before another node is tried.")
+@click.option("--idle-timeout", default=Config.idle_timeout, show_default=True, type=click.FloatRange(0.1),
+              envvar="FLEET_IDLE_TIMEOUT", help="Longest silence between chunks of a running stream.")
+@click.option("--trace-retention-days", "retention_days", default=Config.retention_days, show_default=True,
+              type=click.FloatRange(0.01), envvar="FLEET_TRACE_RETENTION_DAYS", help="Trace rows older than this are pruned.")
+@click.option("--max-body-mb", default=Config.max_body_mb, show_default=True, type=click.FloatRange(0.01),
+              envvar="FLEET_MAX_BODY_MB", help="Largest request body accepted.")
+def main(node_specs, no_mdns, no_local, data_dir, **options):
+    """herd: one Ollama/OpenAI endpoint that routes each request to the best Ollama node."""
+    specs = list(node_specs) or [s for s in os.environ.get("FLEET_NODES", "").split(",") if s.strip()]
+    nodes = [parse_node(spec) for spec in specs]
+    names = [name for name, _ in nodes]
+    if len(set(names)) != len(names):
+        raise click.BadParameter("two nodes have the same name; name them: --node gpu=http://...",
+                                 param_hint="--node")
+    config = Config(nodes=nodes, mdns=not no_mdns, local=not no_local, data_dir=data_dir.expanduser(), **options)
+    try:
+        setup_logging(config.data_dir, config.log_level)
+        app = create_app(config)
+    except (OSError, sqlite3.Error) as exc:
+        raise click.ClickException(f"cannot use data dir {config.data_dir}: {exc}") from None
+    try:
+        server = make_server(app, config)
+    except OSError as exc:
+        app.herd.shutdown()
+        raise click.ClickException(f"cannot listen on {config.host}:{config.port} ({exc.strerror or exc}); "
+                                   "is another herd running? Pick another --port") from None
+    where = ", ".join(f"{n}={u}" for n, u in nodes) or ("agents (mDNS) and http://localhost:11434"
+                                                         if config.local else "agents (mDNS)")
+    click.echo(f"herd {__version__} listening on http://{config.host}:{server.effective_port} "
+               f"({config.threads} threads); nodes: {where}; data: {config.data_dir}")
+    if not config.api_key and not is_loopback(config.host):
+        log.warning("listening on %s without --api-key: anyone on the network can use this router; "
+                    "pull, delete and settings are limited to this machine", config.host)
+    app.herd.advertise(server.effective_port)
+    signal_stop()
+    try:
+        server.run()
+    finally:
+        app.herd.shutdown()
+        click.echo("herd stopped; traces flushed")
+
 
 
 if __name__ == "__main__":

@@ -26,6 +26,30 @@ def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+# -- requests the tests send ------------------------------------------------------------------
+
+CHAT = {"model": "llama3.2", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
+OPENAI_CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def chat(router, body=CHAT, **kwargs):
+    return requests.post(router.url + "/api/chat", json=body, timeout=30, **kwargs)
+
+
+def heartbeat(router, node_id, fake, **fields):
+    """Post what herd-node would post for `fake` (tests of the router need no agent)."""
+    body = {"node_id": node_id, "ollama_url": fake.url, "hostname": node_id, "interval_s": 5,
+            "memory": {"total_gb": 32, "available_gb": 20}, "gpu": None, "cpu_percent": 3.0,
+            "num_parallel": None, "memory_budget_gb": 32,
+            "ollama": {"reachable": True, "version": "0.12.0",
+                       "models": [fake.tag_entry(m) for m in fake.models],
+                       "loaded": [fake.ps_entry(m) for m in fake.loaded]}}
+    body.update(fields)
+    return requests.post(router.url + "/heartbeat", json=body, timeout=5)
+
+
+# -- routers and fake nodes ------------------------------------------------------------------
+
 class Router:
     """A real herd router on a loopback port, served by Waitress in a thread."""
 

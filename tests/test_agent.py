@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 import herd_node
-from conftest import ROOT, wait_for
-from test_routing import chat
+from conftest import ROOT, chat, wait_for
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -4,8 +4,7 @@ import time
 
 import requests
 
-from conftest import wait_for
-from test_routing import chat, heartbeat
+from conftest import chat, heartbeat, wait_for
 
 
 def test_root_and_version_answer_locally(make_router):

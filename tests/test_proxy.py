@@ -7,10 +7,7 @@ import time
 
 import requests
 
-from conftest import wait_for
-from test_routing import CHAT, chat
-
-OPENAI_CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+from conftest import CHAT, OPENAI_CHAT, chat, wait_for
 
 
 def lines(response):

@@ -7,10 +7,9 @@ import time
 
 import requests
 
-from conftest import wait_for
-from test_routing import CHAT, chat, heartbeat
+import herd
 
-OPENAI_CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+from conftest import CHAT, OPENAI_CHAT, chat, heartbeat, wait_for
 
 
 def events(router):
@@ -153,10 +152,11 @@ def test_in_flight_counts_are_reconciled_with_running_requests(make_fake, make_r
     router = make_router(nodes=[("a", fake.url)])
     fleet = router.herd.fleet
     with fleet.lock:  # simulate a count that drifted (a bug, a lost release)
-        fleet.nodes["a"].in_flight_by_model["llama3.2:latest"] = 1
-        fleet.nodes["a"].in_flight = 1
-    router.herd.watchdog._reconcile()
-    router.herd.watchdog._reconcile()
+        fleet.nodes["a"].hold(herd.Lease(node_id="a", url=fake.url, model="llama3.2:latest", score=0,
+                                         breakdown={}, eta_s=1.0, started=time.monotonic()))
+    assert router.status()["nodes"][0]["requests_active"] == 1
+    router.herd.watchdog.reconcile()
+    router.herd.watchdog.reconcile()
     assert router.status()["nodes"][0]["requests_active"] == 0
     assert chat(router).status_code == 200
 

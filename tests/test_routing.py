@@ -6,27 +6,8 @@ import json
 import time
 
 import pytest
-import requests
 
-from conftest import wait_for
-
-CHAT = {"model": "llama3.2", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
-
-
-def chat(router, body=CHAT, **kwargs):
-    return requests.post(router.url + "/api/chat", json=body, timeout=30, **kwargs)
-
-
-def heartbeat(router, node_id, fake, **fields):
-    """Post what herd-node would post for `fake` (tests of the router need no agent)."""
-    body = {"node_id": node_id, "ollama_url": fake.url, "hostname": node_id, "interval_s": 5,
-            "memory": {"total_gb": 32, "available_gb": 20}, "gpu": None, "cpu_percent": 3.0,
-            "num_parallel": None, "memory_budget_gb": 32,
-            "ollama": {"reachable": True, "version": "0.12.0",
-                       "models": [fake.tag_entry(m) for m in fake.models],
-                       "loaded": [fake.ps_entry(m) for m in fake.loaded]}}
-    body.update(fields)
-    return requests.post(router.url + "/heartbeat", json=body, timeout=5)
+from conftest import CHAT, chat, heartbeat, wait_for
 
 
 def test_routes_to_the_node_where_the_model_is_hot(make_fake, make_router):
