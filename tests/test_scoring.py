@@ -1,0 +1,242 @@
+"""Scoring and context rules as pure functions: plain nodes and calls in, numbers out.
+
+Every expected value is worked out by hand in the row's comment from the formulas in herd.py's
+Scoring section (priors: 300 GB/s decode, prefill 20x decode, loads 1 s + 0.5 s/GB; 4 characters
+a token; 250 output tokens unless measured).
+"""
+
+import time
+
+import pytest
+
+import herd
+
+GB = herd.GB
+NOW = 1000.0  # time.monotonic() as the functions are told it
+
+
+def make_node(models=None, loaded=(), ctx=4096, budget_gb=None, **fields):
+    """A node with `models` {name: GB} installed and `loaded` hot at `ctx`."""
+    models = models or {"m:latest": 4.0}
+    node = herd.Node(node_id="n", url="http://127.0.0.1:1", source="agent", interval_s=5,
+                     last_seen=time.time(), reachable=True, memory_budget_gb=budget_gb)
+    node.models = {name: {"name": name, "size": int(gb * GB)} for name, gb in models.items()}
+    node.loaded = {name: {"name": name, "size": int(models[name] * GB), "size_vram": int(models[name] * GB),
+                          "context_length": ctx} for name in loaded}
+    for key, value in fields.items():
+        setattr(node, key, value)
+    return node
+
+
+def make_call(body=None, api="ollama", endpoint="/api/chat", prompt_chars=400):
+    body = body if body is not None else {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    return herd.Call(api=api, endpoint=endpoint, body=body, raw=b"", model="m:latest", stream=False,
+                     fallback_models=[], tags=[], client_ip="127.0.0.1", request_id="t-1",
+                     started=time.perf_counter(), prompt_chars=prompt_chars)
+
+
+def run(node, model, started, eta):
+    """Put a running request of `eta` seconds, started at `started`, on the node."""
+    node.hold(herd.Lease(node_id=node.node_id, url=node.url, model=model, score=0, breakdown={},
+                         eta_s=eta, started=started))
+
+
+def estimate(node, call=None, slots=1, ahead=0, usual=250, policy="strip", priors=herd.Priors()):
+    return herd.estimate(node, "m:latest", call or make_call(), slots=slots, policy=policy, usual_output=usual,
+                         ahead=ahead, priors=priors, admit=True, now=NOW)
+
+
+# work on an unmeasured node for a 4 GB model, 100 prompt tokens, 250 output tokens:
+# 100 x 4 / 6000 + 250 x 4 / 300 = 0.0667 + 3.3333 = 3.4 s
+WORK = 3.4
+
+
+def with_x_running(remaining):
+    node = make_node({"m:latest": 4.0, "x:latest": 8.0}, loaded=["m:latest", "x:latest"])
+    run(node, "x:latest", NOW, remaining)
+    return node
+
+
+def recently_unloaded():
+    node = make_node()
+    node.unloaded_at["m:latest"] = NOW - 60
+    return node
+
+
+def busy():
+    node = make_node(loaded=["m:latest"])
+    run(node, "m:latest", NOW, 2.0)
+    return node
+
+
+ESTIMATES = [
+    # (what, node, call, ahead, expected {cause: seconds})
+    ("hot, idle, unmeasured: service only", make_node(loaded=["m:latest"]), None, 0,
+     {"wait": 0, "cold_load": 0, "service": WORK, "slowdown": 0, "eta": WORK}),
+    ("cold: 1 s + 4 GB x 0.5 s/GB = 3 s load first", make_node(), None, 0,
+     {"cold_load": 3.0, "eviction": 0, "eta": 3.0 + WORK}),
+    ("unloaded a minute ago: half the load from the page cache", recently_unloaded(), None, 0,
+     {"cold_load": 1.5, "eta": 1.5 + WORK}),
+    ("cold on an 8 GB node holding a 6 GB model: evicts it, 0.5 x (1 + 6 x 0.5) = 2 s",
+     make_node({"m:latest": 4.0, "big:latest": 6.0}, loaded=["big:latest"], budget_gb=8), None, 0,
+     {"cold_load": 3.0, "eviction": 2.0}),
+    ("measured 600 GB/s decode, 12000 prefill: 100 x 4 / 12000 + 250 x 4 / 600 = 1.7 s",
+     make_node(loaded=["m:latest"], decode_speed=600.0, prefill_speed=12000.0), None, 0,
+     {"service": 1.7, "eta": 1.7}),
+    ("num_ctx 8192 over a loaded 4096: reload, 0 s drain + 3 s", make_node(loaded=["m:latest"]),
+     make_call({"model": "m", "options": {"num_ctx": 8192}}), 0, {"reload": 3.0, "cold_load": 3.0, "eta": 3.0 + WORK}),
+    ("num_ctx 2048 under a loaded 4096: stripped, no reload", make_node(loaded=["m:latest"]),
+     make_call({"model": "m", "options": {"num_ctx": 2048}}), 0, {"reload": 0, "eta": WORK}),
+    ("/v1 to a model loaded at 8192 where the default is 4096: reload", make_node(loaded=["m:latest"], ctx=8192,
+     default_context_length=4096), make_call({"model": "m"}, api="openai", endpoint="/v1/chat/completions"), 0,
+     {"reload": 3.0}),
+    ("max_tokens 50 caps the output: 0.0667 + 50 x 4 / 300 = 0.7333 s", make_node(loaded=["m:latest"]),
+     make_call({"model": "m", "max_tokens": 50}), 0, {"service": 0.7333}),
+    ("embedding: no output tokens, 100 x 4 / 6000 = 0.0667 s", make_node(loaded=["m:latest"]),
+     make_call({"model": "m", "input": "x"}, endpoint="/api/embed"), 0, {"service": 0.0667}),
+    ("two failures: risk 2 x 25% of the time", make_node(loaded=["m:latest"], failures=2), None, 0,
+     {"risk": 0.5 * WORK}),
+    ("the one slot is busy for 2 s: wait 2 s, then run", busy(), None, 0, {"wait": 2.0, "eta": 2.0 + WORK}),
+    ("busy for 2 s with one request queued ahead: 2 s + 1 x 2 s per slot", busy(), None, 1, {"wait": 4.0}),
+    # beside x (1 stream, 10 s left), both run at half speed: 3.4 x 2 = 6.8 s; x loses half of
+    # those 6.8 s: 3.4 s; waiting 10 s then 3.4 s alone is later: share
+    ("beside another model with 10 s left: 6.8 s, x slowed 3.4 s", with_x_running(10.0), None, 0,
+     {"service": 6.8, "slowdown": 3.4, "wait": 0, "defer": False}),
+    # x has 1 s left: sharing, x stretches to 2 s while this one does 1 s of work, then 2.4 s alone:
+    # 4.4 s, and x loses 1 s. Waiting 1 s, then 3.4 s alone, ends at 4.4 < 4.4 + 1: defer
+    ("beside another model with 1 s left: waits for it instead", with_x_running(1.0), None, 0,
+     {"wait": 1.0, "service": WORK, "slowdown": 0, "eta": 1.0 + WORK, "defer": True}),
+]
+
+
+@pytest.mark.parametrize("what, node, call, ahead, expected", ESTIMATES, ids=[row[0] for row in ESTIMATES])
+def test_estimate(what, node, call, ahead, expected):
+    got = estimate(node, call, ahead=ahead)
+    for cause, seconds in expected.items():
+        assert got[cause] == pytest.approx(seconds, abs=1e-3), (cause, got)
+
+
+def test_shared_run_integrates_over_the_other_model_ending():
+    # x (1 stream, 1 s left) and this request (3.4 s of work) share: each at half pace. x's 1 s
+    # stretches to 2 s, during which this one does 1 s of work; the other 2.4 s run alone:
+    # 2 + 2.4 = 4.4 s, and x was slowed for 2 s x (1 - 1/2) = 1 s.
+    node = with_x_running(1.0)
+    assert herd.shared_run(node, "m:latest", WORK, 0.0, NOW) == pytest.approx((4.4, 1.0))
+
+
+def test_unmeasured_priors_take_the_slowest_measured_node():
+    fast = make_node(decode_speed=900.0, load_cost=(0.5, 0.2))
+    slow = make_node(decode_speed=200.0, load_cost=(1.5, 0.3))
+    fresh = make_node()
+    assert herd.unmeasured_priors([fast, slow, fresh]) == herd.Priors(200.0, 1.5, 0.3)
+    assert herd.unmeasured_priors([fresh]) == herd.Priors(300.0, 1.0, 0.5)
+
+
+def test_score_candidates_prices_every_signal_at_one_rate():
+    a, b = make_node(), make_node()
+    estimates = [(a, {"wait": 0.0, "cold_load": 0.0, "reload": 0.0, "service": 2.0, "slowdown": 0.0,
+                      "eviction": 0.0, "risk": 0.0, "eta": 2.0}),
+                 (b, {"wait": 1.0, "cold_load": 5.0, "reload": 0.0, "service": 3.0, "slowdown": 0.0,
+                      "eviction": 0.0, "risk": 0.0, "eta": 9.0})]
+    # rate = min(50 / 5 s of load, 30 / 1 s of wait, 25 / 1 s slower) = 10 points a second
+    (_, total_a, breakdown_a, _), (_, total_b, breakdown_b, _) = herd.score_candidates(estimates)
+    assert breakdown_a == {"thermal": 50, "memory_fit": 20, "queue_depth": 0, "latency_history": 0,
+                           "role_affinity": 15, "availability_trend": 10, "context_fit": 15}
+    assert total_a == 110
+    assert breakdown_b == {"thermal": 0, "memory_fit": 20, "queue_depth": -10, "latency_history": -10,
+                           "role_affinity": 15, "availability_trend": 10, "context_fit": 15}
+    assert total_b == 40
+
+
+def test_choose_takes_the_soonest_and_waits_for_a_busy_best():
+    hot = make_node(loaded=["m:latest"])
+    hot.node_id = "hot"
+    cold = make_node()
+    cold.node_id = "cold"
+    call = make_call()
+    lease, why = herd.choose([cold, hot], call, ["m:latest"], parallel=1, policy="strip", usual_output={}, queued={})
+    assert (lease.node_id, why) == ("hot", None)
+    run(hot, "m:latest", time.monotonic(), 0.5)  # busy for 0.5 s: still sooner than a 3 s load
+    assert herd.choose([cold, hot], call, ["m:latest"], parallel=1, policy="strip", usual_output={},
+                       queued={}) == (None, "busy")
+
+
+def lease(loaded=4096, default=4096, pin=False, load_options=None):
+    return herd.Lease(node_id="n", url="", model="m:latest", score=0, breakdown={}, loaded_ctx=loaded,
+                      default_ctx=default, pin_ctx=pin, load_options=load_options or {})
+
+
+PROTECTION = [
+    # (what, options sent, lease, policy, options forwarded, context event or None)
+    ("larger than loaded: passed through (the reload is needed)", {"num_ctx": 8192}, lease(), "strip",
+     {"num_ctx": 8192}, "num_ctx 8192 > loaded 4096: passed through (reload)"),
+    ("smaller, loaded at the default: stripped", {"num_ctx": 2048}, lease(), "strip", {},
+     "num_ctx 2048 stripped (loaded 4096)"),
+    ("smaller, loaded above the default: set to what runs", {"num_ctx": 2048}, lease(8192), "strip",
+     {"num_ctx": 8192}, "num_ctx 2048 -> 8192 (loaded)"),
+    ("absent, loaded above the default: set to what runs", {}, lease(8192), "strip", {"num_ctx": 8192},
+     "num_ctx set to loaded 8192"),
+    ("absent, default only guessed: named, not a change", {}, lease(pin=True), "strip", {"num_ctx": 4096}, None),
+    ("equal to loaded with a guessed default: kept", {"num_ctx": 4096}, lease(pin=True), "strip",
+     {"num_ctx": 4096}, None),
+    ("written as a float", {"num_ctx": 2048.0}, lease(), "strip", {}, "num_ctx 2048 stripped (loaded 4096)"),
+    ("num_gpu herd did not load with: stripped", {"num_gpu": 10}, lease(), "strip", {}, "num_gpu 10 stripped"),
+    ("num_gpu herd loaded with: held", {"num_gpu": 10}, lease(load_options={"num_gpu": 20}), "strip",
+     {"num_gpu": 20}, "num_gpu 10 -> 20 (loaded)"),
+    ("warn: logs, forwards as sent", {"num_ctx": 2048}, lease(), "warn", {"num_ctx": 2048},
+     "warn: num_ctx 2048 stripped (loaded 4096)"),
+    ("passthrough: nothing", {"num_ctx": 2048}, lease(), "passthrough", {"num_ctx": 2048}, None),
+]
+
+
+@pytest.mark.parametrize("what, sent, held, policy, forwarded, event", PROTECTION, ids=[r[0] for r in PROTECTION])
+def test_protect_context(what, sent, held, policy, forwarded, event):
+    call = make_call({"model": "m", "options": dict(sent)})
+    herd.protect_context(call, held, policy)
+    assert call.options() == forwarded
+    assert [e["context"] for e in call.events] == ([event] if event else [])
+
+
+def test_protect_context_leaves_openai_requests_alone():
+    call = make_call({"model": "m", "options": {"num_ctx": 2048}}, api="openai")
+    herd.protect_context(call, lease(), "strip")
+    assert call.options() == {"num_ctx": 2048} and not call.events
+
+
+def context_node(reported=None, seen=None, loaded_ctx=()):
+    node = make_node({f"m{i}:latest": 1.0 for i in range(4)}, default_context_length=reported)
+    node.default_ctx = dict(seen or {})
+    node.loaded = {f"m{i}:latest": {"name": f"m{i}:latest", "size": GB, "context_length": ctx}
+                   for i, ctx in enumerate(loaded_ctx)}
+    return node
+
+
+CONTEXT_DEFAULTS = [
+    # (what, node, model asked about, expected default context)
+    ("nothing known: Ollama's old 4096", context_node(), "m0:latest", 4096),
+    ("the agent reported 32768", context_node(reported=32768), "m0:latest", 32768),
+    ("seen for this model beats the report", context_node(reported=32768, seen={"m0:latest": 2048}), "m0:latest", 2048),
+    ("guessed from what most models run with", context_node(loaded_ctx=(32768, 32768, 8192)), "m3:latest", 32768),
+    ("a capped embedding default does not drag the guess down", context_node(seen={"m0:latest": 2048},
+     loaded_ctx=(2048, 32768, 32768)), "m3:latest", 32768),
+    ("the largest seen default beats a smaller common context", context_node(seen={"m0:latest": 32768},
+     loaded_ctx=(32768, 4096, 4096)), "m3:latest", 32768),
+]
+
+
+@pytest.mark.parametrize("what, node, model, expected", CONTEXT_DEFAULTS, ids=[r[0] for r in CONTEXT_DEFAULTS])
+def test_context_default(what, node, model, expected):
+    assert node.context_default(model) == expected
+
+
+def test_running_keeps_ends_in_order_and_forgets_released_requests():
+    group = herd.Running()
+    leases = [herd.Lease(node_id="n", url="", model="m", score=0, breakdown={}, eta_s=eta, started=NOW)
+              for eta in (5.0, 1.0, 3.0)]
+    for held in leases:
+        group.add(held)
+    assert [group.nth_remaining(i, NOW) for i in range(3)] == [1.0, 3.0, 5.0]
+    assert group.mean_remaining(NOW) == pytest.approx(3.0)
+    group.remove(leases[1])
+    assert (group.count, group.nth_remaining(0, NOW), group.longest_remaining(NOW)) == (2, 3.0, 5.0)
+    assert group.longest_remaining(NOW + 100) == pytest.approx(0.4)  # overdue: a tenth of the mean 4 s
