@@ -22,9 +22,11 @@ Sections, in the order a request meets them:
 
 from __future__ import annotations
 
+import _thread
 import bisect
 import collections
 import contextlib
+import hmac
 import itertools
 import json
 import logging
@@ -34,6 +36,7 @@ import os
 import queue
 import random
 import re
+import signal
 import socket
 import sqlite3
 import statistics
@@ -43,11 +46,15 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import click
 import requests
 import urllib3
+import waitress
+import waitress.channel
+import waitress.task
+import waitress.wasyncore
 from flask import Flask, Response, request
 
 __version__ = "0.1.0"
@@ -95,7 +102,8 @@ class Config:
     context_protection: str = "strip"
     retention_days: float = 30.0
     max_body_mb: float = 64.0
-    max_retries: int = 2  # further nodes tried when one fails before the first byte
+    max_retries: int = 2  # further nodes tried at once when one fails before the first byte
+    drain_timeout: float = 30.0  # at shutdown, how long running requests may take to finish
 
 
 # =============================================================================================
@@ -222,10 +230,254 @@ def upstream_message(data):
 
 
 # =============================================================================================
-# The door: a client request as herd reads it, parsed once
+# The door: a client request, a heartbeat, a settings or management body, read once and checked
 # =============================================================================================
+#
+# Every body herd reads (a client request, a heartbeat, a settings, pull or delete body) is parsed
+# once and checked field by field before anything is stored or forwarded. Each check
+# names the field and what was expected, and becomes a 400 in the route's API shape. Fields herd
+# does not read pass through untouched: Ollama and OpenAI add fields, and a newer client must work.
 
+MAX_JSON_DEPTH = 64  # nesting deeper than any real request (tool schemas included) needs
+MAX_NAME_CHARS = 256  # a model name, an app tag, a user
+MAX_NODE_ID_CHARS = 64
+MAX_LIST_ITEMS = 10_000  # messages in a chat, models on a node, inputs to embed
+MAX_FALLBACKS = 16
+MAX_TAGS = 32
+MAX_CONTEXT = 1 << 24  # num_ctx: far beyond any model's context, short of nonsense
+# Ollama's runtime options and their JSON types: a wrong type makes Ollama answer 500, which
+# would blame a healthy node, so herd checks them. Options it does not know pass through.
+WHOLE_OPTIONS = {"num_ctx": (1, MAX_CONTEXT), "num_predict": (-2, MAX_CONTEXT), "num_keep": (-1, MAX_CONTEXT),
+                 "seed": (-(1 << 63), (1 << 63) - 1), "top_k": (0, 1 << 31), "repeat_last_n": (-1, MAX_CONTEXT),
+                 "num_batch": (1, 1 << 20), "num_gpu": (-1, 1 << 20), "main_gpu": (0, 1024),
+                 "num_thread": (0, 1 << 16)}
+REAL_OPTIONS = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                "frequency_penalty", "tfs_z", "mirostat_tau", "mirostat_eta")
+FLAG_OPTIONS = ("use_mmap", "numa", "penalize_newline", "low_vram", "f16_kv", "vocab_only", "use_mlock")
+# An Ollama model reference as `ollama pull` takes it: [host/][namespace/]name[:tag], letters,
+# digits, '_', '-', '.' (no dot in a namespace, never two in a row), at most 128 characters.
+MODEL_REFERENCE = re.compile(r"(?:[A-Za-z0-9_.-]+/)?(?:[A-Za-z0-9_-]+/)?[A-Za-z0-9_.-]+(?::[A-Za-z0-9_.-]+)?")
+MAX_REFERENCE_CHARS = 128
 STREAMING_DEFAULT = {"/api/chat": True, "/api/generate": True}  # Ollama streams unless told not to
+
+
+class BadInput(HerdError):
+    """A body or field that herd refuses at the door: 400, naming the field."""
+
+    def __init__(self, field_name, expected, got=None, code="invalid_field"):
+        where = f'"{field_name}"' if field_name else "the body"
+        shown = "" if got is None else f"; got {describe_value(got)}"
+        super().__init__(400, f"{where} must be {expected}{shown}", code)
+        self.field = field_name
+
+
+def describe_value(value):
+    """A short, safe picture of a bad value for an error message (ASCII, escaped, cut short)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"[:60]
+    if isinstance(value, str):
+        return f"the string {ascii(value[:40])}" + ("..." if len(value) > 40 else "")
+    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+
+
+def reject_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
+
+
+def parse_json(raw, what="request body"):
+    """Parse a JSON body strictly: no NaN or Infinity, numbers that fit a double, nesting at most
+    MAX_JSON_DEPTH. Raises BadInput."""
+    try:
+        value = json.loads(raw, parse_constant=reject_constant, parse_float=finite_float)
+    except RecursionError:
+        raise BadInput("", f"JSON nested at most {MAX_JSON_DEPTH} deep", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HerdError(400, f"{what} is not valid JSON ({str(exc)[:120]}); send a JSON object",
+                        "invalid_json") from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and too_deep(value):
+        raise BadInput("", f"JSON nested at most {MAX_JSON_DEPTH} deep", code="invalid_json")
+    return value
+
+
+def too_deep(value):
+    """Is `value` nested deeper than MAX_JSON_DEPTH? (no recursion: it is what is being checked)"""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def is_clean_text(text):
+    """Printable: no control or bidi-override characters, no lone surrogates."""
+    return text.isprintable()
+
+
+def read_text(value, field_name, max_chars=MAX_NAME_CHARS, optional=False):
+    """A short printable string (a name, an id, a tag)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise BadInput(field_name, "a non-empty string", value)
+    if len(value) > max_chars:
+        raise BadInput(field_name, f"at most {max_chars} characters", f"{len(value)} characters")
+    if not is_clean_text(value):
+        raise BadInput(field_name, "printable text (no control or bidi characters, no lone surrogates)", value)
+    return value
+
+
+def read_whole(value, field_name, low, high, optional=False):
+    """A whole number in [low, high]; 8192.0 counts as 8192."""
+    if value is None and optional:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadInput(field_name, "a whole number", value)
+    if not low <= value <= high:
+        raise BadInput(field_name, f"between {low} and {high}", value)
+    return value
+
+
+def read_real(value, field_name, low=-1e12, high=1e12, optional=False):
+    if value is None and optional:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise BadInput(field_name, f"a number between {low:g} and {high:g}", value)
+    return float(value)
+
+
+def read_flag(value, field_name, optional=False):
+    if value is None and optional:
+        return None
+    if not isinstance(value, bool):
+        raise BadInput(field_name, "true or false", value)
+    return value
+
+
+def read_object(value, field_name, optional=False):
+    if value is None and optional:
+        return None
+    if not isinstance(value, dict):
+        raise BadInput(field_name, "an object", value)
+    return value
+
+
+def read_list(value, field_name, max_items=MAX_LIST_ITEMS, optional=False):
+    if value is None and optional:
+        return None
+    if not isinstance(value, list):
+        raise BadInput(field_name, "a list", value)
+    if len(value) > max_items:
+        raise BadInput(field_name, f"a list of at most {max_items} items", f"{len(value)} items")
+    return value
+
+
+def read_string(value, field_name, optional=True):
+    """Free text (a prompt, a message): any string, or nothing."""
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise BadInput(field_name, "a string", value)
+    return value
+
+
+def is_model_reference(name):
+    """Could `ollama pull` take this name?"""
+    return (len(name) <= MAX_REFERENCE_CHARS and ".." not in name
+            and MODEL_REFERENCE.fullmatch(name) is not None)
+
+
+def read_options(options):
+    """Check the Ollama options whose types are known (see WHOLE_OPTIONS)."""
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key in WHOLE_OPTIONS:
+            read_whole(value, f"options.{key}", *WHOLE_OPTIONS[key])
+        elif key in REAL_OPTIONS:
+            read_real(value, f"options.{key}")
+        elif key in FLAG_OPTIONS:
+            read_flag(value, f"options.{key}")
+        elif key == "stop":
+            for i, item in enumerate(read_list(value, "options.stop", 64)):
+                read_string(item, f"options.stop[{i}]", optional=False)
+
+
+def read_messages(messages, field_name="messages"):
+    """Chat messages: objects whose content is a string, null, or (OpenAI) a list of parts whose
+    `text`, when present, is a string. Returns the characters of text they hold."""
+    chars = 0
+    for i, message in enumerate(read_list(messages, field_name)):
+        where = f"{field_name}[{i}]"
+        read_object(message, where)
+        role = message.get("role")
+        if role is not None:
+            read_text(role, f"{where}.role", 64)
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                read_object(part, f"{where}.content[{j}]")
+                if "text" in part:
+                    chars += len(read_string(part["text"], f"{where}.content[{j}].text", optional=False))
+        elif content is not None:
+            raise BadInput(f"{where}.content", "a string or a list of content parts", content)
+        images = message.get("images")
+        if images is not None:
+            for j, image in enumerate(read_list(images, f"{where}.images")):
+                read_string(image, f"{where}.images[{j}]", optional=False)
+    return chars
+
+
+def read_inputs(value, endpoint):
+    """`input` to embed: a string or a list of strings (OpenAI also takes token lists)."""
+    if isinstance(value, str):
+        return len(value)
+    items = read_list(value, "input")
+    if endpoint == "/v1/embeddings" and all(isinstance(item, (int, list)) and not isinstance(item, bool)
+                                            for item in items):
+        return 4 * sum(len(item) if isinstance(item, list) else 1 for item in items)  # tokens
+    return sum(len(read_string(item, f"input[{i}]", optional=False)) for i, item in enumerate(items))
+
+
+def read_prompt_chars(body, endpoint):
+    """Check the prompt-bearing fields herd reads, and count their characters (a cheap stand-in
+    for the prompt's tokens)."""
+    chars = 0
+    if "messages" in body:
+        chars += read_messages(body["messages"])
+    if "prompt" in body:
+        prompt = body["prompt"]
+        if endpoint == "/v1/completions" and isinstance(prompt, list):
+            chars += sum(len(item) for item in prompt if isinstance(item, str))
+        else:
+            chars += len(read_string(prompt, "prompt"))
+    chars += len(read_string(body.get("system"), "system"))
+    if "input" in body:
+        chars += read_inputs(body["input"], endpoint)
+    if body.get("images") is not None:
+        for i, image in enumerate(read_list(body["images"], "images")):
+            read_string(image, f"images[{i}]", optional=False)
+    if body.get("tools") is not None:
+        for i, tool in enumerate(read_list(body["tools"], "tools", 1024)):
+            read_object(tool, f"tools[{i}]")
+    return chars
 
 
 def never():
@@ -234,7 +486,7 @@ def never():
 
 @dataclass
 class Call:
-    """One client request as herd understands it, parsed once at the door."""
+    """One client request as herd understands it, read once at the door into checked values."""
 
     api: str  # ollama | openai
     endpoint: str  # the path forwarded to the node, e.g. /api/chat
@@ -252,6 +504,8 @@ class Call:
     edited: bool = False  # body must be re-serialised before forwarding
     pin: str | None = None  # a node chosen by the client (X-Herd-Node) for model management
     method: str = "POST"
+    may_change_fleet: bool = False  # the client has the key, or is on loopback when none is set
+    user_agent: str = ""
     client_gone: object = never  # Waitress tells when the client has left
     substitute: str | None = None  # a loaded model of the same kind, when nothing can load `model`
     events: list = field(default_factory=list)  # what herd did: retries, strips, fallbacks (traced)
@@ -268,84 +522,182 @@ class Call:
         return options if isinstance(options, dict) else {}
 
 
-def prompt_size(body):
-    """Characters of prompt text in a request: a cheap stand-in for its token count."""
-    total = 0
-    for message in body.get("messages") or ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(part.get("text", "")) for part in content if isinstance(part, dict))
-    for key in ("prompt", "input", "system"):
-        value = body.get(key)
-        if isinstance(value, str):
-            total += len(value)
-        elif isinstance(value, list):
-            total += sum(len(item) for item in value if isinstance(item, str))
-    return total
+def read_tags(body, headers, api):
+    """Tags for per-app analytics: metadata.tags, the X-Herd-Tags header, OpenAI's user."""
+    tags = []
+    metadata = read_object(body.get("metadata"), "metadata", optional=True)
+    if metadata is not None and metadata.get("tags") is not None:
+        for i, tag in enumerate(read_list(metadata["tags"], "metadata.tags", MAX_TAGS)):
+            tags.append(read_text(tag, f"metadata.tags[{i}]", 64))
+    header = headers.get("X-Herd-Tags")
+    if header:
+        for tag in (t.strip() for t in header.split(",")):
+            if tag:
+                tags.append(read_text(tag, "X-Herd-Tags", 64))
+    if api == "openai" and body.get("user") not in (None, ""):
+        tags.append("user:" + read_text(body["user"], "user"))
+    return tags[:MAX_TAGS]
 
 
 def parse_call(api, endpoint, raw, headers, client_ip, request_id):
-    """Parse and check a proxied request body; raises HerdError(400) on bad input."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HerdError(400, f"request body is not valid JSON ({exc}); send a JSON object",
-                        "invalid_json") from None
+    """Read a proxied request at the door into a Call; raises HerdError(400) naming the field."""
+    started = time.perf_counter()
+    body = parse_json(raw)
     if not isinstance(body, dict):
-        raise HerdError(400, "request body must be a JSON object", "invalid_json")
-    model = body.get("model") or body.get("name")  # Ollama still accepts the older "name"
-    if not isinstance(model, str) or not model.strip():
+        raise BadInput("", "a JSON object", body, code="invalid_json")
+    asked = body.get("model") or body.get("name")  # Ollama still accepts the older "name"
+    if asked is None or asked == "":
         raise HerdError(400, 'the request has no "model"; name the model to run, e.g. "llama3.2"',
                         "missing_model")
-    edited = False
-    fallbacks = body.pop("fallback_models", None)
-    if fallbacks is not None:
-        edited = True
-        if not isinstance(fallbacks, list) or not all(isinstance(m, str) for m in fallbacks):
-            raise HerdError(400, '"fallback_models" must be a list of model names', "invalid_fallback")
-    tags = []
-    metadata = body.pop("metadata", None)
-    if metadata is not None:
-        edited = True
-        if isinstance(metadata, dict) and isinstance(metadata.get("tags"), list):
-            tags.extend(str(tag) for tag in metadata["tags"])
-    header_tags = headers.get("X-Herd-Tags")
-    if header_tags:
-        tags.extend(tag.strip() for tag in header_tags.split(",") if tag.strip())
-    if api == "openai" and isinstance(body.get("user"), str):
-        tags.append("user:" + body["user"])
-    stream = body.get("stream", STREAMING_DEFAULT.get(endpoint, False))
-    return Call(api=api, endpoint=endpoint, body=body, raw=raw, model=normalize_model(model),
-                stream=bool(stream), fallback_models=[normalize_model(m) for m in fallbacks or []],
-                tags=tags, client_ip=client_ip, request_id=request_id, started=time.perf_counter(),
-                prompt_chars=prompt_size(body), asked_name=model, edited=edited)
+    read_text(asked, "model" if body.get("model") else "name")
+    stream = read_flag(body.get("stream"), "stream", optional=True)
+    fallbacks = [read_text(m, f"fallback_models[{i}]") for i, m in
+                 enumerate(read_list(body.get("fallback_models"), "fallback_models", MAX_FALLBACKS, optional=True) or ())]
+    tags = read_tags(body, headers, api)
+    options = read_object(body.get("options"), "options", optional=True)
+    if options:
+        read_options(options)
+    for key in ("max_tokens", "max_completion_tokens"):
+        read_whole(body.get(key), key, 1, MAX_CONTEXT, optional=True)
+    prompt_chars = read_prompt_chars(body, endpoint)
+    edited = "fallback_models" in body or "metadata" in body
+    body.pop("fallback_models", None)  # herd's own fields are not for the node
+    body.pop("metadata", None)
+    return Call(api=api, endpoint=endpoint, body=body, raw=raw, model=normalize_model(asked),
+                stream=STREAMING_DEFAULT.get(endpoint, False) if stream is None else stream,
+                fallback_models=[normalize_model(m) for m in fallbacks], tags=tags, client_ip=client_ip,
+                request_id=request_id, started=started, prompt_chars=prompt_chars, asked_name=asked,
+                edited=edited, user_agent=(headers.get("User-Agent") or "")[:200])
 
 
-HEARTBEAT_REQUIRED = ("node_id", "ollama_url", "ollama")
+def read_management(raw, verb):
+    """(model, stream) from a pull or delete body ({"model": ...} or the older {"name": ...})."""
+    body = parse_json(raw or b"{}")
+    if not isinstance(body, dict):
+        raise BadInput("", "a JSON object", body, code="invalid_json")
+    asked = body.get("model") or body.get("name")
+    if asked is None or asked == "":
+        raise HerdError(400, f'name the model in "model" for {verb}', "missing_model")
+    model = normalize_model(read_text(asked, "model" if body.get("model") else "name"))
+    stream = read_flag(body.get("stream"), "stream", optional=True)
+    return body, model, stream is not False
+
+
+# -- heartbeats: untrusted input too, checked whole and applied whole or not at all ------------
+
+MAX_MEMORY_GB = 1 << 20  # a petabyte: past any one machine
+MAX_MODEL_BYTES = 1 << 50
+
+
+def read_url(value, field_name):
+    """An http(s) URL with a host, no whitespace or control characters."""
+    text = read_text(value, field_name, 2048)
+    if any(c.isspace() for c in text):
+        raise BadInput(field_name, "a URL without spaces", value)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise BadInput(field_name, "an http(s) URL such as http://gpu-box:11434", value) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadInput(field_name, "an http(s) URL such as http://gpu-box:11434", value)
+    return text.rstrip("/")
+
+
+def read_model_entry(entry, where, loaded):
+    """One /api/tags (or, `loaded`, /api/ps) entry, keeping only the fields herd reads or shows."""
+    read_object(entry, where)
+    name = entry.get("name") or entry.get("model")
+    clean = {"name": read_text(name, f"{where}.name"), "model": read_text(entry.get("model") or name, f"{where}.model"),
+             "size": read_whole(entry.get("size") or 0, f"{where}.size", 0, MAX_MODEL_BYTES)}
+    for key in ("digest", "modified_at", "expires_at"):
+        if entry.get(key) is not None:
+            clean[key] = read_text(entry[key], f"{where}.{key}", 128)
+    if loaded:
+        if entry.get("size_vram") is not None:
+            clean["size_vram"] = read_whole(entry["size_vram"], f"{where}.size_vram", 0, MAX_MODEL_BYTES)
+        if entry.get("context_length") is not None:
+            clean["context_length"] = read_whole(entry["context_length"], f"{where}.context_length", 1, MAX_CONTEXT)
+    details = read_object(entry.get("details"), f"{where}.details", optional=True)
+    if details is not None:
+        clean["details"] = {key: read_text(value, f"{where}.details.{key}", 128) for key, value in details.items()
+                            if isinstance(value, str) and value}
+        families = details.get("families")
+        if isinstance(families, list):
+            clean["details"]["families"] = [read_text(f, f"{where}.details.families", 128) for f in families[:16]]
+    return clean
+
+
+def read_ollama_block(ollama, where="ollama"):
+    """The `ollama` block of a heartbeat (or of herd's own poll): reachable, version, models, loaded."""
+    read_object(ollama, where)
+    reachable = read_flag(ollama.get("reachable"), f"{where}.reachable")
+    clean = {"reachable": reachable,
+             "version": read_text(ollama.get("version"), f"{where}.version", 64, optional=True),
+             "error": read_text(ollama.get("error"), f"{where}.error", 2000, optional=True)}
+    if reachable:
+        clean["models"] = [read_model_entry(m, f"{where}.models[{i}]", False)
+                           for i, m in enumerate(read_list(ollama.get("models") or [], f"{where}.models"))]
+        clean["loaded"] = [read_model_entry(m, f"{where}.loaded[{i}]", True)
+                           for i, m in enumerate(read_list(ollama.get("loaded") or [], f"{where}.loaded"))]
+    return clean
+
+
+def read_memory(value, field_name):
+    if value is None:
+        return None
+    read_object(value, field_name)
+    return {key: read_real(value.get(key), f"{field_name}.{key}", 0, MAX_MEMORY_GB, optional=True)
+            for key in ("total_gb", "available_gb")}
+
+
+def read_gpu(value):
+    """The heartbeat's `gpu` block, with the fields that were sent."""
+    if value is None:
+        return None
+    read_object(value, "gpu")
+    clean = {key: read_real(value[key], f"gpu.{key}", 0, MAX_MEMORY_GB, optional=True)
+             for key in ("vram_total_gb", "vram_used_gb") if key in value}
+    if value.get("kind") is not None:
+        clean["kind"] = read_text(value["kind"], "gpu.kind", 32)
+    if value.get("unified") is not None:
+        clean["unified"] = read_flag(value["unified"], "gpu.unified")
+    if value.get("gpus") is not None:
+        clean["gpus"] = []
+        for i, one in enumerate(read_list(value["gpus"], "gpu.gpus", 64)):
+            where = f"gpu.gpus[{i}]"
+            read_object(one, where)
+            clean["gpus"].append({"name": read_text(one.get("name") or "GPU", f"{where}.name", 128),
+                                  **{key: read_real(one.get(key), f"{where}.{key}", 0, MAX_MEMORY_GB, optional=True)
+                                     for key in ("vram_total_gb", "vram_used_gb")}})
+    return clean
 
 
 def parse_heartbeat(raw):
-    """Check a heartbeat body (see herd_node.py for its fields); raises HerdError(400) naming what is wrong."""
-    try:
-        beat = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise HerdError(400, "heartbeat body is not valid JSON", "invalid_json") from None
+    """Read a heartbeat (herd_node.py's payload) whole into checked values; raises BadInput
+    naming the first field that is wrong, and then nothing of it is applied."""
+    beat = parse_json(raw, "heartbeat body")
     if not isinstance(beat, dict):
-        raise HerdError(400, "heartbeat body must be a JSON object", "invalid_heartbeat")
-    missing = [key for key in HEARTBEAT_REQUIRED if not beat.get(key)]
+        raise BadInput("", "a JSON object", beat, code="invalid_heartbeat")
+    missing = [key for key in ("node_id", "ollama_url", "ollama") if beat.get(key) is None]
     if missing:
-        raise HerdError(400, f"heartbeat is missing {', '.join(missing)}", "invalid_heartbeat")
-    if not isinstance(beat["node_id"], str):
-        raise HerdError(400, "heartbeat node_id must be a string", "invalid_heartbeat")
-    url = urlsplit(str(beat["ollama_url"]))
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise HerdError(400, f"heartbeat ollama_url must be an http(s) URL, got {beat['ollama_url']!r}",
+        raise HerdError(400, f"heartbeat is missing {', '.join(missing)} (herd_node.py sends them)",
                         "invalid_heartbeat")
-    if not isinstance(beat["ollama"], dict):
-        raise HerdError(400, "heartbeat ollama must be an object", "invalid_heartbeat")
-    return beat
+    return {
+        "node_id": read_text(beat["node_id"], "node_id", MAX_NODE_ID_CHARS),
+        "ollama_url": read_url(beat["ollama_url"], "ollama_url"),
+        "hostname": read_text(beat.get("hostname"), "hostname", 255, optional=True) or "",
+        "interval_s": read_real(beat.get("interval_s", 5.0), "interval_s", 0.05, 3600),
+        "memory": read_memory(beat.get("memory"), "memory"),
+        "gpu": read_gpu(beat.get("gpu")),
+        "cpu_percent": read_real(beat.get("cpu_percent"), "cpu_percent", 0, 100, optional=True),
+        "num_parallel": read_whole(beat.get("num_parallel"), "num_parallel", 1, 4096, optional=True),
+        "memory_budget_gb": read_real(beat.get("memory_budget_gb"), "memory_budget_gb", 0.01, MAX_MEMORY_GB,
+                                      optional=True),
+        "default_context_length": read_whole(beat.get("default_context_length"), "default_context_length",
+                                             256, MAX_CONTEXT, optional=True),
+        "ollama": read_ollama_block(beat["ollama"]),
+    }
 
 
 # =============================================================================================
@@ -484,6 +836,7 @@ class Node:
     prefill_speed: float | None = None
     load_cost: tuple | None = None  # (fixed s, s per GB)
     calibrated_at: float = -1e9  # time.monotonic() of the last calibration sent
+    served: int = 0  # requests completed here
     failures: int = 0  # consecutive failed requests
     failure_kind: str | None = None  # unreachable | error
     cooldown_until: float = 0.0
@@ -615,6 +968,7 @@ class Waiter:
     models: list
     enqueued: float
     deferred: bool = False  # waiting by choice while a slot is free (see Scoring: deferring)
+    cancelled: bool = False  # herd is shutting down
     event: threading.Event = field(default_factory=threading.Event)
     lease: Lease | None = None
 
@@ -938,16 +1292,16 @@ def score_candidates(estimates):
     for _, e in estimates:
         e["slower_by"] = e["service"] - fastest
     rate = 1000.0  # points per second: as fine as the ranges allow
-    for signal, (cause, _) in SIGNAL_SECONDS.items():
+    for name, (cause, _) in SIGNAL_SECONDS.items():
         worst = max(e[cause] for _, e in estimates)
         if worst > 0:
-            rate = min(rate, SIGNAL_RANGES[signal] / worst)
+            rate = min(rate, SIGNAL_RANGES[name] / worst)
     scored = []
     for node, e in estimates:
         breakdown = {}
-        for signal, (cause, sign) in SIGNAL_SECONDS.items():
-            points = SIGNAL_RANGES[signal] - rate * e[cause] if sign > 0 else -rate * e[cause]
-            breakdown[signal] = round(points, 2)
+        for name, (cause, sign) in SIGNAL_SECONDS.items():
+            points = SIGNAL_RANGES[name] - rate * e[cause] if sign > 0 else -rate * e[cause]
+            breakdown[name] = round(points, 2)
         scored.append((node, sum(breakdown.values()), breakdown, e["eta"]))
     return scored
 
@@ -1394,6 +1748,11 @@ class Fleet:
         with self.lock:
             return {(n.node_id, model): count for n in self.nodes.values() for model, count in n.counts().items()}
 
+    def served_count(self, node_id):
+        with self.lock:
+            node = self.nodes.get(node_id)
+            return node.served if node else 0
+
     def pull_target(self, model):
         with self.lock:
             return pull_target(list(self.nodes.values()), model, time.time())
@@ -1489,6 +1848,9 @@ class Fleet:
                 self._dequeue(waiter)
                 if call.client_gone():
                     raise RoutingError(499, "the client disconnected while waiting", "cancelled")
+                if waiter.cancelled:
+                    raise RoutingError(503, "herd is shutting down; retry in a few seconds", "shutting_down",
+                                       retry_after=5)
                 waited = time.perf_counter() - waiter.enqueued
                 reason = ("no node that could serve it recovered" if wait == "failing"
                           else "no slot became free")
@@ -1510,6 +1872,7 @@ class Fleet:
                     learn_from_reply(node, lease, timings)
                 node.drop(lease)
                 if served:
+                    node.served += 1
                     node.failures, node.failure_kind = 0, None
                     if sent_ctx is None:  # it ran with the default: the next report shows it
                         node.context_probe.add(lease.model)
@@ -1542,6 +1905,13 @@ class Fleet:
         lease.shared_at_start = sharing(node.counts(), lease.model, extra=1)
         node.hold(lease)
 
+    def cancel_waiters(self):
+        """Shutdown: every queued request stops waiting (and is answered 503)."""
+        with self.lock:
+            for waiter in self.waiters:
+                waiter.cancelled = True
+                waiter.event.set()
+
     def _dequeue(self, waiter):
         self.waiters.remove(waiter)
         self.queued.subtract(set(waiter.models))
@@ -1554,6 +1924,8 @@ class Fleet:
         ahead = collections.Counter()  # model -> waiters still queued before the one being looked at
         full = set()
         for waiter in list(self.waiters):
+            if waiter.cancelled:
+                continue
             lease, wait = None, "busy"
             if not all(model in full for model in waiter.models):
                 lease, wait = self._choose(waiter.call, waiter.models, ahead)
@@ -1613,14 +1985,17 @@ MDNS_SERVICE = "_herd._tcp.local."
 
 
 def poll_ollama(session, url):
-    """Ask an Ollama for version, tags and ps; returns the heartbeat's `ollama` block."""
+    """Ask an Ollama for version, tags and ps; returns the heartbeat's `ollama` block, checked as a
+    heartbeat's is (an Ollama that answers something herd cannot read counts as unreachable)."""
     try:
         version = session.get(url + "/api/version", timeout=NODE_CALL_TIMEOUT).json().get("version")
         models = session.get(url + "/api/tags", timeout=NODE_CALL_TIMEOUT).json().get("models") or []
         loaded = session.get(url + "/api/ps", timeout=NODE_CALL_TIMEOUT).json().get("models") or []
-        return {"reachable": True, "version": version, "models": models, "loaded": loaded}
+        return read_ollama_block({"reachable": True, "version": version, "models": models, "loaded": loaded})
     except (requests.RequestException, ValueError, AttributeError) as exc:
         return {"reachable": False, "error": f"{type(exc).__name__}: {exc}"}
+    except HerdError as exc:
+        return {"reachable": False, "error": f"Ollama answered something herd cannot read: {exc.message}"}
 
 
 class NodePoller:
@@ -1647,11 +2022,14 @@ class NodePoller:
             if source == "local" and self.fleet.has_other_nodes("local"):
                 self.stop.wait(self.config.poll_interval)  # agents came: the local fallback rests
                 continue
-            result = poll_ollama(self.session, url)
-            if result["reachable"]:
-                self.fleet.report(name, url, source, self.config.poll_interval, {"ollama": result})
-            elif self.fleet.has_node(name):
-                self.fleet.mark_unreachable(name, result["error"])
+            try:
+                result = poll_ollama(self.session, url)
+                if result["reachable"]:
+                    self.fleet.report(name, url, source, self.config.poll_interval, {"ollama": result})
+                elif self.fleet.has_node(name):
+                    self.fleet.mark_unreachable(name, result["error"])
+            except Exception:  # noqa: BLE001 - one bad poll must not stop polling the node for good
+                log.exception("polling %s failed", name)
             self.stop.wait(self.config.poll_interval)
 
 
@@ -1825,20 +2203,23 @@ class Pulls:
                     raise ValueError(upstream_message(response.content))
                 for line in response.iter_lines():
                     event = json.loads(line) if line else {}
+                    if not isinstance(event, dict):
+                        continue
                     if event.get("error"):
-                        raise ValueError(event["error"])
+                        raise ValueError(str(event["error"])[:300])
                     with self.lock:
-                        progress["status"] = event.get("status", progress["status"])
-                        if event.get("total"):
-                            progress["percent"] = int(100 * (event.get("completed") or 0) / event["total"])
+                        progress["status"] = str(event.get("status", progress["status"]))[:100]
+                        total, completed = event.get("total"), event.get("completed") or 0
+                        if isinstance(total, (int, float)) and total > 0 and isinstance(completed, (int, float)):
+                            progress["percent"] = max(0, min(100, int(100 * completed / total)))
             with self.lock:
                 if progress["status"] != "success":
                     raise ValueError("the node ended the pull without success")
                 progress["percent"] = 100
             log.info("pulled %s onto %s", model, progress["node_id"])
-        except (requests.RequestException, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the node sent, the pull ends as failed, not stuck
             with self.lock:
-                progress["status"], progress["error"] = "failed", str(exc)
+                progress["status"], progress["error"] = "failed", str(exc)[:300]
             log.warning("pull of %s onto %s failed: %s", model, progress["node_id"], exc)
 
     def snapshot(self):
@@ -1864,11 +2245,12 @@ _watched = threading.local()  # the Exchange whose upstream connection the curre
 class UpstreamFailure(Exception):
     """A node failed before its first byte reached the client: the request may be retried."""
 
-    def __init__(self, message, status=502, unreachable=False, timed_out=False):
+    def __init__(self, message, status=502, unreachable=False, timed_out=False, answered=False):
         super().__init__(message)
         self.status = status
         self.unreachable = unreachable
         self.timed_out = timed_out
+        self.answered = answered  # the node answered with a 5xx (it was up, and said no)
 
 
 class WatchedHTTPConnection(urllib3.connection.HTTPConnection):
@@ -1988,6 +2370,13 @@ def upstream_chunks(resp):
         if not chunk:
             return
         yield chunk
+
+
+def header_safe(text):
+    """A response header value: printable ASCII as it is, anything else percent-encoded."""
+    if text.isascii() and text.isprintable():
+        return text
+    return quote(text.encode("utf-8", "backslashreplace"), safe="/:@+")
 
 
 def body_for(call, lease, policy):
@@ -2124,7 +2513,8 @@ class Exchange:
         reasons = {"cancelled": "the client disconnected",
                    "first_byte_timeout": f"sent nothing for {self.first_byte_limit:g} s (first-byte timeout)",
                    "idle_timeout": f"went silent for {self.idle_limit:g} s mid-stream (idle timeout)",
-                   "reaped": f"produced no byte for {self.stall_limit:g} s and was reaped"}
+                   "reaped": f"produced no byte for {self.stall_limit:g} s and was reaped",
+                   "shutdown": "was cut short: herd is shutting down"}
         if self.aborted:
             return reasons[self.aborted]
         return f"broke off mid-stream ({describe(exc)})" if exc is not None else "failed"
@@ -2218,6 +2608,10 @@ class Relay:
                 self.status = "reaped" if exchange.aborted == "reaped" else "incomplete"
                 self.error = f"{exchange.node_id} {exchange.explain(exc)}"
                 yield stream_error_chunk(call.api, self.error)
+        except Exception as exc:  # noqa: BLE001 - a bug must still end the stream in its API's shape
+            log.exception("request %s: relay failed", call.request_id)
+            self.status, self.error = "incomplete", f"herd hit an internal error ({type(exc).__name__})"
+            yield stream_error_chunk(call.api, self.error)
         finally:
             self.close()
 
@@ -2268,12 +2662,13 @@ class Proxy:
             exchange.finish("failed", f"herd hit an internal error ({type(exc).__name__})")
             raise
 
-    def refuse(self, api, endpoint, client_ip, request_id, message):
-        """Trace a request refused at the door (bad input): every client request has a row."""
+    def refuse(self, api, endpoint, client_ip, request_id, message, outcome="failed"):
+        """Trace a request answered without being served (refused at the door, no such route):
+        every client request has a row."""
         call = Call(api=api, endpoint=endpoint, body={}, raw=b"", model="", stream=False,
                     fallback_models=[], tags=[], client_ip=client_ip, request_id=request_id,
                     started=time.perf_counter())
-        Exchange(call, self).finish("failed", message)
+        Exchange(call, self).finish(outcome, message)
 
     def drop(self, exchange):
         with self.lock:
@@ -2286,10 +2681,15 @@ class Proxy:
     # -- attempts ----------------------------------------------------------------------------
 
     def _attempts(self, exchange, admit):
+        """Attempt after attempt until one answers: the next-best nodes at once (up to
+        max_retries more), then, while every node that could serve it is resting, the first to
+        recover, until the queue deadline. A node that keeps answering this request with an error
+        while it serves others has said no to the request, not failed: then herd gives up."""
         call = exchange.call
         deadline = time.monotonic() + self.config.queue_timeout
         attempts = 0
         last_failure = None
+        served_when_failed = {}  # node id -> requests it had served when it failed this one
         while True:
             try:
                 lease = self._lease(call, admit, deadline)
@@ -2303,12 +2703,20 @@ class Proxy:
                 exchange.abandon()
                 if exchange.aborted == "cancelled":
                     return exchange.fail(499, "the client disconnected", "cancelled", outcome="cancelled")
+                if exchange.aborted == "shutdown":
+                    return exchange.fail(503, "herd is shutting down; retry in a few seconds", "shutting_down",
+                                         retry_after=5)
                 self.fleet.note_failure(lease, str(failure), failure.unreachable)
                 last_failure = failure
-                retry = not call.pin and attempts <= self.config.max_retries
+                served = self.fleet.served_count(lease.node_id)
+                refused_again = failure.answered and served_when_failed.get(lease.node_id, served) < served
+                served_when_failed[lease.node_id] = served
+                retry = not call.pin and not refused_again and (attempts <= self.config.max_retries
+                                                                 or time.monotonic() < deadline)
                 call.note({"failed": lease.node_id, "reason": str(failure), "retried": retry})
                 log.warning("request %s: %s failed before its first byte (%s); %s", call.request_id,
-                            lease.node_id, failure, "retrying" if retry else "giving up")
+                            lease.node_id, failure, "giving up" if not retry else "retrying"
+                            if attempts <= self.config.max_retries else "waiting for a node to recover")
                 if not retry:
                     return self._give_up(exchange, None, failure)
                 exchange.retries += 1
@@ -2333,7 +2741,8 @@ class Proxy:
                 log.info("request %s: %s fits no node; serving loaded %s instead", call.request_id,
                          call.model, substitute)
                 return self.fleet.acquire(call, admit, deadline)
-            if exc.code == "model_not_found" and self.settings.get("auto_pull"):
+            if (exc.code == "model_not_found" and self.settings.get("auto_pull") and call.may_change_fleet
+                    and is_model_reference(call.model)):
                 message = self.pulls.ensure(call.model, self.fleet)
                 if message:
                     call.note({"auto_pull": message})
@@ -2371,7 +2780,7 @@ class Proxy:
                                          preload_content=False, redirect=False)
         except UPSTREAM_ERRORS as exc:
             raise exchange.failure(exc) from None
-        headers = {"X-Herd-Node": lease.node_id, "X-Herd-Model": lease.model}
+        headers = {"X-Herd-Node": header_safe(lease.node_id), "X-Herd-Model": header_safe(lease.model)}
         for key, value in resp.headers.items():
             if key.lower() not in HOP_BY_HOP:
                 headers.setdefault(key, value)
@@ -2387,7 +2796,7 @@ class Proxy:
             resp.release_conn()
             if resp.status >= 500:
                 raise UpstreamFailure(f"{lease.node_id} answered {resp.status}: {upstream_message(data)}",
-                                      status=resp.status)
+                                      status=resp.status, answered=True)
             if resp.status >= 400:
                 message = upstream_message(data)
                 if not data.lstrip().startswith(b"{"):
@@ -2433,6 +2842,20 @@ TRACE_QUEUE = 100_000  # rows buffered before request threads wait for the write
 PRUNE_EVERY_S = 3600.0
 
 
+def escaped_row(row):
+    """A trace row that SQLite will take whatever it held: text with lone surrogates escaped,
+    numbers too large for SQLite as text, anything else as its ASCII picture."""
+    def safe(value):
+        if value is None or isinstance(value, float):
+            return value
+        if isinstance(value, int):
+            return value if -(1 << 63) <= value < (1 << 63) else str(value)
+        if isinstance(value, str):
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return ascii(value)
+    return {key: safe(row.get(key)) for key in TRACE_COLUMNS}
+
+
 class TraceStore:
     """Owns latency.db: the writer thread, retention, settings and read-only queries."""
 
@@ -2474,26 +2897,47 @@ class TraceStore:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            stop = None in batch
-            rows = [row for row in batch if isinstance(row, dict)]
-            flushes = [item for item in batch if isinstance(item, threading.Event)]
-            if rows:
-                for attempt in range(5):
-                    try:
-                        with db:
-                            db.executemany(self.insert, rows)
-                        break
-                    except sqlite3.OperationalError as exc:  # locked by a reader: try again, keep rows
-                        log.warning("trace write failed (%s), retrying", exc)
-                        time.sleep(0.2 * (attempt + 1))
-            for flushed in flushes:
-                flushed.set()
-            if time.time() >= next_prune:
-                self._prune(db)
-                next_prune = time.time() + PRUNE_EVERY_S
+            stop = any(item is None for item in batch)
+            try:
+                rows = [row for row in batch if isinstance(row, dict)]
+                if rows:
+                    self._write(db, rows)
+                if time.time() >= next_prune:
+                    next_prune = time.time() + PRUNE_EVERY_S
+                    self._prune(db)
+            except Exception:  # noqa: BLE001 - the writer must outlive any one bad batch
+                log.exception("trace writer hit an error; it goes on")
+            for item in batch:
+                if isinstance(item, threading.Event):
+                    item.set()
             if stop:
                 db.close()
                 return
+
+    def _write(self, db, rows):
+        """Commit rows in one transaction; if that fails for a reason other than a busy database,
+        row by row, a row that still fails written with its text escaped (never dropped unseen)."""
+        for attempt in range(5):
+            try:
+                with db:
+                    db.executemany(self.insert, rows)
+                return
+            except sqlite3.OperationalError as exc:  # locked by a reader: try again, keep rows
+                log.warning("trace write failed (%s), retrying", exc)
+                time.sleep(0.2 * (attempt + 1))
+            except (sqlite3.Error, ValueError, TypeError, OverflowError):
+                break
+        for row in rows:
+            for candidate in (row, escaped_row(row)):
+                try:
+                    with db:
+                        db.execute(self.insert, candidate)
+                    break
+                except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
+                    log.warning("trace row %s could not be written as it was (%s)",
+                                ascii(row.get("request_id")), exc)
+            else:
+                log.error("trace row %s was lost: %s", ascii(row.get("request_id")), ascii(row)[:500])
 
     def _prune(self, db):
         cutoff = time.time() - self.retention_days * 86400
@@ -2568,6 +3012,9 @@ def setup_logging(data_dir, level):
 # Herd: one router, the parts above wired together and their background threads
 # =============================================================================================
 
+DRAIN_GRACE_S = 5.0  # after the drain timeout, how long requests cut short get to write their last chunk
+
+
 class Herd:
     """One router: configuration, fleet, poller, proxy, watchdog, trace store. Built by create_app."""
 
@@ -2587,6 +3034,8 @@ class Herd:
         self.warmer = Warmer(self.fleet, self.settings, self.capabilities)
         self.poller = NodePoller(self.fleet, config)
         self.advertiser = None
+        self.draining = threading.Event()  # shutting down: new requests get 503
+        self.refused_beats = set()  # (address, reason) of heartbeats refused, logged once each
         self._ids = itertools.count(1)
         self._boot = f"{int(time.time()) & 0xFFFFFF:06x}"
 
@@ -2603,14 +3052,16 @@ class Herd:
     def change_settings(self, changes):
         """Validate, apply and persist a partial settings update; raises HerdError(400)."""
         if not isinstance(changes, dict) or not changes:
-            raise HerdError(400, "send a JSON object of settings to change, e.g. {\"auto_pull\": false}")
+            raise BadInput("", 'a JSON object of settings to change, e.g. {"auto_pull": false}', changes,
+                           code="invalid_settings")
         for key, value in changes.items():
             if key not in RUNTIME_SETTINGS:
-                raise HerdError(400, f"unknown setting {key!r}; settings are {', '.join(RUNTIME_SETTINGS)}")
+                raise HerdError(400, f"unknown setting {ascii(key)[:80]}; settings are {', '.join(RUNTIME_SETTINGS)}",
+                                "invalid_settings")
             if key == "context_protection" and value not in CONTEXT_POLICIES:
-                raise HerdError(400, f"context_protection must be one of {', '.join(CONTEXT_POLICIES)}")
-            if key != "context_protection" and not isinstance(value, bool):
-                raise HerdError(400, f"{key} must be true or false")
+                raise BadInput(key, f"one of {', '.join(CONTEXT_POLICIES)}", value, code="invalid_settings")
+            if key != "context_protection":
+                read_flag(value, key)
         self.settings.update(changes)
         self.fleet.set_context_policy(self.settings["context_protection"])
         self.traces.save_settings(changes)
@@ -2628,15 +3079,53 @@ class Herd:
         # A counter, not uuid4: cheaper on the hot path and still unique across restarts.
         return f"{self._boot}-{next(self._ids)}"
 
+    def trace_answer(self, api, endpoint, client_ip, status, message):
+        """The trace row of an error answer that no exchange served (see HTTP routes)."""
+        outcome = "cancelled" if status == 499 else "failed"
+        self.proxy.refuse(api, endpoint, client_ip, self.request_id(), message or f"answered {status}", outcome)
+
+    def heartbeat_refused(self, address, reason):
+        if (address, reason) not in self.refused_beats and len(self.refused_beats) < 1000:
+            self.refused_beats.add((address, reason))
+            log.warning("refused a heartbeat from %s: %s", address, reason)
+
+    def drain(self, timeout):
+        """Shut down without losing a request: refuse new ones (503), let those running finish for
+        up to `timeout` seconds, end the rest with an error in their API's shape (a stream's last
+        chunk), and return once every one of them has its trace row."""
+        self.draining.set()
+        deadline = time.monotonic() + timeout
+        log.info("draining: %d requests running, waiting up to %g s", len(self.proxy.running()), timeout)
+        while self.proxy.running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leftover = self.proxy.running()
+        if leftover:
+            log.warning("ending %d requests still running after %g s", len(leftover), timeout)
+            self.fleet.cancel_waiters()
+            for exchange in leftover:
+                exchange.abort("shutdown")
+            deadline = time.monotonic() + DRAIN_GRACE_S
+            while self.proxy.running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
 
 # =============================================================================================
 # HTTP routes: each handler parses, chooses, forwards, records
 # =============================================================================================
+#
+# Every client request gets exactly one trace row, whatever its answer: the proxy writes the rows
+# of the requests it serves, and one hook writes the row of every other error answer (a refusal at
+# the door, an unknown route, a wrong method, a missing key, a request during shutdown); Waitress's
+# own errors are written by JsonErrorTask. Not client requests, and not traced: reads herd answers
+# from memory when they succeed (/api/tags, /api/ps, /api/version, /v1/models, /fleet/status),
+# agents' heartbeats, and the dashboard with its API.
 
 PROXIED = {"/api/chat": "ollama", "/api/generate": "ollama", "/api/embed": "ollama",
            "/api/embeddings": "ollama", "/v1/chat/completions": "openai", "/v1/completions": "openai",
            "/v1/embeddings": "openai"}
 NOT_IMPLEMENTED = ("/api/copy", "/api/create", "/api/push", "/api/blobs/<path:digest>")
+UNTRACED_PREFIXES = ("/dashboard", "/static/", "/heartbeat", "/metrics")
+TRACED = "herd.traced"  # set in a request's WSGI environ once its trace row is taken care of
 
 
 def version_key(version):
@@ -2665,35 +3154,69 @@ def openai_model(entry):
             "nodes": entry.get("nodes", [])}
 
 
-def changes_fleet_allowed(config):
-    """Routes that change the fleet: a client with the key, or a loopback client when there is none."""
+def bearer_token(header):
+    """The token of an `Authorization: Bearer <token>` header (the scheme in any case), or None."""
+    scheme, _, token = (header or "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def has_key(config):
+    token = bearer_token(request.headers.get("Authorization"))
+    return token is not None and hmac.compare_digest(token.encode("utf-8", "replace"),
+                                                     config.api_key.encode("utf-8", "replace"))
+
+
+def may_change_fleet(config):
+    """Routes that change the fleet (pull, delete, settings, auto-pull): a client with the key, or
+    a loopback client when no key is set."""
     return bool(config.api_key) or is_loopback(request.remote_addr)
 
 
-def add_key_check(app, config):
-    @app.before_request
-    def check_api_key():
-        if config.api_key and request.path != "/":
-            if request.headers.get("Authorization", "") != f"Bearer {config.api_key}":
-                return error_response(api_of(request.path), 401, "missing or wrong API key; send "
-                                      "'Authorization: Bearer <key>' as set by herd --api-key",
-                                      "unauthorized")
+def answer_message(response):
+    """The error text of one of herd's JSON error answers."""
+    try:
+        error = json.loads(response.get_data()).get("error")
+    except (ValueError, AttributeError):
         return None
+    return error.get("message") if isinstance(error, dict) else error
+
+
+def add_gates(app, herd):
+    """What every request passes first: the API key, the drain at shutdown; and, last, the trace
+    row of any error answer nobody else traced."""
+    config = herd.config
+
+    @app.before_request
+    def check_key_and_drain():
+        if config.api_key and request.path != "/" and not has_key(config):
+            return error_response(api_of(request.path), 401, "missing or wrong API key; send "
+                                  "'Authorization: Bearer <key>' as set by herd --api-key", "unauthorized")
+        if herd.draining.is_set() and request.path != "/":
+            return error_response(api_of(request.path), 503, "herd is shutting down; retry in a few "
+                                  "seconds", "shutting_down", retry_after=5)
+        return None
+
+    @app.after_request
+    def trace_other_answers(response):
+        if (request.environ.get(TRACED) or request.path.startswith(UNTRACED_PREFIXES)
+                or (response.status_code < 400 and request.method in ("GET", "HEAD", "OPTIONS"))):
+            return response
+        herd.trace_answer(api_of(request.path), request.path, request.remote_addr, response.status_code,
+                          answer_message(response))
+        return response
 
 
 def add_proxied_routes(app, herd):
-    """The Ollama and OpenAI inference routes: parse at the door, then the proxy serves the call."""
+    """The Ollama and OpenAI inference routes: read at the door, then the proxy serves the call."""
+    config = herd.config
 
     def proxied(path, api):
         def view():
-            raw = request.get_data(cache=False)
-            request_id = herd.request_id()
-            try:
-                call = parse_call(api, path, raw, request.headers, request.remote_addr, request_id)
-            except HerdError as exc:
-                herd.proxy.refuse(api, path, request.remote_addr, request_id, exc.message)
-                return error_response(api, exc.status, exc.message, exc.code)
+            call = parse_call(api, path, request.get_data(cache=False), request.headers, request.remote_addr,
+                              herd.request_id())
+            call.may_change_fleet = may_change_fleet(config)
             call.client_gone = request.environ.get("waitress.client_disconnected", call.client_gone)
+            request.environ[TRACED] = True  # serve() writes the row, however it ends
             return herd.proxy.serve(call, admit=(path != "/api/show"))
         view.__name__ = "proxy_" + path.strip("/").replace("/", "_")
         return view
@@ -2703,50 +3226,41 @@ def add_proxied_routes(app, herd):
     app.add_url_rule("/api/show", view_func=proxied("/api/show", "ollama"), methods=["POST"])
 
 
-
 def add_model_management(app, herd):
     """Pull and delete through the Ollama API (a pull goes where herd would route the model; a
     delete needs the node named), and the Ollama routes herd does not serve."""
     config = herd.config
 
     def management_call(endpoint, method, verb):
-        """(Call, None) for a pull or delete body, or (None, the 4xx to answer)."""
-        if not changes_fleet_allowed(config):
-            return None, error_response("ollama", 403, f"{verb} changes the fleet: call from the router's "
-                                        "own machine or start herd with --api-key", "forbidden")
+        if not may_change_fleet(config):
+            raise HerdError(403, f"{verb} changes the fleet: call from the router's own machine or start "
+                            "herd with --api-key", "forbidden")
         raw = request.get_data(cache=False)
-        try:
-            body = json.loads(raw or b"{}")
-            model = normalize_model(body.get("model") or body.get("name"))
-        except (ValueError, AttributeError):
-            return None, error_response("ollama", 400, "request body is not valid JSON", "invalid_json")
-        if not model:
-            return None, error_response("ollama", 400, f'name the model in "model" for {verb}', "missing_model")
-        streaming = endpoint == "/api/pull" and body.get("stream", True) is not False
-        return Call(api="ollama", endpoint=endpoint, body=body, raw=raw, model=model, stream=streaming,
-                    fallback_models=[], tags=[], client_ip=request.remote_addr, request_id=herd.request_id(),
-                    started=time.perf_counter(), method=method), None
+        body, model, stream = read_management(raw, verb)
+        pin = request.headers.get("X-Herd-Node")
+        return Call(api="ollama", endpoint=endpoint, body=body, raw=raw, model=model,
+                    stream=endpoint == "/api/pull" and stream, fallback_models=[], tags=[],
+                    client_ip=request.remote_addr, request_id=herd.request_id(), started=time.perf_counter(),
+                    method=method, pin=read_text(pin, "X-Herd-Node", MAX_NODE_ID_CHARS) if pin else None,
+                    may_change_fleet=True)
 
     @app.post("/api/pull")
     def pull():
-        call, refusal = management_call("/api/pull", "POST", "pulling")
-        if refusal:
-            return refusal
-        call.pin = request.headers.get("X-Herd-Node") or herd.fleet.pull_target(call.model)
+        call = management_call("/api/pull", "POST", "pulling")
+        call.pin = call.pin or herd.fleet.pull_target(call.model)
         if call.pin is None:
-            return error_response("ollama", 503, "no node is online to pull onto; start herd-node "
-                                  "or pass --node", "no_nodes", retry_after=5)
+            raise HerdError(503, "no node is online to pull onto; start herd-node or pass --node",
+                            "no_nodes", retry_after=5)
+        request.environ[TRACED] = True
         return herd.proxy.serve(call, admit=False)
 
     @app.delete("/api/delete")
     def delete():
-        call, refusal = management_call("/api/delete", "DELETE", "deleting")
-        if refusal:
-            return refusal
-        call.pin = request.headers.get("X-Herd-Node")
+        call = management_call("/api/delete", "DELETE", "deleting")
         if not call.pin:
-            return error_response("ollama", 400, "say which node to delete from with the X-Herd-Node "
-                                  "header; herd never deletes a model fleet-wide", "node_required")
+            raise HerdError(400, "say which node to delete from with the X-Herd-Node header; herd never "
+                            "deletes a model fleet-wide", "node_required")
+        request.environ[TRACED] = True
         return herd.proxy.serve(call, admit=False)
 
     def not_implemented(**_):
@@ -2789,7 +3303,8 @@ def add_local_answers(app, herd):
         for entry in union_models(herd.fleet.online_nodes(), "models"):
             if entry["name"] == wanted:
                 return openai_model(entry)
-        return error_response("openai", 404, f"model {model} is not on any online node", "model_not_found")
+        return error_response("openai", 404, f"model {ascii(model)[1:-1]} is not on any online node",
+                              "model_not_found")
 
 
 def add_fleet_api(app, herd):
@@ -2804,25 +3319,29 @@ def add_fleet_api(app, herd):
         try:
             beat = parse_heartbeat(request.get_data(cache=False))
         except HerdError as exc:
-            return error_response("ollama", exc.status, exc.message, exc.code)
-        herd.fleet.report(beat["node_id"], beat["ollama_url"].rstrip("/"), "agent",
-                          float(beat.get("interval_s") or 5), beat)
+            herd.heartbeat_refused(request.remote_addr, exc.message)
+            raise
+        herd.fleet.report(beat["node_id"], beat["ollama_url"], "agent", beat["interval_s"], beat)
         return {"ok": True, "node_id": beat["node_id"]}
 
 
 def add_dashboard_api(app, herd):
     """JSON for the dashboard under /dashboard/api/."""
+    config = herd.config
+
+    def fleet_change(verb):
+        """The body of a request that changes the fleet, once the client may."""
+        if not may_change_fleet(config):
+            raise HerdError(403, f"{verb} needs the router's own machine or --api-key", "forbidden")
+        body = parse_json(request.get_data(cache=False) or b"{}")
+        if not isinstance(body, dict):
+            raise BadInput("", "a JSON object", body, code="invalid_json")
+        return body
 
     @app.route("/dashboard/api/settings", methods=["GET", "POST"])
     def settings():
         if request.method == "POST":
-            if not changes_fleet_allowed(herd.config):
-                return error_response("ollama", 403, "changing settings needs the router's own machine "
-                                      "or --api-key", "forbidden")
-            try:
-                herd.change_settings(request.get_json(force=True, silent=True))
-            except HerdError as exc:
-                return error_response("ollama", exc.status, exc.message, "invalid_settings")
+            herd.change_settings(fleet_change("changing settings"))
         return dict(herd.settings)
 
     @app.get("/dashboard/api/model-management")
@@ -2831,45 +3350,53 @@ def add_dashboard_api(app, herd):
 
     @app.post("/dashboard/api/pull")
     def dashboard_pull():
-        if not changes_fleet_allowed(herd.config):
-            return error_response("ollama", 403, "pulling needs the router's own machine or --api-key",
-                                  "forbidden")
-        body = request.get_json(force=True, silent=True) or {}
-        model, node_id = normalize_model(body.get("model")), body.get("node_id")
-        url = herd.fleet.url_of(node_id) if node_id else None
-        if not model or url is None:
-            return error_response("ollama", 400, 'send {"model": ..., "node_id": ...} naming a known node',
-                                  "invalid_pull")
+        body = fleet_change("pulling")
+        model = normalize_model(read_text(body.get("model"), "model"))
+        node_id = read_text(body.get("node_id"), "node_id", MAX_NODE_ID_CHARS)
+        url = herd.fleet.url_of(node_id)
+        if url is None:
+            raise HerdError(404, f"no node named {ascii(node_id)[1:-1]}; see GET /fleet/status", "unknown_node")
         started = herd.pulls.start(model, node_id, url)
         return {"started": started, "pulls": herd.pulls.snapshot()}, 202 if started else 409
 
 
-def add_error_pages(app, config):
-    """Flask's own errors (no route, wrong method, body too large, a bug) in the API's shape."""
+def add_error_pages(app, herd):
+    """Flask's own errors (no route, wrong method, body too large, a bug) and herd's own refusals
+    (HerdError raised by a handler) in the API's shape."""
+    config = herd.config
+
+    @app.errorhandler(HerdError)
+    def refused(exc):
+        api = "openai" if request.path.startswith("/v1/") else "ollama"
+        return error_response(api, exc.status, exc.message, exc.code, exc.retry_after)
 
     @app.errorhandler(404)
     def no_route(_):
         return error_response(api_of(request.path), 404, f"herd has no route {request.method} "
-                              f"{request.path}; see the README for the API", "no_route")
+                              f"{ascii(request.path)[1:-1]}; see the README for the API", "no_route")
 
     @app.errorhandler(405)
     def wrong_method(_):
-        return error_response(api_of(request.path), 405, f"{request.path} does not take "
+        return error_response(api_of(request.path), 405, f"{ascii(request.path)[1:-1]} does not take "
                               f"{request.method}", "method_not_allowed")
 
     @app.errorhandler(413)
     def too_large(_):
-        return error_response(api_of(request.path), 413, f"request body is larger than "
-                              f"{config.max_body_mb:g} MB (FLEET_MAX_BODY_MB)", "body_too_large")
+        return error_response(api_of(request.path), 413, body_too_large_message(config), "body_too_large")
 
     @app.errorhandler(Exception)
     def internal(exc):
         if hasattr(exc, "code") and hasattr(exc, "get_response"):  # any other HTTP error from Flask
             return error_response(api_of(request.path), exc.code, exc.description, "http_error")
-        log.exception("internal error on %s %s", request.method, request.path)
+        log.exception("internal error on %s %s", request.method, ascii(request.path))
         return error_response(api_of(request.path), 500, f"herd hit an internal error "
                               f"({type(exc).__name__}); the log at {config.data_dir}/logs/herd.jsonl "
                               "has the details", "internal_error")
+
+
+def body_too_large_message(config):
+    return (f"request body is larger than {config.max_body_mb:g} MB; send less, or start herd with a "
+            "larger --max-body-mb (FLEET_MAX_BODY_MB)")
 
 
 def create_app(config):
@@ -2879,13 +3406,13 @@ def create_app(config):
                 static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = int(config.max_body_mb * MB)
     app.herd = herd
-    add_key_check(app, config)
+    add_gates(app, herd)
     add_proxied_routes(app, herd)
     add_model_management(app, herd)
     add_local_answers(app, herd)
     add_fleet_api(app, herd)
     add_dashboard_api(app, herd)
-    add_error_pages(app, config)
+    add_error_pages(app, herd)
     herd.start()
     return app
 
@@ -2909,12 +3436,39 @@ def raise_fd_limit():
             log.warning("could not raise the open-file limit from %d; large stream counts may fail", soft)
 
 
+class JsonErrorTask(waitress.task.ErrorTask):
+    """Waitress's own error answers (a body over the limit, a request it cannot parse, a crash
+    before the first byte) in the route's API shape instead of a text page, and traced."""
+
+    def execute(self):
+        error = self.request.error
+        path = getattr(self.request, "path", None) or ""
+        herd = getattr(self.channel.server, "herd", None)
+        if error.code == 413 and herd is not None:
+            message = body_too_large_message(herd.config)
+        elif error.code >= 500:
+            message = "herd hit an internal error; its log has the details"
+        else:
+            message = f"herd could not read the HTTP request ({error.reason}: {str(error.body)[:200]})"
+        api = api_of(path)
+        body = json.dumps(error_body(api, error.code, message, "http_error")).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+        if herd is not None and not path.startswith(UNTRACED_PREFIXES):
+            herd.trace_answer(api, path, self.channel.addr[0] if self.channel.addr else "", error.code, message)
+
+
+class HerdChannel(waitress.channel.HTTPChannel):
+    error_task_class = JsonErrorTask
+
+
 def make_server(app, config):
     """A Waitress server for `app` on config.host:port (port 0 picks a free one)."""
-    import waitress  # imported here so that tools importing herd for its helpers stay light
-
     raise_fd_limit()
-    return waitress.create_server(
+    server = waitress.create_server(
         app, host=config.host, port=config.port, threads=config.threads,
         # Past connection_limit Waitress stops accepting and clients sit unseen in the backlog.
         connection_limit=config.threads * 2 + 100,
@@ -2922,17 +3476,17 @@ def make_server(app, config):
         asyncore_use_poll=True,
         # Lets Waitress notice a client that left while its request is still running.
         channel_request_lookahead=1,
-        max_request_body_size=int(config.max_body_mb * MB) + MB,
+        max_request_body_size=int(config.max_body_mb * MB),
         ident="herd", expose_tracebacks=False, clear_untrusted_proxy_headers=True)
+    server.channel_class = HerdChannel
+    server.herd = app.herd  # for JsonErrorTask: the application Waitress holds is wrapped
+    return server
 
 
 def stop_server(server):
-    """Stop a server made by make_server from another thread (tests, shutdown)."""
-    import waitress.wasyncore as wasyncore
-
+    """Stop a server made by make_server from another thread (tests)."""
     server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
-    wasyncore.close_all(server._map)
-
+    waitress.wasyncore.close_all(server._map)
 
 
 # =============================================================================================
@@ -2956,15 +3510,26 @@ def parse_node(spec):
     return name, url.rstrip("/")
 
 
-def signal_stop():
-    """SIGTERM stops the server like Ctrl-C, so queued trace rows are written before exit."""
-    import signal
+def stop_on_signals(herd):
+    """SIGTERM and SIGINT (Ctrl-C) drain the router (Herd.drain) in a thread, then stop the server
+    from the main thread; a second signal stops it at once. Exit status 0 either way."""
+    stopping = threading.Event()
 
-    def stop(signum, _frame):
-        raise SystemExit(0)
+    def drain_then_stop():
+        herd.drain(herd.config.drain_timeout)
+        _thread.interrupt_main()  # comes back as a signal: the second one
 
+    def on_signal(signum, _frame):
+        if stopping.is_set():
+            raise SystemExit(0)
+        stopping.set()
+        log.info("stopping: new requests get 503 while the %d running finish (up to %g s)",
+                 len(herd.proxy.running()), herd.config.drain_timeout)
+        threading.Thread(target=drain_then_stop, name="herd-drain", daemon=True).start()
+
+    signal.signal(signal.SIGINT, on_signal)
     if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGTERM, on_signal)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -3005,6 +3570,8 @@ def signal_stop():
               envvar="FLEET_IDLE_TIMEOUT", help="Longest silence between chunks of a running stream.")
 @click.option("--trace-retention-days", "retention_days", default=Config.retention_days, show_default=True,
               type=click.FloatRange(0.01), envvar="FLEET_TRACE_RETENTION_DAYS", help="Trace rows older than this are pruned.")
+@click.option("--drain-timeout", default=Config.drain_timeout, show_default=True, type=click.FloatRange(0),
+              envvar="FLEET_DRAIN_TIMEOUT", help="On SIGTERM or Ctrl-C, seconds running requests get to finish.")
 @click.option("--max-body-mb", default=Config.max_body_mb, show_default=True, type=click.FloatRange(0.01),
               envvar="FLEET_MAX_BODY_MB", help="Largest request body accepted.")
 def main(node_specs, no_mdns, no_local, data_dir, **options):
@@ -3035,7 +3602,7 @@ def main(node_specs, no_mdns, no_local, data_dir, **options):
         log.warning("listening on %s without --api-key: anyone on the network can use this router; "
                     "pull, delete and settings are limited to this machine", config.host)
     app.herd.advertise(server.effective_port)
-    signal_stop()
+    stop_on_signals(app.herd)
     try:
         server.run()
     finally:

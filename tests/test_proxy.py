@@ -59,18 +59,29 @@ def test_node_dying_before_first_byte_of_a_stream_is_retried(make_fake, make_rou
     assert response.text.rstrip().endswith("data: [DONE]")
 
 
-def test_every_node_failing_gives_a_json_error_not_a_stack_trace(make_fake, make_router):
+def test_every_node_failing_at_once_waits_for_the_first_to_recover(make_fake, make_router):
     fakes = [make_fake(models={"llama3.2": 2.0}) for _ in range(3)]
     router = make_router(nodes=[(f"n{i}", f.url) for i, f in enumerate(fakes)])
     for fake in fakes:
         fake.fail_next(1, status=503)
     response = chat(router)
+    assert response.status_code == 200  # three nodes failed; the first back from its rest served it
+    (retries, status), = router.traces("SELECT retry_count, status FROM request_traces")
+    assert (retries, status) == (3, "completed")
+
+
+def test_every_node_failing_for_good_gives_a_json_error_not_a_stack_trace(make_fake, make_router):
+    fakes = [make_fake(models={"llama3.2": 2.0}) for _ in range(3)]
+    router = make_router(nodes=[(f"n{i}", f.url) for i, f in enumerate(fakes)], queue_timeout=2)
+    for fake in fakes:
+        fake.fail_next(100, status=503)
+    response = chat(router)
     assert response.status_code == 503
     assert "every node that could serve llama3.2:latest failed" in response.json()["error"]
+    assert "none recovered in time" in response.json()["error"]
     openai = requests.post(router.url + "/v1/chat/completions", json=OPENAI_CHAT, timeout=10)
-    assert openai.status_code == 200  # the failures were used up; nodes serve again
-    (retries,) = router.traces("SELECT retry_count FROM request_traces WHERE status='failed'")[0]
-    assert retries == 2
+    assert openai.status_code == 503 and openai.json()["error"]["type"] == "server_error"
+    assert router.traces("SELECT COUNT(*) FROM request_traces WHERE status='failed'") == [(2,)]
 
 
 def test_mid_stream_failure_ends_ollama_stream_with_error_line(make_fake, make_router):
