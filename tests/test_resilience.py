@@ -2,9 +2,11 @@
 
 import concurrent.futures
 import json
+import random
 import socket
 import time
 
+import pytest
 import requests
 
 import herd
@@ -92,6 +94,54 @@ def test_node_killed_during_concurrent_requests_loses_none_that_had_not_streamed
 
 
 # -- disconnects and the reaper ---------------------------------------------------------------
+
+MIXED = [("/api/chat", dict(CHAT, stream=True)), ("/api/chat", CHAT),
+         ("/api/generate", {"model": "llama3.2", "prompt": "hi"}),
+         ("/api/embed", {"model": "llama3.2", "input": ["a", "b"]}),
+         ("/v1/chat/completions", dict(OPENAI_CHAT, stream=True)), ("/v1/chat/completions", OPENAI_CHAT)]
+
+
+def finished_well(response):
+    """200, and a stream that ended as its API ends one (no error chunk)."""
+    text = response.text
+    return response.status_code == 200 and '"error"' not in text and (
+        "[DONE]" in text or '"done": true' in text or '"done":true' in text or "embeddings" in text
+        or not response.headers.get("Content-Type", "").startswith(("text/event-stream", "application/x-ndjson")))
+
+
+@pytest.mark.parametrize("seed", range(1, 11))
+def test_every_node_failing_at_once_loses_no_request_while_one_recovers(make_fake, make_router, seed):
+    rng = random.Random(seed)
+    fakes = [make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=3, token_delay=0.003)
+             for _ in range(3)]
+    router = make_router(nodes=[(f"n{i}", f.url) for i, f in enumerate(fakes)], first_byte_timeout=1.0)
+    erroring, refusing, dying = fakes
+    port = refusing.port
+    erroring.fail_next(rng.randint(10, 20), status=500)  # answers 500, then recovers
+    refusing.stop()  # connection refused until it restarts
+    dying.die_after_chunks = 0  # drops every connection before its first byte
+    restart_at, mend_at = rng.uniform(0.5, 1.5), rng.uniform(1.0, 2.5)
+
+    def recover_one_by_one():
+        time.sleep(restart_at)
+        fakes[1] = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=3, port=port)
+        time.sleep(max(0.0, mend_at - restart_at))
+        dying.die_after_chunks = None
+
+    start, offsets = time.monotonic(), sorted(rng.uniform(0, 2.0) for _ in range(200))
+
+    def send(index):  # 200 requests spread over the first two seconds
+        time.sleep(max(0.0, start + offsets[index] - time.monotonic()))
+        path, body = MIXED[index % len(MIXED)]
+        return requests.post(router.url + path, json=body, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(48) as pool:
+        pool.submit(recover_one_by_one)
+        responses = list(pool.map(send, range(200)))
+    bad = [(r.status_code, r.text[:200]) for r in responses if not finished_well(r)]
+    assert bad == []
+    assert router.traces("SELECT status, COUNT(*) FROM request_traces GROUP BY status") == [("completed", 200)]
+
 
 def test_client_leaving_during_a_silent_load_frees_the_slot_within_a_second(make_fake, make_router):
     fake = make_fake(models={"llama3.2": 2.0})
