@@ -1,10 +1,13 @@
 """The router's command line: summary line, clear errors, clean shutdown."""
 
+import concurrent.futures
+import json
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
 
 import requests
 
@@ -43,9 +46,9 @@ def test_router_serves_then_flushes_traces_on_sigterm(make_fake, tmp_path):
     assert any('"node box registered' in line for line in log_lines)
 
 
-def _online(url):
+def _online(url, count=1):
     try:
-        return requests.get(url + "/fleet/status", timeout=1).json()["fleet"]["nodes_online"] == 1
+        return requests.get(url + "/fleet/status", timeout=1).json()["fleet"]["nodes_online"] == count
     except requests.RequestException:
         return False
 
@@ -87,3 +90,66 @@ def test_nodes_from_the_environment(make_fake, tmp_path):
 def _env():
     import os
     return dict(os.environ)
+
+
+def test_sigterm_drains_running_requests_refuses_new_ones_and_loses_no_row(make_fake, tmp_path):
+    quick = make_fake(models={"quick": 1.0}, loaded=["quick"], tokens=20, token_delay=0.15)  # ~3 s each
+    slow = make_fake(models={"slow": 1.0}, loaded=["slow"], tokens=100, token_delay=0.2)  # ~20 s each
+    port = free_port()
+    proc = start(tmp_path, "--port", str(port), "--node", f"q={quick.url}", "--node", f"s={slow.url}",
+                 "--parallel", "64", "--drain-timeout", "5", "--threads", "128")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _online(url, 2), timeout=15, what="router up with its nodes")
+        bodies = [{"model": model, "prompt": "x", "stream": stream}
+                  for model in ("quick", "slow") for stream in (True, False) for _ in range(12)] + \
+                 [{"model": "quick", "prompt": "x"}, {"model": "slow", "prompt": "x"}]
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            futures = [pool.submit(requests.post, url + "/api/generate", json=body, timeout=60) for body in bodies]
+            wait_for(lambda: sum(quick.active.values()) + sum(slow.active.values()) == 50, what="50 in flight")
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            during = requests.post(url + "/api/generate", json={"model": "quick", "prompt": "x"}, timeout=10)
+            answers = [future.result() for future in futures]
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert during.status_code == 503 and during.headers["Retry-After"] and "shutting down" in during.json()["error"]
+    for body, answer in zip(bodies, answers):
+        lines = [json.loads(line) for line in answer.text.splitlines() if line.strip()]
+        if body["model"] == "quick":  # finished within the drain
+            assert answer.status_code == 200 and lines[-1].get("done") is True and "error" not in lines[-1]
+        elif body.get("stream") is False:  # cut short: an error answer in Ollama's shape
+            assert answer.status_code == 503 and "shutting down" in lines[-1]["error"]
+        else:  # cut short mid-stream: the last line is the error chunk
+            assert answer.status_code == 200 and "shutting down" in lines[-1]["error"]
+    with sqlite3.connect(tmp_path / "latency.db") as db:
+        statuses = dict(db.execute("SELECT status, COUNT(*) FROM request_traces GROUP BY status").fetchall())
+    assert statuses == {"completed": 25, "incomplete": 13, "failed": 13}  # 50 + the one refused during the drain
+
+
+def test_kill_9_loses_no_committed_row_and_herd_starts_again_on_the_same_database(make_fake, tmp_path):
+    fake = make_fake()
+    port = free_port()
+    proc = start(tmp_path, "--port", str(port), "--node", f"box={fake.url}")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _online(url), timeout=15, what="router up")
+        for _ in range(20):
+            requests.post(url + "/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False})
+        time.sleep(0.5)  # the writer commits in batches as rows arrive
+    finally:
+        proc.kill()
+        proc.communicate(timeout=20)
+    with sqlite3.connect(tmp_path / "latency.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM request_traces").fetchone()[0] == 20
+    again = start(tmp_path, "--port", str(port), "--node", f"box={fake.url}")
+    try:
+        wait_for(lambda: _online(url), timeout=15, what="router up again")
+        assert requests.post(url + "/api/generate", json={"model": "llama3.2", "prompt": "x"}).status_code == 200
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.communicate(timeout=20)
+    with sqlite3.connect(tmp_path / "latency.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM request_traces").fetchone()[0] == 21
