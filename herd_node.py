@@ -68,20 +68,158 @@ class AgentConfig:
 # Collectors: each returns plain data and never raises into the loop
 # =============================================================================================
 
-def collect_ollama(session, url):
-    """The heartbeat's `ollama` block: reachable, version, models (/api/tags), loaded (/api/ps)."""
+# The router checks every heartbeat whole and refuses one with a wrong type anywhere, which would
+# make this node vanish; so the agent sends only values it checked against the router's limits.
+MAX_MODELS = 10_000  # models the router takes per answer
+MAX_NAME_CHARS = 256  # a model name
+MAX_DESCRIPTION_CHARS = 128  # a digest, a date, a value in a model's details, a GPU's name
+MAX_FAMILIES = 16  # families the router keeps per model
+MAX_VERSION_CHARS = 64
+MAX_MODEL_BYTES = 1 << 50  # a petabyte: past any model, so a bigger size is a broken answer
+MAX_CONTEXT = 1 << 24  # the router's ceiling for a context length
+MAX_MEMORY_GB = 1 << 20  # a petabyte: past any one machine
+MAX_GPUS = 64
+MAX_HOSTNAME_CHARS = 255
+MAX_ERROR_CHARS = 2000
+
+
+class UnusableAnswer(ValueError):
+    """Ollama answered, but not with what Ollama sends; the message says where and what."""
+
+
+def printable(text, max_chars):
+    """`text` with each unprintable character replaced by '?', cut to `max_chars`."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:max_chars]
+
+
+def usable_text(value, max_chars):
+    """`value` when it is a printable, non-blank string of at most `max_chars`, else None."""
+    if isinstance(value, str) and value.strip() and len(value) <= max_chars and value.isprintable():
+        return value
+    return None
+
+
+def number_within(value, low, high):
+    """`value` as a float when it is a number in [low, high] (NaN compares false), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        return None
+    return float(value)
+
+
+def shown(value):
+    """A value as an error message shows it: JSON's words for null and booleans, cut short."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def whole_number(value, where, low, high):
+    """A whole number in [low, high] (8192.0 counts as 8192); raises UnusableAnswer."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UnusableAnswer(f"{where} is {shown(value)}, not a whole number")
+    if not low <= value <= high:
+        raise UnusableAnswer(f"{where} is {value}, not a whole number from {low} to {high}")
+    return value
+
+
+def usable_details(details):
+    """A model's `details` as the router takes them: short printable strings, and its families."""
+    clean = {key: value for key, value in details.items()
+             if usable_text(key, MAX_DESCRIPTION_CHARS) and usable_text(value, MAX_DESCRIPTION_CHARS)}
+    families = details.get("families")
+    if isinstance(families, list):
+        clean["families"] = [f for f in families if usable_text(f, MAX_DESCRIPTION_CHARS)][:MAX_FAMILIES]
+    return clean
+
+
+def check_model_entry(entry, where, loaded):
+    """One /api/tags (or, `loaded`, /api/ps) entry with only the fields the router reads. What
+    the router plans with (name, size, size_vram, context_length) must be right, or this raises
+    UnusableAnswer; a description that is not (a digest, a date, a detail) is dropped."""
+    if not isinstance(entry, dict):
+        raise UnusableAnswer(f"{where} is {shown(entry)}, not an object")
+    name = entry.get("name") or entry.get("model")  # the router reads them so
+    clean = {"name": name, "model": entry.get("model") or name}
+    for key, value in clean.items():
+        if usable_text(value, MAX_NAME_CHARS) is None:
+            raise UnusableAnswer(f"{where}.{key} is {shown(value)}, not a model name "
+                                 f"(printable, at most {MAX_NAME_CHARS} characters)")
+    size = entry.get("size")
+    clean["size"] = 0 if size is None else whole_number(size, f"{where}.size", 0, MAX_MODEL_BYTES)
+    for key in ("digest", "modified_at") + (("expires_at",) if loaded else ()):
+        text = usable_text(entry.get(key), MAX_DESCRIPTION_CHARS)
+        if text is not None:
+            clean[key] = text
+    if loaded:
+        if entry.get("size_vram") is not None:
+            clean["size_vram"] = whole_number(entry["size_vram"], f"{where}.size_vram", 0, MAX_MODEL_BYTES)
+        if entry.get("context_length") not in (None, 0):  # 0: this Ollama does not say
+            clean["context_length"] = whole_number(entry["context_length"], f"{where}.context_length",
+                                                   1, MAX_CONTEXT)
+    if isinstance(entry.get("details"), dict):
+        clean["details"] = usable_details(entry["details"])
+    return clean
+
+
+def check_models(answer, path, loaded=False):
+    """The checked `models` of Ollama's answer to /api/tags (or, `loaded`, /api/ps); raises
+    UnusableAnswer naming the first thing Ollama would not have sent."""
+    if not isinstance(answer, dict):
+        raise UnusableAnswer(f"{path} is {shown(answer)}, not an object")
+    models = answer.get("models")
+    if models is None:
+        return []
+    if not isinstance(models, list):
+        raise UnusableAnswer(f"{path} models is {shown(models)}, not a list")
+    if len(models) > MAX_MODELS:
+        raise UnusableAnswer(f"{path} lists {len(models)} models, more than the {MAX_MODELS} herd takes")
+    return [check_model_entry(entry, f"{path} models[{i}]", loaded) for i, entry in enumerate(models)]
+
+
+def check_version(answer):
+    """Ollama's version from its /api/version answer, or None when it names none herd can show."""
+    if not isinstance(answer, dict):
+        raise UnusableAnswer(f"/api/version is {shown(answer)}, not an object")
+    return usable_text(answer.get("version"), MAX_VERSION_CHARS)
+
+
+def fetch_json(session, url, path):
+    """Ollama's JSON answer to GET `path`: an HTTP error raises, a body that is not JSON is unusable."""
+    response = session.get(url + path, timeout=OLLAMA_TIMEOUT)
+    response.raise_for_status()
     try:
-        version = session.get(url + "/api/version", timeout=OLLAMA_TIMEOUT).json().get("version")
-        models = session.get(url + "/api/tags", timeout=OLLAMA_TIMEOUT).json().get("models") or []
-        loaded = session.get(url + "/api/ps", timeout=OLLAMA_TIMEOUT).json().get("models") or []
+        return response.json()
+    except (ValueError, RecursionError):
+        raise UnusableAnswer(f"{path} is not JSON") from None
+
+
+def collect_ollama(session, url):
+    """The heartbeat's `ollama` block: reachable, version, models (/api/tags), loaded (/api/ps),
+    each checked; an Ollama that answers what herd cannot use is reported as not reachable."""
+    try:
+        version = check_version(fetch_json(session, url, "/api/version"))
+        models = check_models(fetch_json(session, url, "/api/tags"), "/api/tags")
+        loaded = check_models(fetch_json(session, url, "/api/ps"), "/api/ps", loaded=True)
         return {"reachable": True, "version": version, "models": models, "loaded": loaded}
+    except UnusableAnswer as exc:
+        error = f"Ollama at {url} answered something herd cannot use: {exc}"
+    except requests.Timeout:
+        error = f"Ollama at {url} did not answer within {OLLAMA_TIMEOUT:g} s"
     except requests.ConnectionError as exc:
         reason = "connection refused" if "refused" in str(exc).lower() else f"cannot connect ({exc})"
-        return {"reachable": False, "error": f"Ollama at {url}: {reason}; is `ollama serve` running?"}
-    except requests.Timeout:
-        return {"reachable": False, "error": f"Ollama at {url} did not answer within {OLLAMA_TIMEOUT:g} s"}
-    except (requests.RequestException, ValueError, AttributeError) as exc:
-        return {"reachable": False, "error": f"Ollama at {url} answered oddly: {exc}"}
+        error = f"Ollama at {url}: {reason}; is `ollama serve` running?"
+    except Exception as exc:  # noqa: BLE001 - a collector must never take the agent down
+        error = f"Ollama at {url} answered oddly: {exc}"
+    return {"reachable": False, "error": printable(error, MAX_ERROR_CHARS)}
 
 
 class CpuSampler:
@@ -101,13 +239,25 @@ class CpuSampler:
                 self.stop.wait(self.period)
 
 
+def usable_hostname(name):
+    """A hostname as the router takes it: printable, at most 255 characters; None when blank."""
+    name = printable(name, MAX_HOSTNAME_CHARS)
+    return name if name.strip() else None
+
+
 def collect_host(sampler):
+    """This machine's name, memory (GB) and CPU use; a number that is not sane is None."""
     try:
         memory = psutil.virtual_memory()
-        return {"memory": {"total_gb": round(memory.total / GB, 2), "available_gb": round(memory.available / GB, 2)},
-                "cpu_percent": sampler.value}
+        memory = {"total_gb": number_within(round(memory.total / GB, 2), 0, MAX_MEMORY_GB),
+                  "available_gb": number_within(round(memory.available / GB, 2), 0, MAX_MEMORY_GB)}
     except Exception:  # noqa: BLE001
-        return {"memory": None, "cpu_percent": None}
+        memory = None
+    try:
+        hostname = usable_hostname(socket.gethostname())
+    except OSError:
+        hostname = None
+    return {"hostname": hostname, "memory": memory, "cpu_percent": number_within(sampler.value, 0, 100)}
 
 
 NVIDIA_QUERY = ["nvidia-smi", "--query-gpu=name,memory.total,memory.used", "--format=csv,noheader,nounits"]
@@ -121,22 +271,26 @@ def parse_nvidia_smi(text):
         if len(parts) < 3:
             continue
         try:
-            total, used = float(parts[-2]), float(parts[-1])
-        except ValueError:
+            total, used = (number_within(float(mib), 0, MAX_MEMORY_GB * 1024) for mib in parts[-2:])
+        except ValueError:  # [N/A], [Not Supported]
             continue
-        gpus.append({"name": ",".join(parts[:-2]), "vram_total_gb": round(total / 1024, 2),
-                     "vram_used_gb": round(used / 1024, 2)})
+        if total is None or used is None:  # NaN, negative or absurd: this GPU's memory is not known
+            continue
+        gpus.append({"name": printable(",".join(parts[:-2]), MAX_DESCRIPTION_CHARS),
+                     "vram_total_gb": round(total / 1024, 2), "vram_used_gb": round(used / 1024, 2)})
+    gpus = gpus[:MAX_GPUS]
     if not gpus:
         return None
-    return {"kind": "nvidia", "vram_total_gb": round(sum(g["vram_total_gb"] for g in gpus), 2),
-            "vram_used_gb": round(sum(g["vram_used_gb"] for g in gpus), 2), "gpus": gpus}
+    return {"kind": "nvidia", "gpus": gpus,
+            "vram_total_gb": number_within(round(sum(g["vram_total_gb"] for g in gpus), 2), 0, MAX_MEMORY_GB),
+            "vram_used_gb": number_within(round(sum(g["vram_used_gb"] for g in gpus), 2), 0, MAX_MEMORY_GB)}
 
 
 def apple_unified_memory(system, machine, total_bytes):
     """Apple Silicon shares system memory with the GPU: report it as unified VRAM."""
     if system == "Darwin" and machine in ("arm64", "aarch64"):
-        return {"kind": "apple", "unified": True, "vram_total_gb": round(total_bytes / GB, 2),
-                "vram_used_gb": None}
+        return {"kind": "apple", "unified": True,
+                "vram_total_gb": number_within(round(total_bytes / GB, 2), 0, MAX_MEMORY_GB), "vram_used_gb": None}
     return None
 
 
@@ -148,7 +302,7 @@ def collect_gpu():
             gpu = parse_nvidia_smi(out)
             if gpu:
                 return gpu
-        except (OSError, subprocess.SubprocessError):
+        except (OSError, subprocess.SubprocessError, ValueError):  # ValueError: not in the locale's encoding
             pass
     try:
         return apple_unified_memory(platform.system(), platform.machine(), psutil.virtual_memory().total)
@@ -156,9 +310,14 @@ def collect_gpu():
         return None
 
 
+# The whole numbers the router takes for the settings the agent reads from Ollama's environment.
+OLLAMA_SETTING_RANGES = {"OLLAMA_NUM_PARALLEL": (1, 4096), "OLLAMA_CONTEXT_LENGTH": (256, MAX_CONTEXT)}
+
+
 def ollama_setting(name):
     """A whole-number setting (OLLAMA_NUM_PARALLEL, OLLAMA_CONTEXT_LENGTH) from the running
-    Ollama server's environment, when this user may read it; else None."""
+    Ollama server's environment, when this user may read it and the router would take it; else None."""
+    low, high = OLLAMA_SETTING_RANGES[name]
     try:
         for proc in psutil.process_iter(["name"]):
             if (proc.info.get("name") or "").lower().startswith("ollama"):
@@ -166,7 +325,7 @@ def ollama_setting(name):
                     value = proc.environ().get(name)
                 except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess, OSError):
                     continue
-                if value and value.strip().isdigit() and int(value) > 0:
+                if value and value.strip().isdigit() and low <= int(value) <= high:
                     return int(value)
     except Exception:  # noqa: BLE001
         pass
@@ -235,6 +394,19 @@ def reachable(url, timeout=1.0):
 # Heartbeat loop
 # =============================================================================================
 
+def router_refusal(response):
+    """Why the router did not take a heartbeat: its status and its JSON error text (herd answers
+    `{"error": "..."}`, naming the field it refused)."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict):  # the OpenAI shape, should a proxy in front of herd answer so
+        error = error.get("message")
+    text = error if isinstance(error, str) and error.strip() else response.text[:500] or "(no reason given)"
+    return f"router answered {response.status_code} to the heartbeat: {printable(text, 500)}"
+
+
 class Agent:
     """Collects and posts a heartbeat every interval; backs off while the router is down."""
 
@@ -246,7 +418,9 @@ class Agent:
         self.stop_event = threading.Event()
         self.router_url = config.router_url.rstrip("/") if config.router_url else None
         self.router_up = None  # unknown until the first post
+        self.router_problem = None  # why the last post failed, logged once per change
         self.ollama_up = None
+        self.ollama_problem = None
         self.warned_loopback = False
         self.num_parallel = config.num_parallel or ollama_setting("OLLAMA_NUM_PARALLEL")
         self.context_length = config.context_length or ollama_setting("OLLAMA_CONTEXT_LENGTH")
@@ -258,7 +432,7 @@ class Agent:
         ollama = collect_ollama(self.session, self.config.ollama_host.rstrip("/"))
         host = collect_host(self.cpu)
         gpu = collect_gpu()
-        return {"node_id": self.config.node_id, "hostname": socket.gethostname(),
+        return {"node_id": self.config.node_id, "hostname": host["hostname"],
                 "ollama_url": ollama_url_for_router(self.config.ollama_host, self.router_url),
                 "memory": host["memory"], "gpu": gpu, "cpu_percent": host["cpu_percent"],
                 "num_parallel": self.num_parallel, "default_context_length": self.context_length,
@@ -273,28 +447,30 @@ class Agent:
         try:
             response = self.session.post(self.router_url + "/heartbeat", json=body, headers=headers,
                                          timeout=POST_TIMEOUT)
-            ok = response.status_code == 200
-            problem = None if ok else f"router answered {response.status_code}: {response.text[:200]}"
+            problem = None if response.status_code == 200 else router_refusal(response)
         except requests.RequestException as exc:
-            ok, problem = False, f"cannot reach router at {self.router_url} ({type(exc).__name__})"
-        if ok != self.router_up:  # one line per change of state, not per attempt
+            problem = f"cannot reach router at {self.router_url} ({type(exc).__name__})"
+        ok = problem is None
+        if ok != self.router_up or problem != self.router_problem:  # one line per change, not per attempt
             if ok:
                 log.info("reporting %s (%s) to %s every %g s", self.config.node_id, body["ollama_url"],
                          self.router_url, self.config.interval)
             else:
                 log.warning("%s; will keep trying", problem)
-            self.router_up = ok
+            self.router_up, self.router_problem = ok, problem
         return ok
 
     def _note_ollama(self, body):
         ollama = body["ollama"]
         up = ollama["reachable"]
-        if up != self.ollama_up:
+        problem = None if up else ollama["error"]
+        if up != self.ollama_up or problem != self.ollama_problem:  # one line per change, not per beat
             if up:
-                log.info("Ollama %s answers with %d models", ollama.get("version"), len(ollama["models"]))
+                log.info("Ollama %s answers with %d models", ollama["version"] or "(version unknown)",
+                         len(ollama["models"]))
             else:
-                log.warning("%s; will keep trying", ollama["error"])
-            self.ollama_up = up
+                log.warning("%s; will keep trying", problem)
+            self.ollama_up, self.ollama_problem = up, problem
         advertised = body["ollama_url"]
         if up and not self.warned_loopback and advertised != self.config.ollama_host.rstrip("/"):
             if not reachable(advertised):
@@ -398,7 +574,8 @@ def discover_router(timeout, interfaces=None, stop_event=None):
 @click.option("--api-key", envvar="FLEET_NODE_API_KEY", default=None, help="The router's --api-key.")
 @click.option("--num-parallel", envvar="FLEET_NODE_NUM_PARALLEL", default=None, type=click.IntRange(1, 4096),
               help="Requests Ollama runs at once per model (default: its OLLAMA_NUM_PARALLEL if readable).")
-@click.option("--context-length", envvar="FLEET_NODE_CONTEXT_LENGTH", default=None, type=click.IntRange(256),
+@click.option("--context-length", envvar="FLEET_NODE_CONTEXT_LENGTH", default=None,
+              type=click.IntRange(256, MAX_CONTEXT),
               help="The context Ollama loads models with when a request does not set num_ctx (default: its "
                    "OLLAMA_CONTEXT_LENGTH if readable, which a service or container often is not).")
 @click.option("--memory-gb", envvar="FLEET_NODE_MEMORY_GB", default=None, type=click.FloatRange(0.1),
