@@ -17,7 +17,6 @@ import json
 import random
 import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,17 +25,9 @@ from pathlib import Path
 
 import urllib3
 
-from bench_proxy import ROOT, free_port, wait_http
+from bench_common import free_port, start_fake, start_herd, stop, wait_nodes
 
 PARALLEL = 8
-
-
-def start_fake(port):
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_ollama.py"), "--port", str(port),
-                             "--models", "llama3.2,nomic-embed-text", "--loaded", "llama3.2",
-                             "--tokens", "20", "--token-delay", "0.02"], stdout=subprocess.DEVNULL)
-    wait_http(f"http://127.0.0.1:{port}/api/version")
-    return proc
 
 
 def request_for(rng):
@@ -84,23 +75,17 @@ def main():
     rng = random.Random(args.seed)
     plan = [request_for(rng) for _ in range(args.requests)]
     data_dir = Path(tempfile.mkdtemp(prefix="herd-faults-"))
-    ports = [free_port() for _ in range(3)]
-    fakes = [start_fake(port) for port in ports]
-    router_port = free_port()
-    router = subprocess.Popen([sys.executable, str(ROOT / "herd.py"), "--host", "127.0.0.1", "--port", str(router_port),
-                               "--no-mdns", "--no-local", "--parallel", str(PARALLEL), "--data-dir", str(data_dir),
-                               "--log-level", "WARNING"]
-                              + [arg for i, port in enumerate(ports) for arg in ("--node", f"n{i}=http://127.0.0.1:{port}")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ports, router_port = [free_port() for _ in range(3)], free_port()
     base = f"http://127.0.0.1:{router_port}"
+    fakes, procs = [], []
     try:
-        wait_http(base + "/")
-        deadline = time.monotonic() + 20
-        while json.loads(urllib3.request("GET", base + "/fleet/status").data)["fleet"]["nodes_online"] < 3:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fleet did not come up")
-            time.sleep(0.1)
-
+        for port in ports:
+            fakes.append(start_fake(port, models=("llama3.2", "nomic-embed-text"), tokens=20, token_delay=0.02))
+            procs.append(fakes[-1])
+        procs.append(start_herd(router_port, data_dir, [(f"n{i}", f"http://127.0.0.1:{port}")
+                                                        for i, port in enumerate(ports)],
+                                flags=["--parallel", PARALLEL]))
+        wait_nodes(base, 3)
         pool = urllib3.PoolManager(maxsize=args.concurrency, timeout=urllib3.Timeout(connect=5, read=120))
         results = []
         lock = threading.Lock()
@@ -139,11 +124,7 @@ def main():
             thread.join()
         elapsed = time.monotonic() - started
     finally:
-        router.send_signal(signal.SIGTERM)
-        router.wait(timeout=30)
-        for fake in fakes:
-            fake.kill()
-            fake.wait()
+        stop(procs)
 
     with sqlite3.connect(data_dir / "latency.db") as db:
         rows = db.execute("SELECT COUNT(*) FROM request_traces").fetchone()[0]

@@ -4,7 +4,8 @@
     python tests/bench_routing.py --seeds 4 --routers herd least-connections
     python tests/bench_routing.py --routers herd-agentless    # herd without herd-node, 2 minutes
 
-A simulated fleet (tests/sim_ollama.py) of four unequal machines replays the same seeded,
+A simulated fleet (tests/sim_ollama.py; machines, models and mix in bench_common.py) of four
+unequal machines replays the same seeded,
 open-loop workload (Poisson arrivals; small and large chats, embeddings; streaming and not; both
 APIs; a few large num_ctx) through three routers:
 
@@ -22,11 +23,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,78 +37,11 @@ import urllib3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import herd_node  # noqa: E402
-from bench_proxy import ROOT, free_port, wait_http  # noqa: E402
+from bench_common import (CONTEXT, DURATION_S, FLEET, RATE, SCALE, free_port, lower_bound,  # noqa: E402
+                          mean_p95_p99, pct, sim_node, start_herd, stop, wait_nodes, workload)
 from fake_ollama import QuietServer, full_name  # noqa: E402
-from sim_ollama import PREFILL_FACTOR, SimNode  # noqa: E402
 
 HERD_LOG_LEVEL = os.environ.get("HERD_BENCH_LOG", "WARNING")  # DEBUG: every decision's estimates in the log
-SCALE = 10.0  # simulated seconds per real second
-DURATION_S = 300.0  # simulated seconds of arrivals
-RATE = 0.4  # requests per simulated second: a busy evening in a home lab
-
-MODELS = {"llama3.2:3b": 2.0, "qwen2.5:7b": 4.7, "llama3.1:8b": 4.9, "qwen2.5:32b": 19.9,
-          "llama3.3:70b": 42.5, "nomic-embed-text:latest": 0.3}
-SMALL = ["llama3.2:3b", "qwen2.5:7b", "llama3.1:8b", "nomic-embed-text:latest"]
-# name: memory GB, bandwidth GB/s, parallel slots, load GB/s, installed (every model that fits,
-# as a home lab pulls them), loaded at start
-FLEET = {
-    "studio": (192, 800, 4, 4.0, list(MODELS), ["llama3.3:70b", "qwen2.5:32b", "llama3.1:8b", "nomic-embed-text:latest"]),
-    "rtx": (24, 1000, 2, 3.0, SMALL + ["qwen2.5:32b"], ["qwen2.5:7b", "llama3.2:3b", "nomic-embed-text:latest"]),
-    "mini": (16, 50, 1, 1.0, SMALL, ["llama3.2:3b"]),  # a CPU-only mini PC: DDR5 bandwidth
-    "laptop": (64, 400, 1, 2.0, list(MODELS), ["llama3.1:8b", "nomic-embed-text:latest"]),
-}
-# the big machine runs with a larger default context (recent Ollama picks one by VRAM, or its owner
-# set OLLAMA_CONTEXT_LENGTH); its agent is not told: herd sees it in /api/ps. The others run 4096.
-CONTEXT = {"studio": 32768}
-# model, share of requests, prompt tokens (range), output tokens (range)
-MIX = [("llama3.2:3b", 0.32, (100, 1500), (50, 250)), ("qwen2.5:7b", 0.22, (100, 1500), (80, 300)),
-       ("llama3.1:8b", 0.14, (200, 2000), (80, 300)), ("qwen2.5:32b", 0.025, (300, 3000), (100, 400)),
-       ("llama3.3:70b", 0.015, (300, 3000), (100, 400)), ("nomic-embed-text:latest", 0.28, (20, 500), (0, 0))]
-
-
-# -- workload ----------------------------------------------------------------------------------
-
-def workload(seed, rate=RATE):
-    """The seeded list of requests: (arrival s, path, body, streaming, model, prompt, output)."""
-    rng = random.Random(seed)
-    t, plan = 0.0, []
-    while True:
-        t += rng.expovariate(rate)
-        if t > DURATION_S:
-            return plan
-        model, _, prompt_range, out_range = rng.choices(MIX, weights=[m[1] for m in MIX])[0]
-        prompt = rng.randint(*prompt_range)
-        out = rng.randint(*out_range) if out_range[1] else 0
-        text = "word " * (prompt * 4 // 5)  # about four characters a token
-        openai = rng.random() < 0.5
-        stream = rng.random() < 0.6
-        if out == 0:
-            path = "/v1/embeddings" if openai else "/api/embed"
-            body, stream = {"model": model, "input": text}, False
-        elif openai:
-            path = "/v1/chat/completions"
-            body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": out,
-                    "stream": stream}
-        else:
-            path = "/api/chat"
-            options = {"num_predict": out}
-            roll = rng.random()
-            if roll < 0.06:
-                options["num_ctx"] = 16384  # a long-document request
-            elif roll < 0.20:
-                options["num_ctx"] = rng.choice([2048, 4096])  # a client that always sets it
-            body = {"model": model, "messages": [{"role": "user", "content": text}], "options": options,
-                    "stream": stream}
-        plan.append((t, path, body, stream, model, prompt, out))
-
-
-def lower_bound(plan):
-    """Each request alone on the fastest node that has its model, already loaded (sim seconds)."""
-    bounds = []
-    for _, _, _, _, model, prompt, out in plan:
-        best = max(spec[1] / MODELS[model] for spec in FLEET.values() if model in spec[4])
-        bounds.append(prompt / (best * PREFILL_FACTOR) + out / best)
-    return bounds
 
 
 # -- the two baselines --------------------------------------------------------------------------
@@ -177,36 +109,21 @@ class BaselineProxy:
 # -- one run ------------------------------------------------------------------------------------
 
 def start_fleet():
-    nodes = {}
-    for name, (memory, bandwidth, parallel, load, installed, loaded) in FLEET.items():
-        nodes[name] = SimNode(name, memory, bandwidth, {m: MODELS[m] for m in installed}, loaded,
-                              num_parallel=parallel, load_gbs=load, scale=SCALE, gpu=name != "mini",
-                              default_ctx=CONTEXT.get(name, 4096)).start()
-    return nodes
+    return {name: sim_node(name) for name in FLEET}
 
 
-def start_herd(nodes, data_dir, agents=True):
+def start_herd_on(nodes, data_dir, agents=True):
     """herd in its own process, fed by a herd-node agent per machine, or (agents=False) polling
     each node itself as `--node` (no memory size, slots or default context: what it sees in /api/ps)."""
     port = free_port()
-    nodes_args = [] if agents else [arg for name, node in nodes.items() for arg in ("--node", f"{name}={node.url}")]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "herd.py"), "--host", "127.0.0.1", "--port", str(port),
-                             "--no-mdns", "--no-local", "--data-dir", str(data_dir), "--log-level", HERD_LOG_LEVEL,
-                             "--queue-timeout", "600", *nodes_args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/")
+    proc = start_herd(port, data_dir, [] if agents else [(name, node.url) for name, node in nodes.items()],
+                      flags=["--queue-timeout", "600"], log_level=HERD_LOG_LEVEL)
     agents = [herd_node.Agent(herd_node.AgentConfig(
         router_url=url, ollama_host=node.url, node_id=name, interval=0.5, num_parallel=FLEET[name][2],
         memory_gb=FLEET[name][0])).start() for name, node in nodes.items()] if agents else []
-    deadline = time.monotonic() + 20
-    while True:  # every node online and calibrated (herd times each node once when it joins)
-        status = json.loads(urllib3.request("GET", url + "/fleet/status").data)
-        if sum(1 for n in status["nodes"] if n["status"] == "online" and n["decode_gbs"]) == len(nodes):
-            return proc, agents, url
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"herd did not see and calibrate the fleet: {status['nodes']}")
-        time.sleep(0.1)
+    wait_nodes(url, len(nodes), calibrated=True)  # herd times each node once when it joins
+    return proc, agents, url
 
 
 def replay(url, plan):
@@ -252,7 +169,7 @@ def run(router, plan, data_dir):
     proc, agents, proxy = None, [], None
     try:
         if router.startswith("herd"):
-            proc, agents, url = start_herd(nodes, data_dir, agents=router == "herd")
+            proc, agents, url = start_herd_on(nodes, data_dir, agents=router == "herd")
         else:
             proxy = BaselineProxy({n: (node.url, set(node.models)) for n, node in nodes.items()}, router)
             url = proxy.url
@@ -266,17 +183,11 @@ def run(router, plan, data_dir):
         for agent in agents:
             agent.stop()
         if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop([proc])
         if proxy is not None:
             proxy.stop()
         for node in nodes.values():
             node.stop()
-
-
-def pct(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def by_model(plan, results, bound):
@@ -288,12 +199,10 @@ def by_model(plan, results, bound):
 
 
 def summary(results, stats):
-    latencies = [r[0] for r in results]
     ttfts = [r[1] for r in results if r[3]]
-    return {"failures": sum(1 for r in results if not r[2]), "mean": statistics.fmean(latencies),
-            "p95": pct(latencies, 95), "p99": pct(latencies, 99), "ttft_p95": pct(ttfts, 95),
-            "loads": stats["loads"], "reloads": stats["reloads"], "evictions": stats["evictions"],
-            "needless_reloads": stats["needless_reloads"]}
+    return {"failures": sum(1 for r in results if not r[2]), **mean_p95_p99([r[0] for r in results]),
+            "ttft_p95": pct(ttfts, 95), "loads": stats["loads"], "reloads": stats["reloads"],
+            "evictions": stats["evictions"], "needless_reloads": stats["needless_reloads"]}
 
 
 def main():
@@ -315,7 +224,7 @@ def main():
     for seed in args.seeds:
         plan = workload(seed, args.rate)
         bound = lower_bound(plan)
-        lb = {"mean": statistics.fmean(bound), "p95": pct(bound, 95), "p99": pct(bound, 99)}
+        lb = mean_p95_p99(bound)
         print(f"\nseed {seed}: {len(plan)} requests; lower bound mean {lb['mean']:.2f} s, p95 {lb['p95']:.2f} s, "
               f"p99 {lb['p99']:.2f} s")
         print(f"{'router':18} {'fail':>4} {'mean':>7} {'p95':>7} {'p99':>7} {'ttft95':>7} {'loads':>6} "

@@ -26,23 +26,12 @@ import json
 import sys
 import threading
 import time
-from pathlib import Path
 
 import urllib3
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_routing as bench  # noqa: E402
-from sim_ollama import SimNode  # noqa: E402
+from bench_common import SCALE, SMALL, lower_bound, pct, sim_node, workload
 
 BIG = ["llama3.3:70b", "qwen2.5:32b", "llama3.1:8b", "qwen2.5:7b", "nomic-embed-text:latest"]
-SMALL = ["llama3.2:3b", "qwen2.5:7b", "llama3.1:8b", "nomic-embed-text:latest"]
-
-
-def node(name, loaded):
-    memory, bandwidth, parallel, load, installed, _ = bench.FLEET[name]
-    return SimNode(name, memory, bandwidth, {m: bench.MODELS[m] for m in installed}, loaded,
-                   num_parallel=parallel, load_gbs=load, scale=bench.SCALE, gpu=name != "mini",
-                   default_ctx=bench.CONTEXT.get(name, 4096)).start()
 
 
 def replay(label, sim, sends):
@@ -51,13 +40,13 @@ def replay(label, sim, sends):
     took = {}
 
     def send(key, request, delay, num_ctx):
-        time.sleep(delay / bench.SCALE)
+        time.sleep(delay / SCALE)
         body = copy.deepcopy(request[2])
         if num_ctx:
             body["options"]["num_ctx"] = num_ctx  # herd raises it to the loaded context
         start = time.monotonic()
         pool.request("POST", sim.url + request[1], body=json.dumps(body).encode())
-        took[key] = (time.monotonic() - start) * bench.SCALE
+        took[key] = (time.monotonic() - start) * SCALE
 
     threads = [threading.Thread(target=send, args=s) for s in sends]
     for thread in threads:
@@ -70,9 +59,9 @@ def replay(label, sim, sends):
 
 
 def main():
-    plan = bench.workload(2)
-    bound = bench.lower_bound(plan)
-    p95 = bench.pct(bound, 95)
+    plan = workload(2)
+    bound = lower_bound(plan)
+    p95 = pct(bound, 95)
     target = 1.5 * p95
     large = [b for b, r in zip(bound, plan) if b > target]
     print(f"seed 2: {len(plan)} requests, p95 = the 8th slowest; target 1.5 x {p95:.2f} s = {target:.2f} s; "
@@ -83,13 +72,13 @@ def main():
 
     (big32,), (small7,) = at(54.3), at(54.8)
     print("t=54.8 qwen2.5:7b, num_ctx 16384, 0.5 s after a qwen2.5:32b started on studio:")
-    shared = replay("studio (32768 loaded): beside the 32B", node("studio", BIG),
+    shared = replay("studio (32768 loaded): beside the 32B", sim_node("studio", BIG),
                     [("7b", small7, 0.5, 32768), ("32b", big32, 0.0, None)])["7b"]
-    alone32 = replay("studio: the 32B alone", node("studio", BIG), [("32b", big32, 0.0, None)])["32b"]
-    alone7 = replay("studio: the 7B alone", node("studio", BIG), [("7b", small7, 0.0, 32768)])["7b"]
-    reload = replay("rtx: reload qwen2.5:7b at 16384", node("rtx", ["qwen2.5:7b", "llama3.2:3b"]),
+    alone32 = replay("studio: the 32B alone", sim_node("studio", BIG), [("32b", big32, 0.0, None)])["32b"]
+    alone7 = replay("studio: the 7B alone", sim_node("studio", BIG), [("7b", small7, 0.0, 32768)])["7b"]
+    reload = replay("rtx: reload qwen2.5:7b at 16384", sim_node("rtx", ["qwen2.5:7b", "llama3.2:3b"]),
                     [("7b", small7, 0.0, None)])["7b"]
-    cold = replay("laptop: cold load", node("laptop", ["llama3.1:8b"]), [("7b", small7, 0.0, None)])["7b"]
+    cold = replay("laptop: cold load", sim_node("laptop", ["llama3.1:8b"]), [("7b", small7, 0.0, None)])["7b"]
     first = {"beside the 32B on studio": shared, "after the 32B on studio": alone32 - 0.5 + alone7,
              "reload on rtx": reload, "cold on laptop": cold}
 
@@ -98,12 +87,14 @@ def main():
     busy = [("70b", seventy[0], 0.0, None), ("70b'", seventy[1], seventy[1][0] - seventy[0][0], None)]
     late = 89.1 - seventy[0][0]
     print("t=89.1 llama3.1:8b and qwen2.5:7b together, studio busy with two 70B chats since t=79.7, 83.7:")
-    both = replay("rtx: both at once", node("rtx", SMALL), [("8b", eight, 0.0, None), ("7b", seven, 0.0, None)])
-    rtx8 = replay("rtx: 8B alone", node("rtx", SMALL), [("8b", eight, 0.0, None)])["8b"]
-    rtx7 = replay("rtx: 7B alone", node("rtx", SMALL), [("7b", seven, 0.0, None)])["7b"]
-    laptop8 = replay("laptop: 8B alone", node("laptop", ["llama3.1:8b"]), [("8b", eight, 0.0, None)])["8b"]
-    studio8 = replay("studio: 8B beside the 70B chats", node("studio", BIG), busy + [("8b", eight, late, None)])["8b"]
-    studio7 = replay("studio: 7B beside the 70B chats", node("studio", BIG), busy + [("7b", seven, late, None)])["7b"]
+    both = replay("rtx: both at once", sim_node("rtx", SMALL), [("8b", eight, 0.0, None), ("7b", seven, 0.0, None)])
+    rtx8 = replay("rtx: 8B alone", sim_node("rtx", SMALL), [("8b", eight, 0.0, None)])["8b"]
+    rtx7 = replay("rtx: 7B alone", sim_node("rtx", SMALL), [("7b", seven, 0.0, None)])["7b"]
+    laptop8 = replay("laptop: 8B alone", sim_node("laptop", ["llama3.1:8b"]), [("8b", eight, 0.0, None)])["8b"]
+    studio8 = replay("studio: 8B beside the 70B chats", sim_node("studio", BIG),
+                      busy + [("8b", eight, late, None)])["8b"]
+    studio7 = replay("studio: 7B beside the 70B chats", sim_node("studio", BIG),
+                      busy + [("7b", seven, late, None)])["7b"]
     second = {"both on rtx at once": max(both.values()), "one after the other on rtx": rtx8 + rtx7,
               "7B on rtx, 8B on laptop": max(rtx7, laptop8), "7B on rtx, 8B on studio": max(rtx7, studio8),
               "8B on rtx, 7B on studio": max(rtx8, studio7)}
