@@ -55,7 +55,7 @@ import waitress
 import waitress.channel
 import waitress.task
 import waitress.wasyncore
-from flask import Flask, Response, request
+from flask import Flask, Response, request, send_from_directory
 
 __version__ = "0.1.0"
 
@@ -199,11 +199,15 @@ class ReplyStats:
     timings: dict | None = None  # eval_count, eval_s, prompt_count, prompt_s, load_s
 
 
-def read_reply(tail, ttft_ms=None, latency_ms=None):
-    """ReplyStats from the last bytes of a reply, in one pass over them."""
+def read_reply(tail, ttft_ms=None, latency_ms=None, events=0):
+    """ReplyStats from the last bytes of a reply, in one pass over them. `events`: the OpenAI stream
+    events relayed, which count the tokens when the node did not report usage (the last two, the
+    finish reason and [DONE], carry none)."""
     found = {key: int(value) for key, value in REPLY_FIELD.findall(tail)}
     prompt = found.get(b"prompt_eval_count") or found.get(b"prompt_tokens")
     completion = found.get(b"eval_count") or found.get(b"completion_tokens")
+    if completion is None and events > 2:
+        completion = found[b"completion_tokens"] = events - 2
     timings = None
     if b"eval_duration" in found or b"prompt_eval_duration" in found:
         timings = {"eval_count": found.get(b"eval_count"), "eval_s": found.get(b"eval_duration", 0) / 1e9,
@@ -505,6 +509,7 @@ class Call:
     pin: str | None = None  # a node chosen by the client (X-Herd-Node) for model management
     method: str = "POST"
     may_change_fleet: bool = False  # the client has the key, or is on loopback when none is set
+    only_node: str | None = None  # route only to this node (herd's own benchmark runs)
     user_agent: str = ""
     client_gone: object = never  # Waitress tells when the client has left
     substitute: str | None = None  # a loaded model of the same kind, when nothing can load `model`
@@ -748,6 +753,8 @@ class Lease:
     shared_at_start: float = 1.0  # sharing() it met when it started
     loaded_ctx: int | None = None  # context the model runs with there; None when cold
     cold: bool = False  # herd expected a load or a context reload
+    reload: bool = False  # ...and it is a context reload
+    decision: dict | None = None  # the candidates and the excluded nodes, for the trace (see decision_record)
     default_ctx: int = DEFAULT_NUM_CTX
     pin_ctx: bool = False  # the running context is reported but the default is a guess: send num_ctx
     load_options: dict = field(default_factory=dict)
@@ -824,6 +831,7 @@ class Node:
     load_options: dict = field(default_factory=dict)  # name -> reload options herd loaded it with
     default_ctx: dict = field(default_factory=dict)  # name -> context it gets without num_ctx (seen)
     context_probe: set = field(default_factory=set)  # models just served without num_ctx
+    guessed_ctx: int | None = None  # the default context guessed from what runs (see context_default)
     last_seen: float = 0.0  # time.time() of the last good report
     in_flight: int = 0
     running: dict = field(default_factory=dict)  # model -> Running
@@ -837,6 +845,7 @@ class Node:
     load_cost: tuple | None = None  # (fixed s, s per GB)
     calibrated_at: float = -1e9  # time.monotonic() of the last calibration sent
     served: int = 0  # requests completed here
+    returns: list = field(default_factory=list)  # time.time() of each return after being offline
     failures: int = 0  # consecutive failed requests
     failure_kind: str | None = None  # unreachable | error
     cooldown_until: float = 0.0
@@ -885,9 +894,11 @@ class Node:
             return self.default_ctx[model]
         if self.default_context_length:
             return self.default_context_length
-        seen = max(self.default_ctx.values(), default=0)
-        common = most_common(e.get("context_length") for e in self.loaded.values() if not e.get("learned")) or 0
-        return max(seen, common) or DEFAULT_NUM_CTX
+        if self.guessed_ctx is None:  # worked out once per report (every decision reads it)
+            seen = max(self.default_ctx.values(), default=0)
+            common = most_common(e.get("context_length") for e in self.loaded.values() if not e.get("learned"))
+            self.guessed_ctx = max(seen, common or 0) or DEFAULT_NUM_CTX
+        return self.guessed_ctx
 
     def default_known(self, model):
         """Is context_default(model) more than a guess?"""
@@ -899,6 +910,7 @@ class Node:
         entry = self.models.get(model, {})
         self.loaded[model] = {"name": model, "size": entry.get("size", 0), "learned": True,
                               "context_length": context_length}
+        self.guessed_ctx = None
         if options is not None:
             self.load_options[model] = options
 
@@ -956,6 +968,7 @@ class Node:
             if probed:
                 self.context_probe.discard(name)
         self.loaded = loaded
+        self.guessed_ctx = None
         if self.failure_kind == "unreachable":  # it answers again: end its rest now
             self.failures, self.failure_kind, self.cooldown_until = 0, None, 0.0
 
@@ -1288,20 +1301,18 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
 
 def score_candidates(estimates):
     """[(node, seconds by cause)] -> [(node, total points, breakdown, eta)] at one exchange rate."""
-    fastest = min(e["service"] for _, e in estimates)
+    fastest = min([e["service"] for _, e in estimates])
     for _, e in estimates:
         e["slower_by"] = e["service"] - fastest
     rate = 1000.0  # points per second: as fine as the ranges allow
     for name, (cause, _) in SIGNAL_SECONDS.items():
-        worst = max(e[cause] for _, e in estimates)
+        worst = max([e[cause] for _, e in estimates])
         if worst > 0:
             rate = min(rate, SIGNAL_RANGES[name] / worst)
     scored = []
     for node, e in estimates:
-        breakdown = {}
-        for name, (cause, sign) in SIGNAL_SECONDS.items():
-            points = SIGNAL_RANGES[name] - rate * e[cause] if sign > 0 else -rate * e[cause]
-            breakdown[name] = round(points, 2)
+        breakdown = {name: (SIGNAL_RANGES[name] - rate * e[cause] if sign > 0 else -rate * e[cause])
+                     for name, (cause, sign) in SIGNAL_SECONDS.items()}
         scored.append((node, sum(breakdown.values()), breakdown, e["eta"]))
     return scored
 
@@ -1316,6 +1327,20 @@ def eligibility(node, model, now):
     if status == "online":
         return "ok"
     return "failing" if status == "degraded" else None
+
+
+def why_excluded(node, model, now):
+    """Why `node` cannot take a request for `model` now, in a few words (for the trace)."""
+    if model not in node.models:
+        return f"does not have {model}"
+    if not node.fits(model):
+        return f"{model} does not fit its {node.memory_budget_gb:g} GB"
+    status = node.status(now)
+    if status == "offline":
+        return "offline (no report for 3 intervals)"
+    if not node.reachable:
+        return f"Ollama unreachable: {node.ollama_error or 'no answer'}"
+    return f"resting after {node.failures} failure(s): {node.last_failure or ''}".strip()
 
 
 def servable_models(nodes, call, now):
@@ -1359,13 +1384,14 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
     now, now_mono = time.time(), time.monotonic()
     failing = False
     for model in models:
-        healthy = []
+        healthy, excluded = [], []
         for node in nodes:
             state = eligibility(node, model, now)
             if state == "ok":
                 healthy.append(node)
-            elif state == "failing":
-                failing = True
+            else:
+                excluded.append(node)
+                failing = failing or state == "failing"
         if not healthy:
             continue
         priors = unmeasured_priors(nodes)
@@ -1375,9 +1401,10 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
                                      usual_output=usual, ahead=ahead, priors=priors, admit=admit,
                                      now=now_mono))
                      for node in healthy]
-        node, total, breakdown, eta = max(score_candidates(estimates),
-                                          key=lambda c: (c[1], -c[0].in_flight, random.random()))
-        chosen = next(e for n, e in estimates if n is node)
+        scored = score_candidates(estimates)
+        best = max(range(len(scored)), key=lambda i: (scored[i][1], -scored[i][0].in_flight, random.random()))
+        node, total, breakdown, eta = scored[best]
+        chosen = estimates[best][1]
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request %s %s -> %s; %s", call.request_id, model, node.node_id, "; ".join(
                 f"{n.node_id} eta {e['eta']:.2f} s (" + " ".join(f"{k} {v:.2f}" for k, v in e.items()
@@ -1388,8 +1415,12 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
             return None, "defer"  # the best is to let the node's other models finish first
         loaded = node.loaded.get(model)
         default_ctx = node.context_default(model)
+        decision = {"model": model, "chosen": node.node_id,
+                    "candidates": [(n.node_id, e, b, t) for (n, e), (_, t, b, _) in zip(estimates, scored)],
+                    "excluded": [(n.node_id, why_excluded(n, model, now)) for n in excluded]}
         return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
-                     breakdown=breakdown, held=admit, eta_s=eta, cold=chosen["cold_load"] > 0,
+                     breakdown=breakdown, decision=decision, held=admit, eta_s=eta, cold=chosen["cold_load"] > 0,
+                     reload=chosen["reload"] > 0,
                      loaded_ctx=(loaded.get("context_length") or default_ctx) if loaded is not None else None,
                      default_ctx=default_ctx,
                      pin_ctx=bool(loaded and loaded.get("context_length") and not loaded.get("learned"))
@@ -1590,8 +1621,8 @@ def node_view(node, now, parallel):
         "ollama_version": node.ollama_version, "ollama_error": node.ollama_error,
         "models_available": sorted(node.models),
         "models_loaded": [{"name": name, "size_vram": entry.get("size_vram", entry.get("size")),
-                           "context_length": entry.get("context_length"),
-                           "requests_active": node.running_count(name)}
+                           "size": entry.get("size"), "context_length": entry.get("context_length"),
+                           "expires_at": entry.get("expires_at"), "requests_active": node.running_count(name)}
                           for name, entry in node.loaded.items()],
         "requests_active": node.in_flight, "last_seen": node.last_seen,
         "decode_gbs": round(speed, 1) if speed else None,
@@ -1641,12 +1672,15 @@ class Fleet:
                     node.in_flight, node.running = previous.in_flight, previous.running
                 self.nodes[node_id] = node
                 log.info("node %s registered at %s (%s)", node_id, url, source)
+            was_offline = node.last_seen and node.status(now) == "offline"
             was_online = node.status(now) == "online"
             node.source, node.interval_s = source, interval_s
             node.apply_report(data)
             node.last_seen = now
             if not was_online and node.status(now) == "online":
                 log.info("node %s online", node_id)
+            if was_offline:
+                keep_recent(node.returns, now)
             self._grant_waiters()
 
     def mark_unreachable(self, node_id, reason):
@@ -1826,14 +1860,15 @@ class Fleet:
         """
         deadline = deadline or (time.monotonic() + self.config.queue_timeout)
         with self.lock:
-            models = servable_models(list(self.nodes.values()), call, time.time())
-            if admit:
-                keep_recent(self.demand.setdefault(models[0], []), time.monotonic())
-            lease, wait = self._choose(call, models, self.queued, admit)
+            lease, wait = self._choose(call, call.candidate_models(), self.queued, admit)
             if lease is not None:
                 if admit:
+                    keep_recent(self.demand.setdefault(lease.model, []), time.monotonic())
                     self._hold(lease)
                 return lease
+            models = servable_models(self._candidates(call), call, time.time())  # raises if none can
+            if admit:
+                keep_recent(self.demand.setdefault(models[0], []), time.monotonic())
             if len(self.waiters) >= self.config.max_queue:
                 raise RoutingError(503, f"herd's queue is full ({self.config.max_queue} requests "
                                    "waiting); retry shortly or add nodes", "queue_full", retry_after=5)
@@ -1895,8 +1930,13 @@ class Fleet:
                 node.load_options[lease.model] = dict({k: options[k] for k in RELOAD_OPTIONS if k in options},
                                                       num_ctx=sent_ctx)
 
+    def _candidates(self, call):
+        if call.only_node is None:
+            return list(self.nodes.values())
+        return [node for node in self.nodes.values() if node.node_id == call.only_node]
+
     def _choose(self, call, models, queued, admit=True):
-        return choose(self.nodes.values(), call, models, parallel=self.config.parallel,
+        return choose(self._candidates(call), call, models, parallel=self.config.parallel,
                       policy=self.context_policy, usual_output=self.usual_output, queued=queued, admit=admit)
 
     def _hold(self, lease):
@@ -1958,11 +1998,12 @@ class Fleet:
         with self.lock:
             nodes = [node_view(node, now, self.config.parallel) for node in self.nodes.values()]
             queued = len(self.waiters)
+            queued_by_model = {model: count for model, count in self.queued.items() if count > 0}
         online = [n for n in nodes if n["status"] == "online"]
         return {"fleet": {"nodes_total": len(nodes), "nodes_online": len(online),
                           "models_loaded": sum(len(n["models_loaded"]) for n in online),
                           "requests_active": sum(n["requests_active"] for n in nodes),
-                          "requests_queued": queued},
+                          "requests_queued": queued, "queued_by_model": queued_by_model},
                 "nodes": nodes}
 
     def management(self):
@@ -1972,9 +2013,74 @@ class Fleet:
             return [{"node_id": n.node_id, "status": n.status(now), "memory_budget_gb": n.memory_budget_gb,
                      "models": [{"name": name, "size_gb": round((entry.get("size") or 0) / GB, 2),
                                  "loaded": name in n.loaded,
-                                 "context_length": (n.loaded.get(name) or {}).get("context_length")}
+                                 "context_length": (n.loaded.get(name) or {}).get("context_length"),
+                                 "expires_at": (n.loaded.get(name) or {}).get("expires_at"),
+                                 "requests_active": n.running_count(name)}
                                 for name, entry in sorted(n.models.items())]}
                     for n in self.nodes.values()]
+
+    def health_view(self):
+        """What health findings read of each node."""
+        now = time.time()
+        with self.lock:
+            return [{"node_id": n.node_id, "status": n.status(now), "reachable": n.reachable,
+                     "ollama_error": n.ollama_error, "ollama_version": n.ollama_version, "last_seen": n.last_seen,
+                     "interval_s": n.interval_s, "memory": n.memory, "source": n.source, "ollama_url": n.url,
+                     "returns_last_hour": sum(1 for t in n.returns if now - t < 3600),
+                     # the agent reaches its Ollama, herd's own requests are refused: it listens on loopback
+                     "loopback_only": (n.source == "agent" and n.reachable and n.failure_kind == "unreachable"
+                                       and "refused" in (n.last_failure or "")
+                                       and not is_loopback(urlsplit(n.url).hostname))}
+                    for n in self.nodes.values()]
+
+    def inventory(self):
+        """{node_id: {model: GB on disk}} of the nodes that are not offline."""
+        now = time.time()
+        with self.lock:
+            return {n.node_id: {name: round((entry.get("size") or 0) / GB, 2) for name, entry in n.models.items()}
+                    for n in self.nodes.values() if n.status(now) != "offline"}
+
+    def room_for(self):
+        """{(node_id, model): True} where the model is loaded or fits in the node's free memory."""
+        with self.lock:
+            return {(n.node_id, name): name in n.loaded or (n.budget_bytes() or 0) - n.memory_in_use() >= n.model_bytes(name)
+                    for n in self.nodes.values() for name in n.models}
+
+    def model_state(self, node_id, model):
+        """'loaded', 'not loaded', 'not installed' or 'unknown node'."""
+        with self.lock:
+            node = self.nodes.get(node_id)
+            if node is None:
+                return "unknown node"
+            if model not in node.models:
+                return "not installed"
+            return "loaded" if model in node.loaded else "not loaded"
+
+    def slots_of(self, node_id):
+        with self.lock:
+            node = self.nodes.get(node_id)
+            return slots(node, self.config.parallel) if node else 1
+
+    def forget_model(self, node_id, model):
+        """A model was deleted from a node: it is gone until a report says otherwise."""
+        with self.lock:
+            node = self.nodes.get(node_id)
+            if node is not None:
+                node.models.pop(model, None)
+                if not node.running_count(model):
+                    node.loaded.pop(model, None)
+
+    def gauges(self):
+        """/metrics gauges: requests in flight per node and model, queued per model, node up."""
+        now = time.time()
+        with self.lock:
+            in_flight = {(("node", n.node_id), ("model", model)): count for n in self.nodes.values()
+                         for model, count in n.counts().items()}
+            queued = {(("model", model),): count for model, count in self.queued.items() if count > 0}
+            up = {(("node", n.node_id),): int(n.status(now) == "online") for n in self.nodes.values()}
+        return {("herd_requests_in_flight", "Requests running on a node, per model."): in_flight,
+                ("herd_requests_queued", "Requests waiting in herd's queue, per model."): queued,
+                ("herd_node_up", "1 when the node is online."): up}
 
 
 # =============================================================================================
@@ -2396,6 +2502,33 @@ def body_for(call, lease, policy):
     return json.dumps(call.body).encode() if call.edited else call.raw
 
 
+BENCHMARK_TAG = "herd:benchmark"  # herd's own benchmark runs: traced, left out of the traffic analytics
+
+
+def apps_of(call):
+    """The apps a request counts under: its tags, else its client (User-Agent product and address)."""
+    if call.tags:
+        return call.tags
+    product = call.user_agent.split(" ", 1)[0] if call.user_agent else "unknown client"
+    return [f"{product} from {call.client_ip}"]
+
+
+def decision_record(decision):
+    """One routing decision as the trace keeps it: every candidate's expected seconds by cause and
+    its seven signals, and the nodes left out with the reason."""
+    def seconds(e):
+        return {"wait": round(e["wait"], 3), "load": round(e["cold_load"] - e["reload"], 3),
+                "reload": round(e["reload"], 3), "service": round(e["service"], 3),
+                "slowdown": round(e["slowdown"], 3), "eviction": round(e["eviction"], 3), "risk": round(e["risk"], 3)}
+    return {"model": decision["model"], "chosen": decision["chosen"],
+            "candidates": sorted(({"node_id": node_id, "chosen": node_id == decision["chosen"], "score": round(total, 2),
+                                   "eta_s": round(e["eta"], 3), "deferred": e["defer"], "seconds": seconds(e),
+                                   "signals": {k: round(v, 2) for k, v in breakdown.items()}}
+                                  for node_id, e, breakdown, total in decision["candidates"]),
+                                 key=lambda c: -c["score"]),
+            "excluded": [{"node_id": node_id, "reason": reason} for node_id, reason in decision["excluded"]]}
+
+
 class Exchange:
     """One client request from the door to its trace row.
 
@@ -2426,6 +2559,8 @@ class Exchange:
         self.ttft_ms = None
         self.error = None
         self.reply = ReplyStats()
+        self.decisions = []  # the routing decision of each attempt
+        self.events_streamed = 0  # OpenAI stream events relayed (a token count when usage is not sent)
         self._watch_afresh()
 
     # -- attempts -----------------------------------------------------------------------------
@@ -2441,6 +2576,8 @@ class Exchange:
         """A new attempt on the leased node."""
         self._watch_afresh()
         self.lease = lease
+        if lease.decision is not None:
+            self.decisions.append(lease.decision)
         self.node_id, self.model = lease.node_id, lease.model
         self.score, self.breakdown, self.queue_ms = lease.score, lease.breakdown, lease.queued_ms
 
@@ -2544,7 +2681,7 @@ class Exchange:
         self.status, self.error = status, error
         completed = status == "completed"
         if tail:
-            self.reply = read_reply(tail, self.ttft_ms, latency_ms)
+            self.reply = read_reply(tail, self.ttft_ms, latency_ms, self.events_streamed)
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             if completed:
@@ -2564,19 +2701,30 @@ class Exchange:
 
     def trace_row(self, latency_ms):
         """The request_traces row, keyed by column."""
-        call = self.call
+        call, reply, lease = self.call, self.reply, self.lease
+        timings = reply.timings or {}
+        load_s = timings.get("load_s")
         return {
             "request_id": call.request_id, "timestamp": time.time(), "model": self.model or call.model,
             "original_model": call.model, "node_id": self.node_id, "status": self.status,
             "latency_ms": round(latency_ms, 3),
             "time_to_first_token_ms": round(self.ttft_ms, 3) if self.ttft_ms is not None else None,
-            "prompt_tokens": self.reply.prompt_tokens, "completion_tokens": self.reply.completion_tokens,
-            "score": self.score, "scores_breakdown": json.dumps(self.breakdown) if self.breakdown else None,
+            "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+            "score": self.score,
+            "scores_breakdown": json.dumps({k: round(v, 2) for k, v in self.breakdown.items()}) if self.breakdown else None,
             "retry_count": self.retries, "fallback_used": int(bool(self.model and self.model != call.model)),
             "api": call.api, "endpoint": call.endpoint, "tags": json.dumps(call.tags) if call.tags else None,
             "client_ip": call.client_ip, "error_message": self.error,
             "queue_ms": round(self.queue_ms, 3) if self.queue_ms else None, "stream": int(call.stream),
             "events": json.dumps(call.events) if call.events else None,
+            "user_agent": call.user_agent or None, "apps": json.dumps(apps_of(call)),
+            "eval_ms": round(timings["eval_s"] * 1000, 3) if timings.get("eval_s") else None,
+            "prompt_eval_ms": round(timings["prompt_s"] * 1000, 3) if timings.get("prompt_s") else None,
+            "load_ms": round(load_s * 1000, 3) if load_s is not None else None,
+            "cold_load": int(load_s > HOT_LOAD_S) if load_s is not None else int(bool(lease and lease.cold)),
+            "reload": int(bool(lease and lease.reload)),
+            "decisions": json.dumps([decision_record(d) for d in self.decisions]) if self.decisions else None,
+            "internal": int(BENCHMARK_TAG in call.tags),
         }
 
 
@@ -2594,9 +2742,14 @@ class Relay:
         exchange, call = self.exchange, self.exchange.call
         try:
             yield self.first
+            sse = call.api == "openai"
+            if sse:
+                exchange.events_streamed += self.first.count(b"data: ")
             for chunk in self.chunks:
                 exchange.last_byte = time.monotonic()
                 self.tail = (self.tail + chunk)[-TAIL_BYTES:]
+                if sse:
+                    exchange.events_streamed += chunk.count(b"data: ")
                 yield chunk
             if reply_finished(call, self.tail):
                 self.status = "completed"
@@ -2834,6 +2987,8 @@ TRACE_COLUMNS = {
     "scores_breakdown": "TEXT", "retry_count": "INTEGER", "fallback_used": "INTEGER",
     "api": "TEXT", "endpoint": "TEXT", "tags": "TEXT", "client_ip": "TEXT",
     "error_message": "TEXT", "queue_ms": "REAL", "stream": "INTEGER", "events": "TEXT",
+    "user_agent": "TEXT", "apps": "TEXT", "eval_ms": "REAL", "prompt_eval_ms": "REAL", "load_ms": "REAL",
+    "cold_load": "INTEGER", "reload": "INTEGER", "decisions": "TEXT", "internal": "INTEGER",
 }
 # Rows per transaction: a few µs a row on the request path, where committing each row from its
 # own request thread costs milliseconds and stalls under load.
@@ -2872,7 +3027,14 @@ class TraceStore:
                 if name not in have:
                     db.execute(f"ALTER TABLE request_traces ADD COLUMN {name} {kind}")
             db.execute("CREATE INDEX IF NOT EXISTS traces_time ON request_traces (timestamp)")
+            db.execute("CREATE INDEX IF NOT EXISTS traces_id ON request_traces (request_id)")
+            db.execute("CREATE INDEX IF NOT EXISTS traces_node_model ON request_traces (node_id, model, timestamp)")
             db.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)")
+            columns = ", ".join(f"{name} {kind}" for name, kind in ROLLUP_COLUMNS.items())
+            db.execute(f"CREATE TABLE IF NOT EXISTS request_rollups ({columns}, PRIMARY KEY ({', '.join(ROLLUP_KEY)}))")
+            db.execute("CREATE TABLE IF NOT EXISTS benchmark_runs (run_id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                       "node_id TEXT, model TEXT, started REAL, result TEXT)")
+        self.listeners = []  # called with the rows of each batch written (metrics)
         self.insert = (f"INSERT INTO request_traces ({', '.join(TRACE_COLUMNS)}) "
                        f"VALUES ({', '.join(':' + name for name in TRACE_COLUMNS)})")
         self.thread = threading.Thread(target=self._write_loop, name="herd-traces", daemon=True)
@@ -2883,6 +3045,9 @@ class TraceStore:
         db.execute("PRAGMA synchronous=NORMAL")
         return db
 
+    def connect_readonly(self):
+        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+
     def record(self, row):
         """Queue one row (a dict keyed by TRACE_COLUMNS); blocks only if the writer is far behind."""
         self.queue.put(row)
@@ -2890,6 +3055,10 @@ class TraceStore:
     def _write_loop(self):
         db = self._connect()
         next_prune = 0.0
+        try:
+            self._backfill_rollups(db)
+        except Exception:  # noqa: BLE001 - analytics of old rows must not stop new ones being written
+            log.exception("could not roll up older trace rows")
         while True:
             batch = [self.queue.get()]
             while len(batch) < TRACE_BATCH:
@@ -2902,6 +3071,8 @@ class TraceStore:
                 rows = [row for row in batch if isinstance(row, dict)]
                 if rows:
                     self._write(db, rows)
+                    for listener in self.listeners:
+                        listener(rows)
                 if time.time() >= next_prune:
                     next_prune = time.time() + PRUNE_EVERY_S
                     self._prune(db)
@@ -2921,6 +3092,7 @@ class TraceStore:
             try:
                 with db:
                     db.executemany(self.insert, rows)
+                    self._roll_up(db, rows)
                 return
             except sqlite3.OperationalError as exc:  # locked by a reader: try again, keep rows
                 log.warning("trace write failed (%s), retrying", exc)
@@ -2932,6 +3104,7 @@ class TraceStore:
                 try:
                     with db:
                         db.execute(self.insert, candidate)
+                        self._roll_up(db, [candidate])
                     break
                 except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
                     log.warning("trace row %s could not be written as it was (%s)",
@@ -2939,9 +3112,32 @@ class TraceStore:
             else:
                 log.error("trace row %s was lost: %s", ascii(row.get("request_id")), ascii(row)[:500])
 
+    @staticmethod
+    def _roll_up(db, rows):
+        """Rollups for rows being written; rows that cannot be rolled up are still written."""
+        db.execute("SAVEPOINT rollup")
+        try:
+            roll_up(db, rows)
+        except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
+            db.execute("ROLLBACK TO rollup")
+            log.warning("could not roll up %d trace row(s): %s", len(rows), exc)
+        db.execute("RELEASE rollup")
+
+    def _backfill_rollups(self, db):
+        """A database written before rollups existed gains them once, from its rows."""
+        if db.execute("SELECT 1 FROM request_rollups LIMIT 1").fetchone() is not None:
+            return
+        cursor = db.cursor()
+        cursor.row_factory = sqlite3.Row
+        rows = cursor.execute("SELECT * FROM request_traces")
+        while batch := rows.fetchmany(5000):
+            with db:
+                roll_up(db, [dict(row) for row in batch])
+
     def _prune(self, db):
         cutoff = time.time() - self.retention_days * 86400
         with db:
+            db.execute("DELETE FROM request_rollups WHERE hour < ?", (cutoff // 3600 * 3600,))
             removed = db.execute("DELETE FROM request_traces WHERE timestamp < ?", (cutoff,)).rowcount
         if removed:
             log.info("pruned %d trace rows older than %g days", removed, self.retention_days)
@@ -2962,6 +3158,15 @@ class TraceStore:
         with self._connect() as db:
             return db.execute(sql, params).fetchall()
 
+    def save_benchmark(self, result):
+        with self._connect() as db:
+            return db.execute("INSERT INTO benchmark_runs (node_id, model, started, result) VALUES (?, ?, ?, ?)",
+                              (result["node_id"], result["model"], result["started"], json.dumps(result))).lastrowid
+
+    def benchmark_runs(self, limit=50):
+        runs = self.query("SELECT run_id, result FROM benchmark_runs ORDER BY run_id DESC LIMIT ?", (limit,))
+        return [dict(json.loads(result), run_id=run_id) for run_id, result in runs]
+
     def load_settings(self):
         values = dict(RUNTIME_SETTINGS)
         for key, value in self.query("SELECT key, value FROM settings"):
@@ -2973,6 +3178,226 @@ class TraceStore:
         with self._connect() as db:
             db.executemany("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
                            [(key, json.dumps(value)) for key, value in changes.items()])
+
+
+# =============================================================================================
+# Analytics: the figures the dashboard shows, from the trace store
+# =============================================================================================
+#
+# Every figure is computed from request_traces (and, for the dashboard, the fleet's state), for
+# the range asked. Short ranges are read from the rows themselves. Longer ones would read up to a
+# million rows, so the trace writer also keeps hourly rollups (request_rollups: counts, sums and
+# latency histograms per hour, model, node, app and API) in the same transaction as the rows; a
+# long range reads the rollups of its whole hours and the rows of the partial hours at either
+# end. Percentiles come from log-spaced histograms whose bins are 10% apart. herd's own benchmark
+# runs (tag herd:benchmark) are traced but left out of every figure here.
+
+RAW_RANGE_S = 3 * 3600  # ranges up to this long are read row by row
+BIN_RATIO = 1.1  # histogram bins: each 10% wider than the last...
+BIN_FLOOR_MS = 0.1  # ...from a tenth of a millisecond
+TALLY_COUNTS = ("requests", "errors", "failed", "cancelled", "incomplete", "reaped", "retried", "retries",
+                "fallbacks", "cold_loads", "reloads", "tokens_in", "tokens_out", "eval_tokens", "eval_ms",
+                "prompt_timed_tokens", "prompt_ms", "load_count", "load_ms", "queue_ms")
+ROLLUP_KEY = ("hour", "model", "node_id", "app", "api")
+ROLLUP_COLUMNS = {**{name: "INTEGER" if name in ("hour",) else "TEXT" for name in ROLLUP_KEY},
+                  **{name: "REAL" if name.endswith("_ms") else "INTEGER" for name in TALLY_COUNTS},
+                  "last_used": "REAL", "latency_bins": "TEXT", "ttft_bins": "TEXT"}
+TRACE_FIELDS = ("timestamp", "model", "node_id", "api", "status", "latency_ms", "time_to_first_token_ms",
+                "prompt_tokens", "completion_tokens", "retry_count", "fallback_used", "cold_load", "reload",
+                "eval_ms", "prompt_eval_ms", "load_ms", "queue_ms", "apps")
+ANALYZED = "(internal IS NULL OR internal = 0)"  # rows of client traffic (not herd's own benchmarks)
+
+
+def latency_bin(ms):
+    return int(math.log(max(ms, BIN_FLOOR_MS) / BIN_FLOOR_MS) / math.log(BIN_RATIO))
+
+
+def bin_middle(index):
+    return BIN_FLOOR_MS * BIN_RATIO ** (index + 0.5)
+
+
+def histogram_percentile(bins, q):
+    """The q-th percentile (nearest rank) of a {bin: count} histogram, or None when empty."""
+    total = sum(bins.values())
+    if not total:
+        return None
+    rank, seen = math.ceil(q / 100 * total), 0
+    for index in sorted(bins):
+        seen += bins[index]
+        if seen >= rank:
+            return round(bin_middle(index), 1)
+    return None
+
+
+class Tally:
+    """Counts, sums and latency histograms of a set of requests: trace rows and rollups add alike."""
+
+    __slots__ = ("counts", "latency", "ttft", "last_used")
+
+    def __init__(self):
+        self.counts = dict.fromkeys(TALLY_COUNTS, 0)
+        self.latency, self.ttft = collections.Counter(), collections.Counter()
+        self.last_used = None
+
+    def add_row(self, row):
+        """One request_traces row (a mapping with TRACE_FIELDS)."""
+        c = self.counts
+        status = row["status"]
+        c["requests"] += 1
+        if status != "completed":
+            c["errors"] += 1
+            if status in ("failed", "cancelled", "incomplete", "reaped"):
+                c[status] += 1
+        retries = row["retry_count"] or 0
+        c["retried"] += retries > 0
+        c["retries"] += retries
+        c["fallbacks"] += row["fallback_used"] or 0
+        c["cold_loads"] += row["cold_load"] or 0
+        c["reloads"] += row["reload"] or 0
+        c["tokens_in"] += row["prompt_tokens"] or 0
+        c["tokens_out"] += row["completion_tokens"] or 0
+        if row["eval_ms"] and row["completion_tokens"]:
+            c["eval_tokens"] += row["completion_tokens"]
+            c["eval_ms"] += row["eval_ms"]
+        if row["prompt_eval_ms"] and row["prompt_tokens"]:
+            c["prompt_timed_tokens"] += row["prompt_tokens"]
+            c["prompt_ms"] += row["prompt_eval_ms"]
+        if row["cold_load"] and row["load_ms"]:
+            c["load_count"] += 1
+            c["load_ms"] += row["load_ms"]
+        c["queue_ms"] += row["queue_ms"] or 0
+        if row["latency_ms"] is not None:
+            self.latency[latency_bin(row["latency_ms"])] += 1
+        if row["time_to_first_token_ms"] is not None:
+            self.ttft[latency_bin(row["time_to_first_token_ms"])] += 1
+        self.last_used = max(self.last_used or 0, row["timestamp"])
+
+    def add_tally(self, other):
+        for key, value in other.counts.items():
+            self.counts[key] += value
+        self.latency.update(other.latency)
+        self.ttft.update(other.ttft)
+        if other.last_used is not None:
+            self.last_used = max(self.last_used or 0, other.last_used)
+
+    def add_rollup(self, row):
+        """One request_rollups row."""
+        for key in TALLY_COUNTS:
+            self.counts[key] += row[key] or 0
+        self.latency.update({int(k): v for k, v in json.loads(row["latency_bins"] or "{}").items()})
+        self.ttft.update({int(k): v for k, v in json.loads(row["ttft_bins"] or "{}").items()})
+        if row["last_used"] is not None:
+            self.last_used = max(self.last_used or 0, row["last_used"])
+
+    def rollup_values(self):
+        return {**self.counts, "last_used": self.last_used, "latency_bins": json.dumps(self.latency),
+                "ttft_bins": json.dumps(self.ttft)}
+
+    def view(self):
+        """The figures a person reads: counts, percentiles (ms), speeds (tokens/s), load time (s)."""
+        c = self.counts
+        return {"requests": c["requests"], "errors": c["errors"],
+                "latency_p50_ms": histogram_percentile(self.latency, 50),
+                "latency_p95_ms": histogram_percentile(self.latency, 95),
+                "ttft_p50_ms": histogram_percentile(self.ttft, 50), "ttft_p95_ms": histogram_percentile(self.ttft, 95),
+                "tokens_in": c["tokens_in"], "tokens_out": c["tokens_out"],
+                "decode_tps": round(c["eval_tokens"] / c["eval_ms"] * 1000, 1) if c["eval_ms"] else None,
+                "prompt_tps": round(c["prompt_timed_tokens"] / c["prompt_ms"] * 1000, 1) if c["prompt_ms"] else None,
+                "load_s": round(c["load_ms"] / c["load_count"] / 1000, 2) if c["load_count"] else None,
+                "cold_loads": c["cold_loads"], "reloads": c["reloads"], "retries": c["retries"],
+                "retried": c["retried"], "fallbacks": c["fallbacks"], "failed": c["failed"],
+                "cancelled": c["cancelled"], "incomplete": c["incomplete"], "reaped": c["reaped"],
+                "last_used": self.last_used}
+
+
+def rollup_keys(row):
+    """The rollup rows one trace row counts in: its hour, model, node and API, once for all apps
+    (app '') and once under each app it belongs to."""
+    hour = int(row["timestamp"] // 3600 * 3600)
+    base = (hour, row["model"] or "", row["node_id"] or "", row["api"] or "")
+    apps = json.loads(row["apps"]) if row.get("apps") else []
+    return [(base[0], base[1], base[2], app, base[3]) for app in ["", *apps]]
+
+
+def roll_up(db, rows):
+    """Fold trace rows into request_rollups (called by the writer inside the rows' transaction)."""
+    tallies = collections.defaultdict(Tally)
+    for row in rows:
+        if row.get("internal"):
+            continue
+        for key in rollup_keys(row):
+            tallies[key].add_row(row)
+    cursor = db.cursor()
+    cursor.row_factory = sqlite3.Row
+    for key, tally in tallies.items():
+        stored = cursor.execute(f"SELECT * FROM request_rollups WHERE {' AND '.join(f'{k} = ?' for k in ROLLUP_KEY)}",
+                                key).fetchone()
+        if stored is not None:
+            tally.add_rollup(stored)
+        values = {**dict(zip(ROLLUP_KEY, key)), **tally.rollup_values()}
+        db.execute(f"INSERT OR REPLACE INTO request_rollups ({', '.join(values)}) "
+                   f"VALUES ({', '.join(':' + k for k in values)})", values)
+
+
+class Analytics:
+    """Read-only queries over the trace store for the dashboard, the CLI and /metrics."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def rows(self, sql, params=()):
+        with self.store.connect_readonly() as db:
+            db.row_factory = sqlite3.Row
+            return db.execute(sql, params).fetchall()
+
+    def tallies(self, since, until, key):
+        """{group: Tally} of the client requests in [since, until), grouped by `key`: a function
+        of (hour or timestamp, model, node_id, app, api) -> a group, or None to leave it out.
+        `key.apps` True groups by app (a request counts under each of its apps)."""
+        by_app = getattr(key, "apps", False)
+        groups = collections.defaultdict(Tally)
+        raw_spans = [(since, until)]
+        if until - since > RAW_RANGE_S:
+            first, last = math.ceil(since / 3600) * 3600, math.floor(until / 3600) * 3600
+            raw_spans = [(since, first), (last, until)]
+            app_clause = "app != ''" if by_app else "app = ''"
+            for row in self.rows(f"SELECT * FROM request_rollups WHERE hour >= ? AND hour < ? AND {app_clause}",
+                                 (first, last)):
+                group = key(row["hour"], row["model"], row["node_id"], row["app"], row["api"])
+                if group is not None:
+                    groups[group].add_rollup(row)
+        for start, end in raw_spans:
+            if end <= start:
+                continue
+            for row in self.rows(f"SELECT {', '.join(TRACE_FIELDS)} FROM request_traces "
+                                 f"WHERE timestamp >= ? AND timestamp < ? AND {ANALYZED}", (start, end)):
+                apps = json.loads(row["apps"]) if by_app and row["apps"] else [""]
+                for app in apps:
+                    group = key(row["timestamp"], row["model"] or "", row["node_id"] or "", app, row["api"])
+                    if group is not None:
+                        groups[group].add_row(row)
+        return groups
+
+    def last_used(self, node_id, model):
+        row = self.rows(f"SELECT MAX(timestamp) FROM request_traces WHERE node_id = ? AND model = ? AND {ANALYZED}",
+                        (node_id, model))
+        return row[0][0] if row else None
+
+    def longest_gap_before_load(self, node_id, model, span):
+        """The longest idle time before a request that had to load `model` on `node_id`: the
+        keep_alive that would have kept it loaded for all of them."""
+        rows = self.rows(f"SELECT timestamp, cold_load FROM request_traces WHERE node_id = ? AND model = ? "
+                         f"AND timestamp >= ? AND {ANALYZED} ORDER BY timestamp DESC LIMIT 20000",
+                         (node_id, model, span["since"]))
+        times = [(row["timestamp"], row["cold_load"]) for row in reversed(rows)]
+        gaps = [t - previous for (previous, _), (t, cold) in zip(times, times[1:]) if cold]
+        return max(gaps) if gaps else None
+
+
+def grouped(function, apps=False):
+    """A tallies() key function, marked for grouping by app when `apps`."""
+    function.apps = apps
+    return function
 
 
 # -- logs: lines for people on the console, JSON lines for machines in the data dir ----------
@@ -3009,6 +3434,498 @@ def setup_logging(data_dir, level):
 
 
 # =============================================================================================
+# Dashboard API: what /dashboard/api/* answers, computed from the trace store and fleet state
+# =============================================================================================
+#
+# Aggregating endpoints take ?hours=N (default 24) or ?since=<unix seconds> and echo the range
+# they used; empty data gives empty lists. Health findings and recommendations each carry the
+# numbers behind them; their thresholds are named here with the reason for each.
+
+TRACE_LIMIT_DEFAULT, TRACE_LIMIT_MAX = 20, 1000
+# usage buckets by range: up to 1 h by the minute, 3 h by 5 min, 2 days by the hour, then 6 h, 1 day
+USAGE_BUCKETS = ((3600, 60), (3 * 3600, 300), (48 * 3600, 3600), (8 * 86400, 6 * 3600), (float("inf"), 86400))
+FLAPPING_RETURNS = 3  # a node back online this many times in an hour is flapping, not just rebooted
+MEMORY_PRESSURE = 0.10  # less than this share of a node's memory available: it will swap or evict
+THRASHING_LOADS = 4  # cold loads of one model on one node in the range: it keeps being pushed out
+CONTEXT_RELOADS = 3  # reloads for a larger num_ctx in the range: clients disagree on num_ctx
+MIN_REQUESTS_FOR_RATES = 20  # fewer requests than this say nothing reliable about rates
+ERROR_RATE_WARNING, ERROR_RATE_CRITICAL = 0.05, 0.20  # one in twenty requests failing is noticeable
+RETRY_RATE_WARNING = 0.10  # a tenth of requests needing another node: something keeps failing
+CANCEL_RATE_INFO = 0.20  # clients giving up on a fifth of requests: answers come too slowly
+CUT_RATE_WARNING = 0.02  # streams broken mid-way: users see half answers
+SLOW_PEER_RATIO = 0.5  # a node at half its peers' decode speed on the same model
+MIN_SAMPLES = 5  # timed replies needed before comparing speeds
+KEEP_LOADED_LOADS = 2  # cold loads of a model on a node before suggesting a longer keep_alive
+BETTER_NODE_RATIO = 1.3  # another node this much faster at a model (and with room) is worth it
+SEVERITY_COST = {"critical": 25, "warning": 10, "info": 2}
+
+
+def read_number(text, field_name):
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise BadInput(field_name, "a number", text) from None
+    if not math.isfinite(value):
+        raise BadInput(field_name, "a finite number", text)
+    return value
+
+
+def read_range(args):
+    """{since, until, hours} from ?since=<unix s> or ?hours=N (default 24)."""
+    now = time.time()
+    if args.get("since") not in (None, ""):
+        since = read_real(read_number(args["since"], "since"), "since", 0, now)
+    else:
+        hours = read_real(read_number(args.get("hours") or 24, "hours"), "hours", 0.01, 24 * 3660)
+        since = now - hours * 3600
+    return {"since": since, "until": now, "hours": round((now - since) / 3600, 3)}
+
+
+def trace_summary(row):
+    apps = json.loads(row["apps"]) if row["apps"] else []
+    return {"request_id": row["request_id"], "timestamp": row["timestamp"], "model": row["model"] or None,
+            "original_model": row["original_model"] or None, "node_id": row["node_id"], "status": row["status"],
+            "latency_ms": row["latency_ms"], "time_to_first_token_ms": row["time_to_first_token_ms"],
+            "queue_ms": row["queue_ms"], "prompt_tokens": row["prompt_tokens"],
+            "completion_tokens": row["completion_tokens"], "api": row["api"], "endpoint": row["endpoint"],
+            "stream": bool(row["stream"]), "retry_count": row["retry_count"] or 0,
+            "fallback_used": bool(row["fallback_used"]), "app": apps[0] if apps else None, "apps": apps,
+            "tags": json.loads(row["tags"]) if row["tags"] else [], "client_ip": row["client_ip"],
+            "error_message": row["error_message"]}
+
+
+def recent_traces(analytics, args):
+    """The request log: newest first, filtered by model, node, app and status."""
+    span = read_range(args)
+    limit = int(read_whole(read_number(args.get("limit") or TRACE_LIMIT_DEFAULT, "limit"), "limit", 1, 10 ** 9))
+    clauses, params = ["timestamp >= ?"], [span["since"]]
+    for field_name in ("model", "node_id", "status"):
+        if args.get(field_name):
+            clauses.append(f"{field_name} = ?")
+            params.append(read_text(args[field_name], field_name))
+    if args.get("app"):
+        clauses.append("EXISTS (SELECT 1 FROM json_each(request_traces.apps) WHERE value = ?)")
+        params.append(read_text(args["app"], "app"))
+    rows = analytics.rows(f"SELECT * FROM request_traces WHERE {' AND '.join(clauses)} "
+                          f"ORDER BY timestamp DESC LIMIT ?", (*params, min(limit, TRACE_LIMIT_MAX)))
+    return {"range": span, "traces": [trace_summary(row) for row in rows]}
+
+
+def trace_detail(analytics, request_id):
+    """One request in full, with every routing decision herd made for it."""
+    rows = analytics.rows("SELECT * FROM request_traces WHERE request_id = ?", (request_id,))
+    if not rows:
+        raise HerdError(404, f"no trace {ascii(request_id)[1:-1]}; it may be older than the retention", "not_found")
+    row = rows[0]
+    decisions = json.loads(row["decisions"]) if row["decisions"] else []
+    completion, eval_ms = row["completion_tokens"], row["eval_ms"]
+    return {"trace": {**trace_summary(row), "user_agent": row["user_agent"],
+                      "decode_tps": round(completion / eval_ms * 1000, 1) if completion and eval_ms else None,
+                      "prompt_tps": round(row["prompt_tokens"] / row["prompt_eval_ms"] * 1000, 1)
+                      if row["prompt_tokens"] and row["prompt_eval_ms"] else None,
+                      "load_ms": row["load_ms"], "cold_load": bool(row["cold_load"]),
+                      "score": row["score"], "events": json.loads(row["events"]) if row["events"] else [],
+                      "decision": decisions[-1] if decisions else None, "attempts": decisions}}
+
+
+def model_figures(analytics, args):
+    span = read_range(args)
+    by_model = analytics.tallies(span["since"], span["until"], grouped(lambda t, model, node, app, api: model or None))
+    by_node = analytics.tallies(span["since"], span["until"],
+                                grouped(lambda t, model, node, app, api: (model, node) if model and node else None))
+    models = []
+    for model, tally in sorted(by_model.items(), key=lambda item: -item[1].counts["requests"]):
+        nodes = [{"node_id": node, **by_node[(m, node)].view()} for (m, node) in sorted(by_node) if m == model]
+        models.append({"model": model, **tally.view(), "nodes": nodes})
+    return {"range": span, "models": models}
+
+
+def usage_figures(analytics, args):
+    span = read_range(args)
+    width = span["until"] - span["since"]
+    bucket = next(size for limit, size in USAGE_BUCKETS if width <= limit)
+    tallies = analytics.tallies(span["since"], span["until"],
+                                grouped(lambda t, model, node, app, api: int(t // bucket * bucket)))
+    total = Tally()
+    buckets = []
+    start = int(span["since"] // bucket * bucket)
+    while start < span["until"]:
+        tally = tallies.get(start) or Tally()
+        total.add_tally(tally)
+        view = tally.view()
+        buckets.append({"start": start, **{key: view[key] for key in (
+            "requests", "errors", "tokens_in", "tokens_out", "latency_p50_ms", "latency_p95_ms",
+            "ttft_p50_ms", "ttft_p95_ms")}})
+        start += bucket
+    view = total.view()
+    return {"range": span, "bucket_s": bucket, "buckets": buckets if total.counts["requests"] else [],
+            "totals": {key: view[key] for key in ("requests", "errors", "tokens_in", "tokens_out")}}
+
+
+def app_figures(analytics, args):
+    span = read_range(args)
+    by_app = analytics.tallies(span["since"], span["until"], grouped(lambda t, model, node, app, api: app, apps=True))
+    models = analytics.tallies(span["since"], span["until"],
+                               grouped(lambda t, model, node, app, api: (app, model) if model else None, apps=True))
+    total = analytics.tallies(span["since"], span["until"], grouped(lambda t, model, node, app, api: "all"))
+    apps = [{"app": app, "kind": "client" if " from " in app else "tag",
+             **{key: value for key, value in tally.view().items() if key in (
+                 "requests", "errors", "tokens_in", "tokens_out", "latency_p50_ms", "latency_p95_ms")},
+             "models": sorted(m for (a, m) in models if a == app)}
+            for app, tally in sorted(by_app.items(), key=lambda item: -item[1].counts["requests"])]
+    totals = total.get("all", Tally()).view()
+    return {"range": span, "apps": apps,
+            "totals": {key: totals[key] for key in ("requests", "errors", "tokens_in", "tokens_out")}}
+
+
+def speed_figures(analytics, span):
+    """Per node x model, from traffic: decode and prompt tokens/s, TTFT, load time, samples."""
+    by_node = analytics.tallies(span["since"], span["until"],
+                                grouped(lambda t, model, node, app, api: (node, model) if model and node else None))
+    return [{"node_id": node, "model": model, "samples": tally.counts["requests"],
+             **{key: value for key, value in tally.view().items()
+                if key in ("decode_tps", "prompt_tps", "ttft_p50_ms", "ttft_p95_ms", "load_s")}}
+            for (node, model), tally in sorted(by_node.items())]
+
+
+def health_report(herd, args):
+    """A score, vital signs and findings a home-lab user can act on."""
+    span = read_range(args)
+    analytics, now = herd.analytics, time.time()
+    total = analytics.tallies(span["since"], span["until"], grouped(lambda *_: "all")).get("all", Tally())
+    by_node = analytics.tallies(span["since"], span["until"],
+                                grouped(lambda t, model, node, app, api: (node, model) if model and node else None))
+    nodes = herd.fleet.health_view()
+    findings = []
+
+    def find(id_, severity, node_id, title, evidence, fix):
+        findings.append({"id": id_, "severity": severity, "node_id": node_id, "title": title,
+                         "evidence": evidence, "fix": fix})
+
+    for node in nodes:
+        name = node["node_id"]
+        if node["status"] == "offline":
+            find("node_offline", "critical", name, f"{name} is offline",
+                 f"no report for {now - node['last_seen']:.0f} s (it reports every {node['interval_s']:g} s)",
+                 f"Start herd-node on {name} (or check its network and Ollama).")
+        elif not node["reachable"]:
+            find("ollama_unreachable", "critical", name, f"Ollama on {name} does not answer",
+                 node["ollama_error"] or "no answer", f"Start Ollama on {name} (`ollama serve`).")
+        if node["returns_last_hour"] >= FLAPPING_RETURNS:
+            find("node_flapping", "warning", name, f"{name} keeps dropping out",
+                 f"came back online {node['returns_last_hour']} times in the last hour",
+                 f"Check {name}'s network, power saving and sleep settings.")
+        memory = node["memory"] or {}
+        if memory.get("total_gb") and memory.get("available_gb") is not None \
+                and memory["available_gb"] < MEMORY_PRESSURE * memory["total_gb"]:
+            find("memory_pressure", "warning", name, f"{name} is short of memory",
+                 f"{memory['available_gb']:.1f} of {memory['total_gb']:.1f} GB available",
+                 f"Unload models or close other programs on {name}, or give herd-node a smaller --memory-gb.")
+        if node["source"] != "agent":
+            find("agentless_node", "info", name, f"herd polls {name} without an agent",
+                 "no memory, GPU or parallel-slot figures for it; herd assumes one request at a time",
+                 f"Run herd-node on {name}.")
+        if node["loopback_only"]:
+            find("ollama_loopback_only", "critical", name, f"Ollama on {name} listens on 127.0.0.1 only",
+                 f"its agent reaches it, herd's requests to {node['ollama_url']} are refused",
+                 f"Set OLLAMA_HOST=0.0.0.0 on {name} and restart Ollama.")
+    versions = sorted({n["ollama_version"] for n in nodes if n["ollama_version"] and n["status"] != "offline"})
+    if len(versions) > 1:
+        find("ollama_versions_differ", "info", None, "Nodes run different Ollama versions",
+             ", ".join(f"{n['node_id']} {n['ollama_version']}" for n in nodes if n["ollama_version"]),
+             "Update Ollama on every node to the same version.")
+    for (node, model), tally in by_node.items():
+        loads = tally.counts["cold_loads"]
+        if loads >= THRASHING_LOADS:
+            find("model_thrashing", "warning", node, f"{model} keeps reloading on {node}",
+                 f"loaded {loads} times for {tally.counts['requests']} requests in the last {span['hours']:g} h",
+                 "Raise OLLAMA_MAX_LOADED_MODELS on that node or send a longer keep_alive, so models stay loaded.")
+        if tally.counts["reloads"] >= CONTEXT_RELOADS:
+            find("context_reloads", "warning", node, f"{model} on {node} reloads for a larger context",
+                 f"{tally.counts['reloads']} requests asked for more num_ctx than it ran with",
+                 "Have clients send the same num_ctx, or set OLLAMA_CONTEXT_LENGTH on the node to the largest they use.")
+    speeds = collections.defaultdict(dict)
+    for (node, model), tally in by_node.items():
+        view = tally.view()
+        if view["decode_tps"] and tally.counts["eval_tokens"] and tally.counts["requests"] >= MIN_SAMPLES:
+            speeds[model][node] = view["decode_tps"]
+    for model, per_node in speeds.items():
+        best = max(per_node.values())
+        for node, speed in per_node.items():
+            if len(per_node) > 1 and speed < SLOW_PEER_RATIO * best:
+                find("slow_node", "info", node, f"{node} is slow at {model}",
+                     f"{speed:g} tokens/s against {best:g} on the fastest peer",
+                     f"Check {node} runs {model} on its GPU (size_vram in /api/ps); herd already sends it less.")
+    requests_n = total.counts["requests"]
+    if requests_n >= MIN_REQUESTS_FOR_RATES:
+        rates = {key: total.counts[key] / requests_n for key in ("errors", "retried", "cancelled", "incomplete", "reaped")}
+        if rates["errors"] - rates["cancelled"] >= ERROR_RATE_WARNING:
+            severity = "critical" if rates["errors"] - rates["cancelled"] >= ERROR_RATE_CRITICAL else "warning"
+            find("error_rate", severity, None, "Requests are failing",
+                 f"{total.counts['failed'] + total.counts['incomplete'] + total.counts['reaped']} of {requests_n} failed",
+                 "Open the request log filtered to status failed to see which nodes and models.")
+        if rates["retried"] >= RETRY_RATE_WARNING:
+            find("retry_rate", "warning", None, "Nodes fail requests before answering",
+                 f"{total.counts['retried']} of {requests_n} requests needed another node",
+                 "See /fleet/status for the failing node's last failure and check its Ollama log.")
+        if rates["cancelled"] >= CANCEL_RATE_INFO:
+            find("cancel_rate", "info", None, "Clients give up on requests",
+                 f"{total.counts['cancelled']} of {requests_n} were cancelled by their client",
+                 "Answers may be too slow: add a node or use smaller models for interactive apps.")
+        if rates["incomplete"] >= CUT_RATE_WARNING:
+            find("cut_streams", "warning", None, "Streams break mid-answer",
+                 f"{total.counts['incomplete']} of {requests_n} streams ended early",
+                 "Check the nodes' stability (a node that restarts or runs out of memory mid-answer).")
+        if total.counts["reaped"]:
+            find("reaped", "warning", None, "Requests hung and were reaped",
+                 f"{total.counts['reaped']} produced no byte for the stall timeout",
+                 "Check the node's Ollama for stuck runners; lower --stall-timeout to free slots sooner.")
+    findings.sort(key=lambda f: ("critical", "warning", "info").index(f["severity"]))
+    online = sum(1 for n in nodes if n["status"] == "online")
+    view = total.view()
+    return {"range": span, "score": max(0, 100 - sum(SEVERITY_COST[f["severity"]] for f in findings)),
+            "vitals": {"nodes_online": online, "nodes_total": len(nodes), "requests": requests_n,
+                       "error_rate": round(total.counts["errors"] / requests_n, 4) if requests_n else None,
+                       "retry_rate": round(total.counts["retried"] / requests_n, 4) if requests_n else None,
+                       "cold_loads": view["cold_loads"], "context_reloads": view["reloads"],
+                       "latency_p95_ms": view["latency_p95_ms"], "ttft_p95_ms": view["ttft_p95_ms"]},
+            "findings": findings}
+
+
+def recommendations(herd, args):
+    """Changes that would make the fleet faster, each with its reason and the numbers behind it."""
+    span = read_range(args)
+    analytics = herd.analytics
+    by_node = analytics.tallies(span["since"], span["until"],
+                                grouped(lambda t, model, node, app, api: (node, model) if model and node else None))
+    inventory = herd.fleet.inventory()
+    out = []
+    for (node, model), tally in sorted(by_node.items()):
+        loads, requests_n = tally.counts["cold_loads"], tally.counts["requests"]
+        if loads >= KEEP_LOADED_LOADS and requests_n >= 2 * loads:
+            gap = analytics.longest_gap_before_load(node, model, span)
+            keep = f"{math.ceil(gap / 60)}m" if gap else "30m"
+            load_s = tally.view()["load_s"]
+            out.append({"kind": "keep_alive", "node_id": node, "model": model,
+                        "reason": f"{model} was loaded {loads} times on {node} for {requests_n} requests; "
+                                  f"keep_alive {keep} (or OLLAMA_KEEP_ALIVE={keep} on {node}) would have kept it loaded",
+                        "evidence": {"cold_loads": loads, "requests": requests_n, "load_s": load_s,
+                                     "longest_idle_gap_s": round(gap, 1) if gap else None}})
+    used = {(node, model) for (node, model) in by_node}
+    for node_id, models in inventory.items():
+        for name, size_gb in models.items():
+            if (node_id, name) not in used:
+                out.append({"kind": "unused_on_disk", "node_id": node_id, "model": name,
+                            "reason": f"{name} on {node_id} served no request in the last {span['hours']:g} h; "
+                                      f"`ollama rm {name}` there frees {size_gb:g} GB",
+                            "evidence": {"requests": 0, "size_gb": size_gb}})
+    speeds = collections.defaultdict(dict)
+    for (node, model), tally in by_node.items():
+        view = tally.view()
+        if view["decode_tps"] and tally.counts["requests"] >= MIN_SAMPLES:
+            speeds[model][node] = (view["decode_tps"], tally.counts["requests"])
+    room = herd.fleet.room_for()
+    for model, per_node in speeds.items():
+        busiest = max(per_node, key=lambda n: per_node[n][1])
+        speed = per_node[busiest][0]
+        for node, (other_speed, _) in per_node.items():
+            if node != busiest and other_speed >= BETTER_NODE_RATIO * speed and room.get((node, model)):
+                out.append({"kind": "better_node", "node_id": node, "model": model,
+                            "reason": f"{model} runs {other_speed / speed:.1f}x faster on {node} than on {busiest}, "
+                                      f"which serves most of its requests, and {node} has room for it",
+                            "evidence": {"decode_tps": {node: other_speed, busiest: speed},
+                                         "requests": {n: r for n, (_, r) in per_node.items()}}})
+    return {"range": span, "recommendations": out}
+
+
+def model_management(herd, args):
+    span = read_range(args)
+    by_node = herd.analytics.tallies(span["since"], span["until"],
+                                     grouped(lambda t, model, node, app, api: (node, model) if model and node else None))
+    nodes = herd.fleet.management()
+    for node in nodes:
+        node["disk_used_gb"] = round(sum(m["size_gb"] for m in node["models"]), 2)
+        for model in node["models"]:
+            tally = by_node.get((node["node_id"], model["name"]))
+            model["requests"] = tally.counts["requests"] if tally else 0
+            model["last_used"] = herd.analytics.last_used(node["node_id"], model["name"])
+    return {"range": span, "nodes": nodes, "pulls": herd.pulls.snapshot()}
+
+
+# -- /metrics: Prometheus text, counters fed by the trace writer -----------------------------
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+COUNTERS = {"herd_requests_total": "Client requests by node, model, API and outcome.",
+            "herd_tokens_in_total": "Prompt tokens the nodes reported.",
+            "herd_tokens_out_total": "Completion tokens the nodes reported.",
+            "herd_cold_loads_total": "Requests that loaded their model (or reloaded it for a larger context).",
+            "herd_retries_total": "Attempts retried on another node before the first byte.",
+            "herd_fallbacks_total": "Requests served by a fallback model."}
+HISTOGRAMS = {"herd_request_duration_seconds": "Time from the request to the end of its answer.",
+              "herd_time_to_first_token_seconds": "Time from the request to its first byte (streams)."}
+
+
+def label_text(labels):
+    escaped = (f'{key}="{str(value).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34)).replace(chr(10), chr(92) + "n")}"'
+               for key, value in labels)
+    return "{" + ",".join(escaped) + "}" if labels else ""
+
+
+class Metrics:
+    """Prometheus counters and histograms since herd started. The trace writer feeds them from
+    each row it writes, so the request path pays nothing; gauges are read from the fleet when
+    scraped. Labels come only from node, model, API and status (no request ids, no tags)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counters = collections.defaultdict(float)  # (name, labels) -> value
+        self.histograms = {}  # (name, labels) -> [count per bucket..., sum, count]
+
+    def observe(self, rows):
+        with self.lock:
+            for row in rows:
+                if row.get("internal") or not row.get("api"):
+                    continue
+                node, model = row.get("node_id") or "", row.get("model") or ""
+                pair = (("node", node), ("model", model))
+                self.counters[("herd_requests_total", pair + (("api", row["api"]), ("status", row["status"])))] += 1
+                self.counters[("herd_tokens_in_total", pair)] += row.get("prompt_tokens") or 0
+                self.counters[("herd_tokens_out_total", pair)] += row.get("completion_tokens") or 0
+                self.counters[("herd_cold_loads_total", pair)] += row.get("cold_load") or 0
+                self.counters[("herd_retries_total", pair)] += row.get("retry_count") or 0
+                self.counters[("herd_fallbacks_total", pair)] += row.get("fallback_used") or 0
+                for name, column in (("herd_request_duration_seconds", "latency_ms"),
+                                     ("herd_time_to_first_token_seconds", "time_to_first_token_ms")):
+                    if row.get(column) is not None:
+                        self._observe(name, pair + (("api", row["api"]),), row[column] / 1000)
+
+    def _observe(self, name, labels, seconds):
+        counts = self.histograms.setdefault((name, labels), [0] * (len(DURATION_BUCKETS) + 2))
+        for index, bound in enumerate(DURATION_BUCKETS):
+            if seconds <= bound:
+                counts[index] += 1
+        counts[-2] += seconds
+        counts[-1] += 1
+
+    def render(self, gauges):
+        """The text exposition format 0.0.4; `gauges`: {(name, help): {labels: value}}."""
+        lines = []
+        with self.lock:
+            for name, help_text in COUNTERS.items():
+                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+                lines += [f"{name}{label_text(labels)} {value:g}" for (metric, labels), value in
+                          sorted(self.counters.items()) if metric == name]
+            for name, help_text in HISTOGRAMS.items():
+                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+                for (metric, labels), counts in sorted(self.histograms.items()):
+                    if metric != name:
+                        continue
+                    for bound, count in zip(DURATION_BUCKETS, counts):
+                        lines.append(f"{name}_bucket{label_text(labels + (('le', f'{bound:g}'),))} {count}")
+                    lines.append(f"{name}_bucket{label_text(labels + (('le', '+Inf'),))} {counts[-1]}")
+                    lines.append(f"{name}_sum{label_text(labels)} {counts[-2]:g}")
+                    lines.append(f"{name}_count{label_text(labels)} {counts[-1]}")
+        for (name, help_text), values in gauges.items():
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+            lines += [f"{name}{label_text(labels)} {value:g}" for labels, value in sorted(values.items())]
+        return "\n".join(lines) + "\n"
+
+
+# -- benchmarks: one fixed, repeatable run per node x model, through the normal admission ------
+
+BENCH_PROMPT = ("Write a short story about a lighthouse keeper who finds a message in a bottle. "
+                "Describe the sea, the weather and the keeper's daily routine in plain words. ") * 4
+BENCH_PREDICT = 128  # output tokens per stream: long enough for a steady decode speed
+
+
+class Benchmarks:
+    """Runs the fixed benchmark (1 stream, then the node's parallel slots' worth at once) and
+    stores each result in latency.db (benchmark_runs), so runs of a node x model compare."""
+
+    def __init__(self, herd):
+        self.herd = herd
+        self.lock = threading.Lock()
+        self.running = None
+
+    def run(self, node_id, model, load):
+        herd = self.herd
+        with self.lock:
+            if self.running is not None:
+                raise HerdError(409, f"a benchmark is already running ({self.running['model']} on "
+                                f"{self.running['node_id']}); wait for it", "benchmark_running")
+            self.running = {"node_id": node_id, "model": model, "started": time.time()}
+        try:
+            state = herd.fleet.model_state(node_id, model)
+            if state == "unknown node":
+                raise HerdError(404, f"no node named {ascii(node_id)[1:-1]}; see /fleet/status", "unknown_node")
+            if state == "not installed":
+                raise HerdError(404, f"{model} is not installed on {node_id}; pull it there first", "model_not_found")
+            if state == "not loaded" and not load:
+                raise HerdError(409, f"{model} is not loaded on {node_id}: a benchmark would time a load and may "
+                                "evict other models; send {\"load\": true} to load it first", "not_loaded")
+            started = time.time()
+            if state == "not loaded":
+                self._streams(node_id, model, 1, predict=1)  # the load, not timed
+            single = self._streams(node_id, model, 1)
+            parallel = self._streams(node_id, model, herd.fleet.slots_of(node_id))
+            result = {"node_id": node_id, "model": model, "started": started,
+                      "duration_s": round(time.time() - started, 2), "num_predict": BENCH_PREDICT,
+                      "num_parallel": parallel["streams"], "single": single, "parallel": parallel,
+                      "error": single.get("error") or parallel.get("error")}
+            result["run_id"] = herd.traces.save_benchmark(result)
+            return result
+        finally:
+            with self.lock:
+                self.running = None
+
+    def _streams(self, node_id, model, count, predict=BENCH_PREDICT):
+        """Run `count` identical streams at once on the node; their speeds and times."""
+        results = [None] * count
+
+        def one(index):
+            body = {"model": model, "prompt": BENCH_PROMPT, "stream": True, "options": {"num_predict": predict}}
+            call = Call(api="ollama", endpoint="/api/generate", body=body, raw=json.dumps(body).encode(),
+                        model=model, stream=True, fallback_models=[], tags=[BENCHMARK_TAG], client_ip="herd",
+                        request_id=self.herd.request_id(), started=time.perf_counter(),
+                        prompt_chars=len(BENCH_PROMPT), only_node=node_id, user_agent="herd benchmark")
+            response = self.herd.proxy.serve(call)
+            first, tail = None, b""
+            for chunk in response.response:
+                first = first or time.perf_counter()
+                tail = (tail + chunk)[-TAIL_BYTES:]
+            response.close()
+            ended = time.perf_counter()
+            stats = read_reply(tail)
+            timings = stats.timings or {}
+            results[index] = {
+                "ok": response.status_code == 200 and b'"done":true' in tail.replace(b" ", b""),
+                "error": None if response.status_code == 200 else upstream_message(response.get_data()),
+                "ttft_ms": (first - call.started) * 1000 if first else None,
+                "latency_ms": (ended - call.started) * 1000, "tokens": stats.completion_tokens or 0,
+                "decode_tps": timings["eval_count"] / timings["eval_s"] if timings.get("eval_s") and timings.get("eval_count") else None,
+                "prompt_tps": timings["prompt_count"] / timings["prompt_s"] if timings.get("prompt_s") and timings.get("prompt_count") else None}
+
+        threads = [threading.Thread(target=one, args=(i,), name="herd-benchmark") for i in range(count)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - started
+        good = [r for r in results if r and r["ok"]]
+        if not good:
+            return {"streams": count, "error": next((r["error"] for r in results if r and r["error"]), "no stream completed")}
+
+        def mean(key):
+            values = [r[key] for r in good if r[key] is not None]
+            return round(statistics.fmean(values), 1) if values else None
+
+        return {"streams": count, "completed": len(good), "decode_tps": mean("decode_tps"), "prompt_tps": mean("prompt_tps"),
+                "aggregate_tps": round(sum(r["tokens"] for r in good) / wall, 1), "ttft_ms": mean("ttft_ms"),
+                "latency_ms": round(max(r["latency_ms"] for r in good), 1), "error": None}
+
+
+# =============================================================================================
 # Herd: one router, the parts above wired together and their background threads
 # =============================================================================================
 
@@ -3030,6 +3947,10 @@ class Herd:
         self.pulls = Pulls()
         self.capabilities = Capabilities(self.fleet)
         self.proxy = Proxy(self.fleet, self.traces, config, self.settings, self.pulls, self.capabilities)
+        self.analytics = Analytics(self.traces)
+        self.metrics = Metrics()
+        self.traces.listeners.append(self.metrics.observe)
+        self.benchmarks = Benchmarks(self)
         self.watchdog = Watchdog(self.proxy, self.fleet)
         self.warmer = Warmer(self.fleet, self.settings, self.capabilities)
         self.poller = NodePoller(self.fleet, config)
@@ -3079,6 +4000,22 @@ class Herd:
         # A counter, not uuid4: cheaper on the hot path and still unique across restarts.
         return f"{self._boot}-{next(self._ids)}"
 
+    def delete_model(self, node_id, model):
+        """Delete a model from one node (the dashboard's delete): Ollama's answer, in herd's words."""
+        url = self.fleet.url_of(node_id)
+        if url is None:
+            raise HerdError(404, f"no node named {ascii(node_id)[1:-1]}; see GET /fleet/status", "unknown_node")
+        try:
+            answer = control_session().delete(url + "/api/delete", json={"model": model}, timeout=30)
+        except requests.RequestException as exc:
+            raise HerdError(502, f"{node_id} did not answer the delete ({type(exc).__name__})", "upstream_failed") from None
+        if answer.status_code != 200:
+            raise HerdError(answer.status_code if answer.status_code < 500 else 502,
+                            f"{node_id} refused to delete {model}: {upstream_message(answer.content)}", "delete_failed")
+        self.fleet.forget_model(node_id, model)
+        log.info("deleted %s from %s (dashboard)", model, node_id)
+        return {"deleted": True, "model": model, "node_id": node_id}
+
     def trace_answer(self, api, endpoint, client_ip, status, message):
         """The trace row of an error answer that no exchange served (see HTTP routes)."""
         outcome = "cancelled" if status == 499 else "failed"
@@ -3125,6 +4062,9 @@ PROXIED = {"/api/chat": "ollama", "/api/generate": "ollama", "/api/embed": "olla
            "/v1/embeddings": "openai"}
 NOT_IMPLEMENTED = ("/api/copy", "/api/create", "/api/push", "/api/blobs/<path:digest>")
 UNTRACED_PREFIXES = ("/dashboard", "/static/", "/heartbeat", "/metrics")
+# Open without the key: the greeting, and the dashboard's page and assets (no data; the page asks
+# for the key and sends it with every API call)
+OPEN_PATHS = ("/", "/dashboard", "/dashboard/")
 TRACED = "herd.traced"  # set in a request's WSGI environ once its trace row is taken care of
 
 
@@ -3188,7 +4128,8 @@ def add_gates(app, herd):
 
     @app.before_request
     def check_key_and_drain():
-        if config.api_key and request.path != "/" and not has_key(config):
+        if config.api_key and request.path not in OPEN_PATHS and not request.path.startswith("/static/") \
+                and not has_key(config):
             return error_response(api_of(request.path), 401, "missing or wrong API key; send "
                                   "'Authorization: Bearer <key>' as set by herd --api-key", "unauthorized")
         if herd.draining.is_set() and request.path != "/":
@@ -3326,8 +4267,9 @@ def add_fleet_api(app, herd):
 
 
 def add_dashboard_api(app, herd):
-    """JSON for the dashboard under /dashboard/api/."""
+    """The dashboard page, its JSON under /dashboard/api/, and /metrics."""
     config = herd.config
+    static = Path(__file__).resolve().parent / "static"
 
     def fleet_change(verb):
         """The body of a request that changes the fleet, once the client may."""
@@ -3338,26 +4280,81 @@ def add_dashboard_api(app, herd):
             raise BadInput("", "a JSON object", body, code="invalid_json")
         return body
 
+    def model_and_node(body):
+        return (normalize_model(read_text(body.get("model"), "model")),
+                read_text(body.get("node_id"), "node_id", MAX_NODE_ID_CHARS))
+
+    @app.get("/dashboard")
+    @app.get("/dashboard/")
+    def dashboard_page():
+        return send_from_directory(static, "index.html", max_age=0)
+
     @app.route("/dashboard/api/settings", methods=["GET", "POST"])
     def settings():
         if request.method == "POST":
             herd.change_settings(fleet_change("changing settings"))
         return dict(herd.settings)
 
+    @app.get("/dashboard/api/traces")
+    def traces():
+        return recent_traces(herd.analytics, request.args)
+
+    @app.get("/dashboard/api/traces/<path:request_id>")
+    def trace(request_id):
+        return trace_detail(herd.analytics, request_id)
+
+    @app.get("/dashboard/api/models")
+    def models():
+        return model_figures(herd.analytics, request.args)
+
+    @app.get("/dashboard/api/usage")
+    def usage():
+        return usage_figures(herd.analytics, request.args)
+
+    @app.get("/dashboard/api/apps")
+    def apps():
+        return app_figures(herd.analytics, request.args)
+
+    @app.get("/dashboard/api/health")
+    def health():
+        return health_report(herd, request.args)
+
+    @app.get("/dashboard/api/recommendations")
+    def recommended():
+        return recommendations(herd, request.args)
+
     @app.get("/dashboard/api/model-management")
-    def model_management():
-        return {"nodes": herd.fleet.management(), "pulls": herd.pulls.snapshot()}
+    def management():
+        return model_management(herd, request.args)
 
     @app.post("/dashboard/api/pull")
     def dashboard_pull():
-        body = fleet_change("pulling")
-        model = normalize_model(read_text(body.get("model"), "model"))
-        node_id = read_text(body.get("node_id"), "node_id", MAX_NODE_ID_CHARS)
+        model, node_id = model_and_node(fleet_change("pulling"))
         url = herd.fleet.url_of(node_id)
         if url is None:
             raise HerdError(404, f"no node named {ascii(node_id)[1:-1]}; see GET /fleet/status", "unknown_node")
         started = herd.pulls.start(model, node_id, url)
         return {"started": started, "pulls": herd.pulls.snapshot()}, 202 if started else 409
+
+    @app.post("/dashboard/api/delete")
+    def dashboard_delete():
+        model, node_id = model_and_node(fleet_change("deleting"))
+        return herd.delete_model(node_id, model)
+
+    @app.route("/dashboard/api/benchmarks", methods=["GET", "POST"])
+    def benchmarks():
+        if request.method == "POST":
+            body = fleet_change("running a benchmark")
+            model, node_id = model_and_node(body)
+            load = read_flag(body.get("load"), "load", optional=True) or False
+            return {"run": herd.benchmarks.run(node_id, model, load)}
+        span = read_range(request.args)
+        return {"range": span, "traffic": speed_figures(herd.analytics, span), "runs": herd.traces.benchmark_runs(),
+                "running": herd.benchmarks.running}
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(herd.metrics.render(herd.fleet.gauges()), mimetype="text/plain; version=0.0.4")
 
 
 def add_error_pages(app, herd):

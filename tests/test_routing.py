@@ -140,8 +140,9 @@ def test_fleet_status_reports_nodes_models_and_counts(make_fake, make_router):
     assert status["fleet"]["requests_active"] == 1 and status["fleet"]["nodes_online"] == 1
     assert node["node_id"] == "box" and node["status"] == "online" and node["num_parallel"] == 2
     assert node["gpu"] == {"vram_total_gb": 24, "vram_used_gb": 3}
-    assert node["models_loaded"] == [{"name": "llama3.2:latest", "size_vram": 2 * 1024 ** 3,
-                                      "context_length": 4096, "requests_active": 1}]
+    assert node["models_loaded"] == [{"name": "llama3.2:latest", "size_vram": 2 * 1024 ** 3, "size": 2 * 1024 ** 3,
+                                      "context_length": 4096, "expires_at": "2099-01-01T00:00:00Z",
+                                      "requests_active": 1}]
 
 
 def test_every_decision_carries_its_score_breakdown(make_fake, make_router):
