@@ -189,7 +189,7 @@ REPLY_FIELD = re.compile(rb'"(prompt_eval_count|eval_count|prompt_tokens|complet
                          rb'prompt_eval_duration|eval_duration)"\s*:\s*(\d+)')
 
 
-@dataclass
+@dataclass(slots=True)
 class ReplyStats:
     """What the end of one reply says: token counts, and the node's own timings when it gave them
     (native API) or chunk timing (OpenAI streams)."""
@@ -299,11 +299,15 @@ def finite_float(text):
     return value
 
 
+STRICT_JSON = json.JSONDecoder(parse_constant=reject_constant, parse_float=finite_float)  # built once: it is not cheap
+
+
 def parse_json(raw, what="request body"):
     """Parse a JSON body strictly: no NaN or Infinity, numbers that fit a double, nesting at most
     MAX_JSON_DEPTH. Raises BadInput."""
     try:
-        value = json.loads(raw, parse_constant=reject_constant, parse_float=finite_float)
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass") if isinstance(raw, bytes) else raw
+        value = STRICT_JSON.decode(text)
     except RecursionError:
         raise BadInput("", f"JSON nested at most {MAX_JSON_DEPTH} deep", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -488,7 +492,7 @@ def never():
     return False
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """One client request as herd understands it, read once at the door into checked values."""
 
@@ -505,10 +509,12 @@ class Call:
     started: float  # perf_counter at the door
     prompt_chars: int = 0
     asked_name: str | None = None  # the model name exactly as the client wrote it
-    edited: bool = False  # body must be re-serialised before forwarding
+    edited: bool = False  # body must be re-serialised before forwarding (see body_for)
+    added_options: bool = False  # ...or only gained `options` it did not have
     pin: str | None = None  # a node chosen by the client (X-Herd-Node) for model management
     method: str = "POST"
-    may_change_fleet: bool = False  # the client has the key, or is on loopback when none is set
+    may_change_fleet: bool = False  # set for model management; any call with the key, or from loopback
+    # when no key is set, may change the fleet too (Proxy._lease works that out when it matters)
     only_node: str | None = None  # route only to this node (herd's own benchmark runs)
     user_agent: str = ""
     client_gone: object = never  # Waitress tells when the client has left
@@ -726,6 +732,30 @@ def keep_recent(samples, value):
         del samples[0]
 
 
+class Recent:
+    """The last RECENT_SAMPLES values, also kept in order of size, so that a quantile of them is a
+    lookup rather than a sort (every reply adds one; every decision reads one)."""
+
+    __slots__ = ("arrivals", "ordered")
+
+    def __init__(self):
+        self.arrivals = collections.deque()
+        self.ordered = []
+
+    def add(self, value):
+        self.arrivals.append(value)
+        bisect.insort(self.ordered, value)
+        if len(self.arrivals) > RECENT_SAMPLES:
+            del self.ordered[bisect.bisect_left(self.ordered, self.arrivals.popleft())]
+
+    def quantile(self, q):
+        """The value q of the way up (0.25: the lower quartile), or None without any."""
+        return self.ordered[int(len(self.ordered) * q)] if self.ordered else None
+
+    def __len__(self):
+        return len(self.ordered)
+
+
 def entry_bytes(entry):
     """Memory a /api/ps (or /api/tags) entry takes: in VRAM, or all of it when on the CPU."""
     return entry.get("size_vram") or entry.get("size") or 0
@@ -737,7 +767,7 @@ def most_common(values):
     return max(counts, key=lambda v: (counts[v], v)) if counts else None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Lease:
     """A granted slot: this request may run `model` on `node` until it releases the lease.
     It carries what the node had loaded when it was chosen, for context protection, and the
@@ -763,7 +793,7 @@ class Lease:
     released: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Running:
     """The requests one node runs for one model now, kept so that scoring reads them in O(1)
     however many there are."""
@@ -807,7 +837,7 @@ class Running:
         return max(self._least(), self.ends[n] - now)
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     """What herd knows about one Ollama machine."""
 
@@ -836,9 +866,9 @@ class Node:
     in_flight: int = 0
     running: dict = field(default_factory=dict)  # model -> Running
     # What herd measured here (see Scoring: learning): recent samples and what it routes on.
-    decode_gbs: list = field(default_factory=list)  # decode speed x model size (GB/s)
-    decode_gbs_alone: list = field(default_factory=list)  # the same, from requests that ran alone
-    prefill_gbs: list = field(default_factory=list)  # the same for prompt processing
+    decode_gbs: Recent = field(default_factory=Recent)  # decode speed x model size (GB/s)
+    decode_gbs_alone: Recent = field(default_factory=Recent)  # the same, from requests that ran alone
+    prefill_gbs: Recent = field(default_factory=Recent)  # the same for prompt processing
     loads: list = field(default_factory=list)  # (GB, seconds) of recent model loads
     decode_speed: float | None = None
     prefill_speed: float | None = None
@@ -973,7 +1003,7 @@ class Node:
             self.failures, self.failure_kind, self.cooldown_until = 0, None, 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class Waiter:
     """A request in the admission queue, waiting for a slot."""
 
@@ -1057,7 +1087,10 @@ def protect_context(call, lease, policy):
         return
     if options != original:
         call.body["options"] = options
-        call.edited = True
+        if original or b'"options"' in call.raw:
+            call.edited = True
+        else:
+            call.added_options = True
     if changes:
         log.info("request %s to %s on %s: %s", call.request_id, lease.model, lease.node_id, "; ".join(changes))
         call.note({"context": "; ".join(changes)})
@@ -1146,6 +1179,8 @@ def shared_run(node, model, work, start, now):
     it starts in `start` seconds, beside the requests running there that have not ended by then
     (each model's group is taken to end at its mean remaining time, stretched by the share this
     request takes), and the seconds it adds to theirs while they overlap."""
+    if not node.in_flight:
+        return work, 0.0
     counts = {}
     groups = []
     for other, group in node.running.items():
@@ -1168,14 +1203,6 @@ def shared_run(node, model, work, start, now):
     slowdown = sum(counts[other] * (min(end, finish) - start) * (1 - 1 / stretch[other])
                    for end, other in ends)
     return finish - start, slowdown
-
-
-def low_quartile(samples, prior):
-    """The 25th percentile of recent samples (a cautious speed), or the prior without any."""
-    if not samples:
-        return prior
-    ordered = sorted(samples)
-    return ordered[len(ordered) // 4]
 
 
 def load_costs(loads):
@@ -1301,12 +1328,13 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
 
 def score_candidates(estimates):
     """[(node, seconds by cause)] -> [(node, total points, breakdown, eta)] at one exchange rate."""
-    fastest = min([e["service"] for _, e in estimates])
-    for _, e in estimates:
+    causes = [e for _, e in estimates]
+    fastest = min(e["service"] for e in causes)
+    for e in causes:
         e["slower_by"] = e["service"] - fastest
     rate = 1000.0  # points per second: as fine as the ranges allow
     for name, (cause, _) in SIGNAL_SECONDS.items():
-        worst = max([e[cause] for _, e in estimates])
+        worst = max(e[cause] for e in causes) if len(causes) > 1 else causes[0][cause]
         if worst > 0:
             rate = min(rate, SIGNAL_RANGES[name] / worst)
     scored = []
@@ -1371,7 +1399,7 @@ def servable_models(nodes, call, now):
                        f"`ollama pull {call.model}` on a node", "model_not_found")
 
 
-def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit=True):
+def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit=True, priors=None):
     """(best slot, None) or (None, why to wait: 'busy' | 'defer' | 'failing').
 
     Every healthy node with the model is scored by its expected completion time, busy ones
@@ -1379,7 +1407,8 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
     (late binding re-picks on every freed slot). Models are tried in order; a model whose
     nodes are all failing gives way to the next, and is waited for only when none is healthy.
     `queued` counts, per model, the requests queued before this one; `usual_output` the tokens
-    each model's replies usually have.
+    each model's replies usually have; `priors` (else worked out from `nodes`) stand in for what a
+    node has not measured yet.
     """
     now, now_mono = time.time(), time.monotonic()
     failing = False
@@ -1394,7 +1423,7 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
                 failing = failing or state == "failing"
         if not healthy:
             continue
-        priors = unmeasured_priors(nodes)
+        priors = priors or unmeasured_priors(nodes)
         usual = usual_output.get(model, PRIOR_OUTPUT_TOKENS)
         ahead = queued.get(model, 0)
         estimates = [(node, estimate(node, model, call, slots=slots(node, parallel), policy=policy,
@@ -1402,7 +1431,8 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
                                      now=now_mono))
                      for node in healthy]
         scored = score_candidates(estimates)
-        best = max(range(len(scored)), key=lambda i: (scored[i][1], -scored[i][0].in_flight, random.random()))
+        best = 0 if len(scored) == 1 else max(range(len(scored)),
+                                              key=lambda i: (scored[i][1], -scored[i][0].in_flight, random.random()))
         node, total, breakdown, eta = scored[best]
         chosen = estimates[best][1]
         if log.isEnabledFor(logging.DEBUG):
@@ -1439,14 +1469,14 @@ def record_speeds(node, size_gb, timings, shared, alone):
     if timings.get("eval_count") and timings.get("eval_s"):
         speed = timings["eval_count"] / timings["eval_s"] * size_gb
         if alone:
-            keep_recent(node.decode_gbs_alone, speed)
-        keep_recent(node.decode_gbs, speed * shared)
+            node.decode_gbs_alone.add(speed)
+        node.decode_gbs.add(speed * shared)
         # route on clean samples once there are a few: corrected shared ones overstate a busy node
         clean = node.decode_gbs_alone if len(node.decode_gbs_alone) >= 3 else node.decode_gbs
-        node.decode_speed = low_quartile(clean, None)
+        node.decode_speed = clean.quantile(0.25)  # the p75 time per token: a cautious speed
     if (timings.get("prompt_count") or 0) >= 32 and timings.get("prompt_s"):
-        keep_recent(node.prefill_gbs, timings["prompt_count"] / timings["prompt_s"] * size_gb * shared)
-        node.prefill_speed = low_quartile(node.prefill_gbs, None)
+        node.prefill_gbs.add(timings["prompt_count"] / timings["prompt_s"] * size_gb * shared)
+        node.prefill_speed = node.prefill_gbs.quantile(0.25)
     return speed
 
 
@@ -1657,6 +1687,7 @@ class Fleet:
         self.demand = {}  # model -> times of its recent requests
         self.preloading = set()  # node ids with a preload under way
         self.context_policy = config.context_protection
+        self.priors = None  # for unmeasured nodes: from the slowest measured (None: work them out again)
 
     # -- reports from agents and polls ------------------------------------------------------
 
@@ -1671,6 +1702,7 @@ class Fleet:
                 if previous is not None:  # same id from a new address: keep the live counts
                     node.in_flight, node.running = previous.in_flight, previous.running
                 self.nodes[node_id] = node
+                self.priors = None
                 log.info("node %s registered at %s (%s)", node_id, url, source)
             was_offline = node.last_seen and node.status(now) == "offline"
             was_online = node.status(now) == "online"
@@ -1823,6 +1855,7 @@ class Fleet:
             if node is None:
                 return
             speed = record_speeds(node, node.weights_gb(model), timings, shared=1.0, alone=not node.in_flight)
+            self.priors = None
         if speed is not None:
             log.info("calibrated %s with %s: %.0f GB/s of weights per token", node_id, model, speed)
 
@@ -1845,6 +1878,7 @@ class Fleet:
                 return
             if seconds > HOT_LOAD_S:
                 record_load(node, node.weights_gb(model), seconds)  # a load timed by herd itself
+                self.priors = None
             if model not in node.loaded:
                 node.note_loaded(model, node.context_default(model), {"num_ctx": None})
                 self._grant_waiters()
@@ -1905,6 +1939,7 @@ class Fleet:
             if node is not None:
                 if served and timings:
                     learn_from_reply(node, lease, timings)
+                    self.priors = None
                 node.drop(lease)
                 if served:
                     node.served += 1
@@ -1916,9 +1951,9 @@ class Fleet:
                     if lease.loaded_ctx is None and lease.model not in node.loaded:
                         node.note_loaded(lease.model, sent_ctx or node.context_default(lease.model))
             if served and timings and timings.get("eval_count"):
-                samples = self.output_tokens.setdefault(lease.model, [])
-                keep_recent(samples, timings["eval_count"])
-                self.usual_output[lease.model] = statistics.median(samples)
+                samples = self.output_tokens.setdefault(lease.model, Recent())
+                samples.add(timings["eval_count"])
+                self.usual_output[lease.model] = samples.quantile(0.5)
             self._grant_waiters()
 
     def note_load(self, lease, options, sent_ctx):
@@ -1936,7 +1971,9 @@ class Fleet:
         return [node for node in self.nodes.values() if node.node_id == call.only_node]
 
     def _choose(self, call, models, queued, admit=True):
-        return choose(self._candidates(call), call, models, parallel=self.config.parallel,
+        if self.priors is None:  # worked out again after anything was learnt
+            self.priors = unmeasured_priors(self.nodes.values())
+        return choose(self._candidates(call), call, models, parallel=self.config.parallel, priors=self.priors,
                       policy=self.context_policy, usual_output=self.usual_output, queued=queued, admit=admit)
 
     def _hold(self, lease):
@@ -2499,7 +2536,14 @@ def body_for(call, lease, policy):
         call.body["model"] = call.asked_name
     if call.endpoint in INFERENCE_ENDPOINTS:
         protect_context(call, lease, policy)
-    return json.dumps(call.body).encode() if call.edited else call.raw
+    if call.edited:
+        return json.dumps(call.body).encode()
+    if call.added_options:  # the client's bytes, with `options` added before the closing brace
+        head = call.raw.rstrip()[:-1].rstrip()
+        if head.endswith(b"{"):
+            return json.dumps(call.body).encode()
+        return head + b', "options": ' + json.dumps(call.body["options"]).encode() + b"}"
+    return call.raw
 
 
 BENCHMARK_TAG = "herd:benchmark"  # herd's own benchmark runs: traced, left out of the traffic analytics
@@ -2513,20 +2557,32 @@ def apps_of(call):
     return [f"{product} from {call.client_ip}"]
 
 
+DECISION_SECONDS = ("wait", "load", "reload", "service", "slowdown", "eviction", "risk")
+
+
 def decision_record(decision):
-    """One routing decision as the trace keeps it: every candidate's expected seconds by cause and
-    its seven signals, and the nodes left out with the reason."""
-    def seconds(e):
-        return {"wait": round(e["wait"], 3), "load": round(e["cold_load"] - e["reload"], 3),
-                "reload": round(e["reload"], 3), "service": round(e["service"], 3),
-                "slowdown": round(e["slowdown"], 3), "eviction": round(e["eviction"], 3), "risk": round(e["risk"], 3)}
-    return {"model": decision["model"], "chosen": decision["chosen"],
-            "candidates": sorted(({"node_id": node_id, "chosen": node_id == decision["chosen"], "score": round(total, 2),
-                                   "eta_s": round(e["eta"], 3), "deferred": e["defer"], "seconds": seconds(e),
-                                   "signals": {k: round(v, 2) for k, v in breakdown.items()}}
-                                  for node_id, e, breakdown, total in decision["candidates"]),
-                                 key=lambda c: -c["score"]),
-            "excluded": [{"node_id": node_id, "reason": reason} for node_id, reason in decision["excluded"]]}
+    """One routing decision as the trace stores it, compactly (decision_view reads it back):
+    [model, chosen, [[node, score, eta, *DECISION_SECONDS, deferred, *signals]...], [[node, why]...]]."""
+    return [decision["model"], decision["chosen"],
+            [[node_id, total, e["eta"], e["wait"], e["cold_load"] - e["reload"], e["reload"], e["service"],
+              e["slowdown"], e["eviction"], e["risk"], e["defer"], *breakdown.values()]
+             for node_id, e, breakdown, total in decision["candidates"]],
+            decision["excluded"]]
+
+
+def decision_view(record):
+    """A stored decision for people: every candidate's expected seconds by cause and its seven
+    signals, best first, and the nodes left out with the reason."""
+    model, chosen, candidates, excluded = record
+    signals = list(SIGNAL_SECONDS)
+    width = len(DECISION_SECONDS)
+    views = [{"node_id": c[0], "chosen": c[0] == chosen, "score": round(c[1], 2), "eta_s": round(c[2], 3),
+              "deferred": bool(c[3 + width]),
+              "seconds": {name: round(value, 3) for name, value in zip(DECISION_SECONDS, c[3:3 + width])},
+              "signals": {name: round(value, 2) for name, value in zip(signals, c[4 + width:])}}
+             for c in candidates]
+    return {"model": model, "chosen": chosen, "candidates": sorted(views, key=lambda c: -c["score"]),
+            "excluded": [{"node_id": node_id, "reason": reason} for node_id, reason in excluded]}
 
 
 class Exchange:
@@ -2691,7 +2747,8 @@ class Exchange:
         if self.lease is not None:
             self.proxy.fleet.release(self.lease, served=completed, sent_ctx=sent_num_ctx(self.call),
                                      timings=self.reply.timings if completed else None)
-        self.proxy.traces.record(self.trace_row(latency_ms))
+        self.latency_ms, self.ended_at = latency_ms, time.time()
+        self.proxy.traces.record(self)  # the writer thread builds its row (trace_row)
         self.proxy.drop(self)
 
     def fail(self, status, message, code, retry_after=None, outcome="failed"):
@@ -2699,19 +2756,18 @@ class Exchange:
         self.finish(outcome, message)
         return error_response(self.call.api, status, message, code, retry_after)
 
-    def trace_row(self, latency_ms):
-        """The request_traces row, keyed by column."""
-        call, reply, lease = self.call, self.reply, self.lease
+    def trace_row(self):
+        """The request_traces row, keyed by column (built by the trace writer once it has ended)."""
+        call, reply, lease, latency_ms = self.call, self.reply, self.lease, self.latency_ms
         timings = reply.timings or {}
         load_s = timings.get("load_s")
         return {
-            "request_id": call.request_id, "timestamp": time.time(), "model": self.model or call.model,
+            "request_id": call.request_id, "timestamp": self.ended_at, "model": self.model or call.model,
             "original_model": call.model, "node_id": self.node_id, "status": self.status,
             "latency_ms": round(latency_ms, 3),
             "time_to_first_token_ms": round(self.ttft_ms, 3) if self.ttft_ms is not None else None,
             "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-            "score": self.score,
-            "scores_breakdown": json.dumps({k: round(v, 2) for k, v in self.breakdown.items()}) if self.breakdown else None,
+            "score": self.score, "scores_breakdown": json.dumps(self.breakdown) if self.breakdown else None,
             "retry_count": self.retries, "fallback_used": int(bool(self.model and self.model != call.model)),
             "api": call.api, "endpoint": call.endpoint, "tags": json.dumps(call.tags) if call.tags else None,
             "client_ip": call.client_ip, "error_message": self.error,
@@ -2894,7 +2950,8 @@ class Proxy:
                 log.info("request %s: %s fits no node; serving loaded %s instead", call.request_id,
                          call.model, substitute)
                 return self.fleet.acquire(call, admit, deadline)
-            if (exc.code == "model_not_found" and self.settings.get("auto_pull") and call.may_change_fleet
+            may_change_fleet = call.may_change_fleet or bool(self.config.api_key) or is_loopback(call.client_ip)
+            if (exc.code == "model_not_found" and self.settings.get("auto_pull") and may_change_fleet
                     and is_model_reference(call.model)):
                 message = self.pulls.ensure(call.model, self.fleet)
                 if message:
@@ -2994,7 +3051,12 @@ TRACE_COLUMNS = {
 # own request thread costs milliseconds and stalls under load.
 TRACE_BATCH = 500
 TRACE_QUEUE = 100_000  # rows buffered before request threads wait for the writer (none are dropped)
+# A batch gathers rows for this long: a commit and a wake-up of the writer per 50 ms, not per row
+# (a kill -9 can lose at most these; a clean shutdown or flush() writes at once).
+TRACE_WAIT_S = 0.05
 PRUNE_EVERY_S = 3600.0
+ROLLUP_EVERY_S = 60.0  # how often the writer looks for an hour to roll up
+ROLLUP_GRACE_S = 60.0  # an hour is rolled up this long after it ends: its last rows are written by then
 
 
 def escaped_row(row):
@@ -3032,6 +3094,7 @@ class TraceStore:
             db.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)")
             columns = ", ".join(f"{name} {kind}" for name, kind in ROLLUP_COLUMNS.items())
             db.execute(f"CREATE TABLE IF NOT EXISTS request_rollups ({columns}, PRIMARY KEY ({', '.join(ROLLUP_KEY)}))")
+            db.execute("CREATE TABLE IF NOT EXISTS rollup_progress (id INTEGER PRIMARY KEY, rolled_until INTEGER)")
             db.execute("CREATE TABLE IF NOT EXISTS benchmark_runs (run_id INTEGER PRIMARY KEY AUTOINCREMENT, "
                        "node_id TEXT, model TEXT, started REAL, result TEXT)")
         self.listeners = []  # called with the rows of each batch written (metrics)
@@ -3048,27 +3111,30 @@ class TraceStore:
     def connect_readonly(self):
         return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
 
-    def record(self, row):
-        """Queue one row (a dict keyed by TRACE_COLUMNS); blocks only if the writer is far behind."""
-        self.queue.put(row)
+    def record(self, item):
+        """Queue one row: a dict keyed by TRACE_COLUMNS, or an ended request whose trace_row() the
+        writer builds (off the request's thread). Blocks only if the writer is far behind."""
+        self.queue.put(item)
 
     def _write_loop(self):
         db = self._connect()
         next_prune = 0.0
-        try:
-            self._backfill_rollups(db)
-        except Exception:  # noqa: BLE001 - analytics of old rows must not stop new ones being written
-            log.exception("could not roll up older trace rows")
+        next_roll_up = 0.0
         while True:
-            batch = [self.queue.get()]
-            while len(batch) < TRACE_BATCH:
+            if time.time() >= next_roll_up:
+                next_roll_up = time.time() + ROLLUP_EVERY_S
                 try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
+                    self._roll_up_hours(db)
+                except Exception:  # noqa: BLE001 - analytics must not stop rows being written
+                    log.exception("could not roll up trace rows")
+            try:
+                batch = [self.queue.get(timeout=ROLLUP_EVERY_S)]
+            except queue.Empty:
+                continue
+            self._gather(batch)
             stop = any(item is None for item in batch)
             try:
-                rows = [row for row in batch if isinstance(row, dict)]
+                rows = self._rows(batch)
                 if rows:
                     self._write(db, rows)
                     for listener in self.listeners:
@@ -3085,6 +3151,30 @@ class TraceStore:
                 db.close()
                 return
 
+    @staticmethod
+    def _rows(batch):
+        """The rows of a batch; a request whose row cannot be built is logged, not lost silently."""
+        rows = []
+        for item in batch:
+            if item is None or isinstance(item, threading.Event):
+                continue
+            try:
+                rows.append(item if isinstance(item, dict) else item.trace_row())
+            except Exception:  # noqa: BLE001 - one odd request must not cost the batch its rows
+                log.exception("could not build the trace row of %s", ascii(getattr(item, "call", None)))
+        return rows
+
+    def _gather(self, batch):
+        """Add to `batch` what arrives in the next TRACE_WAIT_S, up to TRACE_BATCH items. The
+        writer sleeps meanwhile rather than wake for every row."""
+        if batch[0] is not None and not isinstance(batch[0], threading.Event):
+            time.sleep(TRACE_WAIT_S)
+        while len(batch) < TRACE_BATCH:
+            try:
+                batch.append(self.queue.get_nowait())
+            except queue.Empty:
+                return
+
     def _write(self, db, rows):
         """Commit rows in one transaction; if that fails for a reason other than a busy database,
         row by row, a row that still fails written with its text escaped (never dropped unseen)."""
@@ -3092,7 +3182,6 @@ class TraceStore:
             try:
                 with db:
                     db.executemany(self.insert, rows)
-                    self._roll_up(db, rows)
                 return
             except sqlite3.OperationalError as exc:  # locked by a reader: try again, keep rows
                 log.warning("trace write failed (%s), retrying", exc)
@@ -3104,7 +3193,6 @@ class TraceStore:
                 try:
                     with db:
                         db.execute(self.insert, candidate)
-                        self._roll_up(db, [candidate])
                     break
                 except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
                     log.warning("trace row %s could not be written as it was (%s)",
@@ -3112,27 +3200,26 @@ class TraceStore:
             else:
                 log.error("trace row %s was lost: %s", ascii(row.get("request_id")), ascii(row)[:500])
 
-    @staticmethod
-    def _roll_up(db, rows):
-        """Rollups for rows being written; rows that cannot be rolled up are still written."""
-        db.execute("SAVEPOINT rollup")
-        try:
-            roll_up(db, rows)
-        except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
-            db.execute("ROLLBACK TO rollup")
-            log.warning("could not roll up %d trace row(s): %s", len(rows), exc)
-        db.execute("RELEASE rollup")
-
-    def _backfill_rollups(self, db):
-        """A database written before rollups existed gains them once, from its rows."""
-        if db.execute("SELECT 1 FROM request_rollups LIMIT 1").fetchone() is not None:
-            return
+    def _roll_up_hours(self, db):
+        """Fold each hour that has ended (a minute ago, so no row of it is still on its way) into
+        request_rollups, once: hours before `rolled_until` are done. A database from before
+        rollups existed gains them the first time."""
+        row = db.execute("SELECT rolled_until FROM rollup_progress").fetchone()
+        if row is None:
+            first = db.execute("SELECT MIN(timestamp) FROM request_traces").fetchone()[0]
+            rolled_until = int((first if first is not None else time.time()) // 3600 * 3600)
+        else:
+            rolled_until = row[0]
+        end = int((time.time() - ROLLUP_GRACE_S) // 3600 * 3600)
         cursor = db.cursor()
         cursor.row_factory = sqlite3.Row
-        rows = cursor.execute("SELECT * FROM request_traces")
-        while batch := rows.fetchmany(5000):
+        while rolled_until < end:
+            hour_rows = cursor.execute(f"SELECT {', '.join(TRACE_FIELDS)}, internal FROM request_traces "
+                                       "WHERE timestamp >= ? AND timestamp < ?", (rolled_until, rolled_until + 3600))
             with db:
-                roll_up(db, [dict(row) for row in batch])
+                roll_up(db, hour_rows.fetchall())
+                rolled_until += 3600
+                db.execute("INSERT OR REPLACE INTO rollup_progress (id, rolled_until) VALUES (1, ?)", (rolled_until,))
 
     def _prune(self, db):
         cutoff = time.time() - self.retention_days * 86400
@@ -3315,7 +3402,7 @@ def rollup_keys(row):
     (app '') and once under each app it belongs to."""
     hour = int(row["timestamp"] // 3600 * 3600)
     base = (hour, row["model"] or "", row["node_id"] or "", row["api"] or "")
-    apps = json.loads(row["apps"]) if row.get("apps") else []
+    apps = json.loads(row["apps"]) if row["apps"] else []
     return [(base[0], base[1], base[2], app, base[3]) for app in ["", *apps]]
 
 
@@ -3323,7 +3410,7 @@ def roll_up(db, rows):
     """Fold trace rows into request_rollups (called by the writer inside the rows' transaction)."""
     tallies = collections.defaultdict(Tally)
     for row in rows:
-        if row.get("internal"):
+        if row["internal"]:
             continue
         for key in rollup_keys(row):
             tallies[key].add_row(row)
@@ -3358,7 +3445,9 @@ class Analytics:
         groups = collections.defaultdict(Tally)
         raw_spans = [(since, until)]
         if until - since > RAW_RANGE_S:
-            first, last = math.ceil(since / 3600) * 3600, math.floor(until / 3600) * 3600
+            rolled = self.rows("SELECT rolled_until FROM rollup_progress")
+            first = math.ceil(since / 3600) * 3600
+            last = max(first, min(math.floor(until / 3600) * 3600, rolled[0][0] if rolled else first))
             raw_spans = [(since, first), (last, until)]
             app_clause = "app != ''" if by_app else "app = ''"
             for row in self.rows(f"SELECT * FROM request_rollups WHERE hour >= ? AND hour < ? AND {app_clause}",
@@ -3517,7 +3606,7 @@ def trace_detail(analytics, request_id):
     if not rows:
         raise HerdError(404, f"no trace {ascii(request_id)[1:-1]}; it may be older than the retention", "not_found")
     row = rows[0]
-    decisions = json.loads(row["decisions"]) if row["decisions"] else []
+    decisions = [decision_view(record) for record in json.loads(row["decisions"])] if row["decisions"] else []
     completion, eval_ms = row["completion_tokens"], row["eval_ms"]
     return {"trace": {**trace_summary(row), "user_agent": row["user_agent"],
                       "decode_tps": round(completion / eval_ms * 1000, 1) if completion and eval_ms else None,
@@ -3784,26 +3873,27 @@ class Metrics:
     def observe(self, rows):
         with self.lock:
             for row in rows:
-                if row.get("internal") or not row.get("api"):
+                if row["internal"] or not row["api"]:
                     continue
-                node, model = row.get("node_id") or "", row.get("model") or ""
-                pair = (("node", node), ("model", model))
-                self.counters[("herd_requests_total", pair + (("api", row["api"]), ("status", row["status"])))] += 1
-                self.counters[("herd_tokens_in_total", pair)] += row.get("prompt_tokens") or 0
-                self.counters[("herd_tokens_out_total", pair)] += row.get("completion_tokens") or 0
-                self.counters[("herd_cold_loads_total", pair)] += row.get("cold_load") or 0
-                self.counters[("herd_retries_total", pair)] += row.get("retry_count") or 0
-                self.counters[("herd_fallbacks_total", pair)] += row.get("fallback_used") or 0
-                for name, column in (("herd_request_duration_seconds", "latency_ms"),
-                                     ("herd_time_to_first_token_seconds", "time_to_first_token_ms")):
-                    if row.get(column) is not None:
-                        self._observe(name, pair + (("api", row["api"]),), row[column] / 1000)
+                pair = (("node", row["node_id"] or ""), ("model", row["model"] or ""))
+                with_api = pair + (("api", row["api"]),)
+                counters = self.counters
+                counters[("herd_requests_total", with_api + (("status", row["status"]),))] += 1
+                counters[("herd_tokens_in_total", pair)] += row["prompt_tokens"] or 0
+                counters[("herd_tokens_out_total", pair)] += row["completion_tokens"] or 0
+                counters[("herd_cold_loads_total", pair)] += row["cold_load"] or 0
+                counters[("herd_retries_total", pair)] += row["retry_count"] or 0
+                counters[("herd_fallbacks_total", pair)] += row["fallback_used"] or 0
+                if row["latency_ms"] is not None:
+                    self._observe("herd_request_duration_seconds", with_api, row["latency_ms"] / 1000)
+                if row["time_to_first_token_ms"] is not None:
+                    self._observe("herd_time_to_first_token_seconds", with_api, row["time_to_first_token_ms"] / 1000)
 
     def _observe(self, name, labels, seconds):
-        counts = self.histograms.setdefault((name, labels), [0] * (len(DURATION_BUCKETS) + 2))
-        for index, bound in enumerate(DURATION_BUCKETS):
-            if seconds <= bound:
-                counts[index] += 1
+        counts = self.histograms.get((name, labels))
+        if counts is None:
+            counts = self.histograms[(name, labels)] = [0] * (len(DURATION_BUCKETS) + 3)
+        counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1  # the first bucket it fits, or +Inf
         counts[-2] += seconds
         counts[-1] += 1
 
@@ -3820,7 +3910,7 @@ class Metrics:
                 for (metric, labels), counts in sorted(self.histograms.items()):
                     if metric != name:
                         continue
-                    for bound, count in zip(DURATION_BUCKETS, counts):
+                    for bound, count in zip(DURATION_BUCKETS, itertools.accumulate(counts)):
                         lines.append(f"{name}_bucket{label_text(labels + (('le', f'{bound:g}'),))} {count}")
                     lines.append(f"{name}_bucket{label_text(labels + (('le', '+Inf'),))} {counts[-1]}")
                     lines.append(f"{name}_sum{label_text(labels)} {counts[-2]:g}")
@@ -4139,8 +4229,9 @@ def add_gates(app, herd):
 
     @app.after_request
     def trace_other_answers(response):
-        if (request.environ.get(TRACED) or request.path.startswith(UNTRACED_PREFIXES)
-                or (response.status_code < 400 and request.method in ("GET", "HEAD", "OPTIONS"))):
+        environ = request.environ
+        if (environ.get(TRACED) or (response.status_code < 400 and environ["REQUEST_METHOD"] in ("GET", "HEAD", "OPTIONS"))
+                or request.path.startswith(UNTRACED_PREFIXES)):
             return response
         herd.trace_answer(api_of(request.path), request.path, request.remote_addr, response.status_code,
                           answer_message(response))
@@ -4149,13 +4240,13 @@ def add_gates(app, herd):
 
 def add_proxied_routes(app, herd):
     """The Ollama and OpenAI inference routes: read at the door, then the proxy serves the call."""
-    config = herd.config
 
     def proxied(path, api):
         def view():
-            call = parse_call(api, path, request.get_data(cache=False), request.headers, request.remote_addr,
+            environ = request.environ
+            headers = {"X-Herd-Tags": environ.get("HTTP_X_HERD_TAGS"), "User-Agent": environ.get("HTTP_USER_AGENT")}
+            call = parse_call(api, path, request.get_data(cache=False), headers, environ.get("REMOTE_ADDR"),
                               herd.request_id())
-            call.may_change_fleet = may_change_fleet(config)
             call.client_gone = request.environ.get("waitress.client_disconnected", call.client_gone)
             request.environ[TRACED] = True  # serve() writes the row, however it ends
             return herd.proxy.serve(call, admit=(path != "/api/show"))
