@@ -2114,10 +2114,10 @@ class Fleet:
             in_flight = {(("node", n.node_id), ("model", model)): count for n in self.nodes.values()
                          for model, count in n.counts().items()}
             queued = {(("model", model),): count for model, count in self.queued.items() if count > 0}
-            up = {(("node", n.node_id),): int(n.status(now) == "online") for n in self.nodes.values()}
+            up = {(("node", n.node_id),): int(n.status(now) != "offline" and n.reachable) for n in self.nodes.values()}
         return {("herd_requests_in_flight", "Requests running on a node, per model."): in_flight,
                 ("herd_requests_queued", "Requests waiting in herd's queue, per model."): queued,
-                ("herd_node_up", "1 when the node is online."): up}
+                ("herd_node_up", "1 when the node reports and its Ollama answers (resting or not)."): up}
 
 
 # =============================================================================================

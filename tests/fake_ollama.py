@@ -53,6 +53,7 @@ class FakeOllama:
         self.stall_after_chunks = None  # (chunks, seconds): go silent mid-stream
         self.pull_steps = 3
         self.eval_duration_ns = 900  # what replies say generation took (herd learns speed from it)
+        self.load_duration_ns = 10  # what replies say loading took (above 50 ms herd counts a cold load)
         self.gpu = True  # False: /api/ps says size_vram 0, as Ollama does for a model in system RAM
         self.reports_context = True  # False: /api/ps has no context_length, as older Ollama
         self._failures = []  # statuses for the next inference requests
@@ -290,7 +291,7 @@ class FakeHandler(BaseHTTPRequestHandler):
         chat = self.path == "/api/chat"
         now = datetime.now(timezone.utc).isoformat()
         final = {"model": model, "created_at": now, "done": True, "done_reason": "stop",
-                 "total_duration": 1000, "load_duration": 10, "prompt_eval_count": 7,
+                 "total_duration": 1000, "load_duration": fake.load_duration_ns, "prompt_eval_count": 7,
                  "prompt_eval_duration": 100, "eval_count": fake.tokens, "eval_duration": fake.eval_duration_ns}
         if body.get("stream", True) is False:
             text = "".join(self.pieces())
