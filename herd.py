@@ -4620,7 +4620,7 @@ def stop_on_signals(herd):
         signal.signal(signal.SIGTERM, on_signal)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--host", default=Config.host, show_default=True, envvar="FLEET_HOST", help="Address to listen on.")
 @click.option("--port", default=Config.port, show_default=True, type=click.IntRange(0, 65535),
               envvar="FLEET_PORT", help="Port to listen on.")
@@ -4662,8 +4662,13 @@ def stop_on_signals(herd):
               envvar="FLEET_DRAIN_TIMEOUT", help="On SIGTERM or Ctrl-C, seconds running requests get to finish.")
 @click.option("--max-body-mb", default=Config.max_body_mb, show_default=True, type=click.FloatRange(0.01),
               envvar="FLEET_MAX_BODY_MB", help="Largest request body accepted.")
-def main(node_specs, no_mdns, no_local, data_dir, **options):
-    """herd: one Ollama/OpenAI endpoint that routes each request to the best Ollama node."""
+@click.pass_context
+def main(ctx, node_specs, no_mdns, no_local, data_dir, **options):
+    """herd: one Ollama/OpenAI endpoint that routes each request to the best Ollama node.
+
+    Alone, `herd` runs the router. `herd status|models|health|traces` read a running router."""
+    if ctx.invoked_subcommand is not None:
+        return
     specs = list(node_specs) or [s for s in os.environ.get("FLEET_NODES", "").split(",") if s.strip()]
     nodes = [parse_node(spec) for spec in specs]
     names = [name for name, _ in nodes]
@@ -4697,6 +4702,109 @@ def main(node_specs, no_mdns, no_local, data_dir, **options):
         app.herd.shutdown()
         click.echo("herd stopped; traces flushed")
 
+
+
+# -- reading a running router from the terminal ------------------------------------------------
+
+def router_get(url, key, path, **params):
+    """GET a running router's JSON API; a clear message (exit 1) when it cannot be read."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        answer = requests.get(url.rstrip("/") + path, params=params, headers=headers, timeout=10)
+    except requests.RequestException:
+        raise click.ClickException(f"herd is not reachable at {url}: start `herd` there, or pass "
+                                   "--router-url") from None
+    if answer.status_code == 401:
+        raise click.ClickException("the router needs its API key: pass --api-key or set FLEET_API_KEY")
+    if answer.status_code != 200:
+        raise click.ClickException(f"{path} answered {answer.status_code}: {answer.text[:200]}")
+    return answer.json()
+
+
+def reader(function):
+    """The options every terminal view takes: where the router is, its key, JSON output."""
+    function = click.option("--json", "as_json", is_flag=True, help="Print the router's JSON as it is.")(function)
+    function = click.option("--api-key", envvar="FLEET_API_KEY", default=None, help="The router's --api-key.")(function)
+    return click.option("--router-url", envvar="FLEET_ROUTER_URL", default="http://localhost:11435", show_default=True,
+                        help="The running router to read.")(function)
+
+
+def show(data, as_json, lines):
+    click.echo(json.dumps(data, indent=2) if as_json else "\n".join(lines))
+
+
+def seconds_text(ms):
+    if ms is None:
+        return "-"
+    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
+
+
+def ago(timestamp):
+    if not timestamp:
+        return "-"
+    seconds = max(0, time.time() - timestamp)
+    return f"{seconds:.0f} s ago" if seconds < 90 else f"{seconds / 60:.0f} min ago" if seconds < 5400 \
+        else f"{seconds / 3600:.0f} h ago"
+
+
+def table(rows, header):
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return [("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths))).rstrip()
+            for line in [header, *rows]]
+
+
+@main.command()
+@reader
+def status(router_url, api_key, as_json):
+    """Nodes, the models they have loaded (context, expiry), requests running and queued."""
+    data = router_get(router_url, api_key, "/fleet/status")
+    fleet = data["fleet"]
+    lines = [f"{fleet['nodes_online']} of {fleet['nodes_total']} nodes online; {fleet['requests_active']} "
+             f"running, {fleet['requests_queued']} queued"]
+    rows = []
+    for node in data["nodes"]:
+        loaded = ", ".join(f"{m['name']} ({m['context_length'] or '?'} ctx, {m['requests_active']} running"
+                           f"{', until ' + m['expires_at'][11:16] if m.get('expires_at') else ''})"
+                           for m in node["models_loaded"]) or "-"
+        rows.append([node["node_id"], node["status"], node["requests_active"], ago(node["last_seen"]), loaded])
+    show(data, as_json, lines + table(rows, ["NODE", "STATUS", "RUNNING", "SEEN", "LOADED"]))
+
+
+@main.command()
+@reader
+@click.option("--hours", default=24.0, show_default=True, help="The range the figures cover.")
+def models(router_url, api_key, as_json, hours):
+    """Per model: requests, errors, latency, time to first token, speed, the nodes that served it."""
+    data = router_get(router_url, api_key, "/dashboard/api/models", hours=hours)
+    rows = [[m["model"], m["requests"], m["errors"], seconds_text(m["latency_p50_ms"]), seconds_text(m["latency_p95_ms"]),
+             seconds_text(m["ttft_p50_ms"]), f"{m['decode_tps']:g}" if m["decode_tps"] else "-",
+             ", ".join(n["node_id"] for n in m["nodes"])] for m in data["models"]]
+    show(data, as_json, [f"last {hours:g} h"] + table(rows, ["MODEL", "REQUESTS", "ERRORS", "P50", "P95", "TTFT P50",
+                                                            "TOK/S", "NODES"]))
+
+
+@main.command()
+@reader
+@click.option("--hours", default=24.0, show_default=True, help="The range the figures cover.")
+def health(router_url, api_key, as_json, hours):
+    """The fleet's health score and what to fix, most urgent first."""
+    data = router_get(router_url, api_key, "/dashboard/api/health", hours=hours)
+    lines = [f"health {data['score']}/100"]
+    for finding in data["findings"]:
+        lines += [f"[{finding['severity']}] {finding['title']}: {finding['evidence']}", f"    fix: {finding['fix']}"]
+    show(data, as_json, lines if data["findings"] else lines + ["nothing to fix"])
+
+
+@main.command()
+@reader
+@click.option("-n", "limit", default=20, show_default=True, help="How many of the newest requests.")
+def traces(router_url, api_key, as_json, limit):
+    """The newest requests: where each went and how it ended."""
+    data = router_get(router_url, api_key, "/dashboard/api/traces", limit=limit)
+    rows = [[ago(t["timestamp"]), t["model"] or "-", t["node_id"] or "-", t["status"], seconds_text(t["latency_ms"]),
+             seconds_text(t["time_to_first_token_ms"]), t["completion_tokens"] or "-", t["app"] or "-"]
+            for t in data["traces"]]
+    show(data, as_json, table(rows, ["WHEN", "MODEL", "NODE", "STATUS", "LATENCY", "TTFT", "TOKENS", "APP"]))
 
 
 if __name__ == "__main__":

@@ -153,3 +153,41 @@ def test_kill_9_loses_no_committed_row_and_herd_starts_again_on_the_same_databas
         again.communicate(timeout=20)
     with sqlite3.connect(tmp_path / "latency.db") as db:
         assert db.execute("SELECT COUNT(*) FROM request_traces").fetchone()[0] == 21
+
+
+# -- the terminal views of a running router -------------------------------------------------
+
+def run_cli(*args):
+    from click.testing import CliRunner
+
+    import herd
+    return CliRunner().invoke(herd.main, list(args))
+
+
+def test_terminal_views_read_a_running_router(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0, "qwen2.5:7b": 4.0}, loaded=["llama3.2"])
+    router = make_router(nodes=[("box", fake.url)])
+    for _ in range(3):
+        requests.post(router.url + "/api/chat", json={"model": "llama3.2", "messages": [], "stream": False})
+    router.traces()
+    status = run_cli("status", "--router-url", router.url)
+    assert status.exit_code == 0 and "1 of 1 nodes online" in status.output
+    assert "box" in status.output and "llama3.2:latest (4096 ctx, 0 running, until 00:00)" in status.output
+    models = run_cli("models", "--router-url", router.url)
+    assert models.exit_code == 0 and "llama3.2:latest" in models.output and " 3 " in models.output
+    health = run_cli("health", "--router-url", router.url)
+    assert health.exit_code == 0 and "health 98/100" in health.output and "fix: Run herd-node on box." in health.output
+    listed = run_cli("traces", "-n", "2", "--json", "--router-url", router.url)
+    assert listed.exit_code == 0 and len(json.loads(listed.output)["traces"]) == 2
+    table = run_cli("traces", "--router-url", router.url).output.splitlines()
+    assert table[0].split() == ["WHEN", "MODEL", "NODE", "STATUS", "LATENCY", "TTFT", "TOKENS", "APP"] and len(table) == 4
+
+
+def test_terminal_views_say_what_to_do_when_they_cannot_read(make_router):
+    port = free_port()
+    gone = run_cli("status", "--router-url", f"http://127.0.0.1:{port}")
+    assert gone.exit_code == 1 and "herd is not reachable" in gone.output
+    router = make_router(api_key="k")
+    locked = run_cli("models", "--router-url", router.url)
+    assert locked.exit_code == 1 and "--api-key" in locked.output
+    assert run_cli("models", "--router-url", router.url, "--api-key", "k").exit_code == 0
