@@ -716,6 +716,7 @@ def parse_heartbeat(raw):
 # =============================================================================================
 
 MISSED_INTERVALS_OFFLINE = 3  # a node that misses this many of its own intervals is offline
+SWITCH_GRACE_S = 10.0  # a (re)load herd started is believed over reports for this long after it should be done
 # Ollama's old default context, when nothing better is known. A node's own default (recent Ollama
 # picks 4k, 32k or 256k by VRAM; OLLAMA_CONTEXT_LENGTH overrides it) is reported by the agent when
 # it can read it, else seen: a model served or loaded without num_ctx runs with it in /api/ps.
@@ -784,6 +785,7 @@ class Lease:
     loaded_ctx: int | None = None  # context the model runs with there; None when cold
     cold: bool = False  # herd expected a load or a context reload
     reload: bool = False  # ...and it is a context reload
+    load_s: float = 0.0  # the seconds of (re)load herd expected
     decision: dict | None = None  # the candidates and the excluded nodes, for the trace (see decision_record)
     default_ctx: int = DEFAULT_NUM_CTX
     pin_ctx: bool = False  # the running context is reported but the default is a guess: send num_ctx
@@ -862,6 +864,9 @@ class Node:
     default_ctx: dict = field(default_factory=dict)  # name -> context it gets without num_ctx (seen)
     context_probe: set = field(default_factory=set)  # models just served without num_ctx
     guessed_ctx: int | None = None  # the default context guessed from what runs (see context_default)
+    # model -> (context, monotonic time the load should be done): herd sent a request that (re)loads
+    # the model at that context, so it runs with it from then on, whatever reports made before say
+    switching: dict = field(default_factory=dict)
     last_seen: float = 0.0  # time.time() of the last good report
     in_flight: int = 0
     running: dict = field(default_factory=dict)  # model -> Running
@@ -944,6 +949,16 @@ class Node:
         if options is not None:
             self.load_options[model] = options
 
+    def note_switch(self, model, ctx, options, load_s):
+        """herd sends a request that makes Ollama load `model` here at `ctx` (or reload it there):
+        from now on it runs so, and is busy loading for about `load_s` seconds."""
+        entry = self.loaded.get(model) or self.models.get(model) or {}
+        self.loaded[model] = {"name": model, "size": entry.get("size", 0), "size_vram": entry.get("size_vram"),
+                              "context_length": ctx, "learned": True}
+        self.load_options[model] = options
+        self.switching[model] = (ctx, time.monotonic() + load_s)
+        self.guessed_ctx = None
+
     # -- the requests running here --------------------------------------------------------------
 
     def counts(self):
@@ -983,6 +998,14 @@ class Node:
                        for m in ollama.get("models") or () if m.get("name") or m.get("model")}
         loaded = {normalize_model(m.get("name") or m.get("model")): m
                   for m in ollama.get("loaded") or () if m.get("name") or m.get("model")}
+        now = time.monotonic()
+        for name, (ctx, until) in list(self.switching.items()):
+            if (loaded.get(name) or {}).get("context_length") == ctx:
+                del self.switching[name]  # the node says so too
+            elif self.running_count(name) or now < until + SWITCH_GRACE_S:
+                loaded[name] = self.loaded.get(name) or loaded.get(name)  # not reported yet: herd knows better
+            else:
+                del self.switching[name]  # long done, and the node says otherwise: believe it
         for name in self.loaded.keys() - loaded.keys():
             if self.running_count(name):
                 loaded[name] = self.loaded[name]
@@ -1281,12 +1304,15 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
             reload = mine.longest_remaining(now) + load_fixed + weights * load_per_gb  # drain first
 
     wait = 0.0
+    switch = node.switching.get(model)
+    if switch is not None and switch[1] > now:  # a (re)load herd started is still under way
+        wait = switch[1] - now
     if admit and mine.count >= slots:  # the slots free as running requests end, queued ones first
         if ahead < mine.count:
-            wait = mine.nth_remaining(ahead, now)
+            wait = max(wait, mine.nth_remaining(ahead, now))
         else:
             per_slot = mine.eta_sum / mine.count or 1.0
-            wait = mine.nth_remaining(mine.count - 1, now) + (ahead - mine.count + 1) / slots * per_slot
+            wait = max(wait, mine.nth_remaining(mine.count - 1, now) + (ahead - mine.count + 1) / slots * per_slot)
 
     eviction = 0.0
     budget = node.budget_bytes()
@@ -1450,7 +1476,7 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
                     "excluded": [(n.node_id, why_excluded(n, model, now)) for n in excluded]}
         return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
                      breakdown=breakdown, decision=decision, held=admit, eta_s=eta, cold=chosen["cold_load"] > 0,
-                     reload=chosen["reload"] > 0,
+                     reload=chosen["reload"] > 0, load_s=chosen["cold_load"],
                      loaded_ctx=(loaded.get("context_length") or default_ctx) if loaded is not None else None,
                      default_ctx=default_ctx,
                      pin_ctx=bool(loaded and loaded.get("context_length") and not loaded.get("learned"))
@@ -1956,14 +1982,23 @@ class Fleet:
                 self.usual_output[lease.model] = samples.quantile(0.5)
             self._grant_waiters()
 
-    def note_load(self, lease, options, sent_ctx):
-        """herd is about to load a cold model: note the options it loads with (num_ctx None means
-        the node's default, which the next report then shows)."""
+    def note_sent(self, lease, runs_ctx, options):
+        """herd is about to send a request that runs `lease.model` with context `runs_ctx` (None: the
+        node's default) and these options. When that loads or reloads the model, the node runs it
+        so from now on: later requests are routed and sent for that context (none is sent with the
+        old one in between, which would reload it back), and wait for the load to finish."""
         with self.lock:
             node = self.nodes.get(lease.node_id)
-            if node is not None and lease.model not in node.loaded:
-                node.load_options[lease.model] = dict({k: options[k] for k in RELOAD_OPTIONS if k in options},
-                                                      num_ctx=sent_ctx)
+            if node is None:
+                return
+            options = dict({k: options[k] for k in RELOAD_OPTIONS if k in options}, num_ctx=runs_ctx)
+            ctx = context_number(runs_ctx) or node.context_default(lease.model)
+            entry = node.loaded.get(lease.model)
+            held = node.load_options.get(lease.model, {})
+            if (entry is not None and (entry.get("context_length") or node.context_default(lease.model)) == ctx
+                    and all(held.get(k) == options.get(k) for k in RELOAD_OPTIONS)):
+                return  # it runs like that already
+            node.note_switch(lease.model, ctx, options, lease.load_s)
 
     def _candidates(self, call):
         if call.only_node is None:
@@ -2981,8 +3016,8 @@ class Proxy:
         """Send to the leased node; return the client's response once the node has answered."""
         call = exchange.call
         body = body_for(call, lease, self.fleet.context_policy)
-        if lease.loaded_ctx is None and lease.held and call.endpoint in INFERENCE_ENDPOINTS:
-            self.fleet.note_load(lease, call.options(), sent_num_ctx(call))
+        if lease.held and call.endpoint in INFERENCE_ENDPOINTS:
+            self.fleet.note_sent(lease, None if call.api == "openai" else sent_num_ctx(call), call.options())
         try:
             with exchange.watching():
                 resp = self.pool.urlopen(call.method, lease.url + call.endpoint, body=body,

@@ -61,6 +61,7 @@ class FakeOllama:
         self.active = {}  # model -> requests running now
         self.max_active = {}  # model -> most requests seen running at once
         self.served = 0
+        self.reloads = 0  # a model loaded again at another context
         self.received = []  # (path, body) of every inference request
         self.server = None
 
@@ -110,10 +111,16 @@ class FakeOllama:
             entry["context_length"] = self.loaded[name]
         return entry
 
-    def begin(self, model):
+    def begin(self, model, num_ctx=None):
+        """A request starts: like Ollama, it loads the model at its num_ctx (else the default
+        context), reloading it when it runs with another one (counted in `reloads`)."""
         with self.lock:
             self.active[model] = self.active.get(model, 0) + 1
             self.max_active[model] = max(self.max_active.get(model, 0), self.active[model])
+            wanted = int(num_ctx) if num_ctx else self.context_length
+            if model in self.loaded and self.loaded[model] != wanted:
+                self.reloads += 1
+            self.loaded[model] = wanted
 
     def end(self, model):
         with self.lock:
@@ -235,7 +242,8 @@ class FakeHandler(BaseHTTPRequestHandler):
                 return self.send_json(404, {"error": {"message": f"model \"{model}\" not found, try pulling it first",
                                                       "type": "api_error", "param": None, "code": None}})
             return self.send_json(404, {"error": f"model '{model}' not found"})
-        fake.begin(model)
+        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        fake.begin(model, None if openai else options.get("num_ctx"))
         try:
             if "embed" in self.path:
                 self.embed(model, body)

@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+import requests
 
 from conftest import CHAT, chat, heartbeat, wait_for
 
@@ -263,3 +264,39 @@ def test_a_deferred_request_stops_waiting_when_the_other_model_runs_long(make_ro
     queued = router.traces("SELECT queue_ms FROM request_traces WHERE model = 'qwen2.5:7b'")
     assert queued[0][0] > 0 and node.stats["side_by_side"] == 1
     pool.shutdown(wait=False)  # the long one ends when the router stops
+
+
+# -- context switches ---------------------------------------------------------------------------
+
+def test_a_burst_of_mixed_num_ctx_reloads_the_model_once(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=4, token_delay=0.05)
+    router = make_router()
+    heartbeat(router, "box", fake, num_parallel=4, default_context_length=4096)
+    router.wait_online(1)
+    large = ("/api/chat", dict(CHAT, options={"num_ctx": 16384}))
+    plain, small = ("/api/chat", CHAT), ("/api/chat", dict(CHAT, options={"num_ctx": 2048}))
+    burst = [large] + [plain, small, large, plain] * 3
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = []
+        for path, body in burst:  # the large one first, the rest while it loads and runs
+            futures.append(pool.submit(requests.post, router.url + path, json=body, timeout=30))
+            time.sleep(0.01)
+        assert [f.result().status_code for f in futures] == [200] * len(burst)
+    # one reload, to 16384, and none back: every later request was sent to run at 16384 (one
+    # sent at the old 4096 in between would make Ollama reload back, and forward again after)
+    assert fake.reloads == 1
+    sent = [body.get("options", {}).get("num_ctx") for _, body in fake.received]
+    assert sent == [16384] * len(burst)
+
+
+def test_a_second_large_context_request_goes_where_the_model_already_runs_large(make_fake, make_router):
+    fakes = [make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=3, token_delay=0.05) for _ in range(2)]
+    router = make_router()
+    for name, fake in zip(("a", "b"), fakes):
+        heartbeat(router, name, fake, num_parallel=2, default_context_length=4096)
+    router.wait_online(2)
+    large = dict(CHAT, options={"num_ctx": 16384})
+    first = chat(router, large).headers["X-Herd-Node"]
+    nodes = [chat(router, large).headers["X-Herd-Node"] for _ in range(4)]
+    assert nodes == [first] * 4
+    assert sum(f.reloads for f in fakes) == 1
