@@ -13,11 +13,12 @@ Data:        ~/.fleet-manager (``--data-dir`` / FLEET_DATA_DIR): latency.db (tra
              logs/herd.jsonl (one JSON object a line).
 
 Sections, in the order a request meets them:
-    settings -> helpers (names, errors, Ollama's replies) -> the door (a request as herd reads it)
-    -> nodes -> context rules -> scoring -> warming plans -> the fleet (one object, one lock,
-    the admission queue) -> node polling and discovery -> VRAM fallback -> auto-pull -> watchdog
-    -> proxying (one Exchange per request, from the door to its trace row) -> warmer -> trace store
-    -> Herd (one router) -> HTTP routes -> server -> command line
+    settings -> helpers (names, errors, Ollama's replies) -> the door (every body read once and
+    checked) -> nodes -> context rules -> scoring (with learning) -> warming (calibration,
+    preloads) -> the fleet (one object, one lock, the admission queue) -> node polling and
+    discovery -> VRAM fallback -> auto-pull -> watchdog -> proxying (one Exchange per request,
+    from the door to its trace row) -> analytics (rollups) -> trace store -> dashboard API (and
+    /metrics, benchmarks) -> Herd (one router) -> HTTP routes -> server -> command line
 """
 
 from __future__ import annotations
@@ -265,16 +266,6 @@ MAX_REFERENCE_CHARS = 128
 STREAMING_DEFAULT = {"/api/chat": True, "/api/generate": True}  # Ollama streams unless told not to
 
 
-class BadInput(HerdError):
-    """A body or field that herd refuses at the door: 400, naming the field."""
-
-    def __init__(self, field_name, expected, got=None, code="invalid_field"):
-        where = f'"{field_name}"' if field_name else "the body"
-        shown = "" if got is None else f"; got {describe_value(got)}"
-        super().__init__(400, f"{where} must be {expected}{shown}", code)
-        self.field = field_name
-
-
 def describe_value(value):
     """A short, safe picture of a bad value for an error message (ASCII, escaped, cut short)."""
     if value is None:
@@ -288,6 +279,16 @@ def describe_value(value):
     return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
 
 
+class BadInput(HerdError):
+    """A body or field that herd refuses at the door: 400, naming the field."""
+
+    def __init__(self, field_name, expected, got=None, code="invalid_field"):
+        where = f'"{field_name}"' if field_name else "the body"
+        shown = "" if got is None else f"; got {describe_value(got)}"
+        super().__init__(400, f"{where} must be {expected}{shown}", code)
+        self.field = field_name
+
+
 def reject_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
@@ -297,6 +298,18 @@ def finite_float(text):
     if not math.isfinite(value):
         raise ValueError(f"the number {text[:40]} is too large")
     return value
+
+
+def too_deep(value):
+    """Is `value` nested deeper than MAX_JSON_DEPTH? (no recursion: it is what is being checked)"""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 STRICT_JSON = json.JSONDecoder(parse_constant=reject_constant, parse_float=finite_float)  # built once: it is not cheap
@@ -316,18 +329,6 @@ def parse_json(raw, what="request body"):
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and too_deep(value):
         raise BadInput("", f"JSON nested at most {MAX_JSON_DEPTH} deep", code="invalid_json")
     return value
-
-
-def too_deep(value):
-    """Is `value` nested deeper than MAX_JSON_DEPTH? (no recursion: it is what is being checked)"""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            return True
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return False
 
 
 def is_clean_text(text):
@@ -724,6 +725,13 @@ DEFAULT_NUM_CTX = 4096
 # Options whose change makes Ollama unload and reload a model (num_ctx aside, handled on its own).
 RELOAD_OPTIONS = ("num_gpu", "num_batch", "num_thread", "use_mmap")
 RECENT_SAMPLES = 32  # recent samples kept per node for each speed, and per model for demand
+# How streams on one node slow each other is learnt per node from its replies (learn_from_reply);
+# until a node has shown it, herd assumes: n streams of one model each run at n ^ -0.3 of one
+# alone (parallel slots decode in one batch, memory-bound: a few streams cost little each), and m
+# models at once each run at 1/m (they take turns at the memory bandwidth).
+BATCH_SLOWDOWN = 0.3
+CROSS_SLOWDOWN = 1.0
+SHARING_SAMPLES = 3  # replies that ran shared before a node's own exponent replaces the prior
 
 
 def keep_recent(samples, value):
@@ -781,7 +789,7 @@ class Lease:
     breakdown: dict
     eta_s: float = 0.0  # expected seconds from now until the reply is complete
     started: float = 0.0  # time.monotonic() when the slot was taken
-    shared_at_start: float = 1.0  # sharing() it met when it started
+    company_at_start: tuple = (1, 1)  # (streams of its model, models) running when it started
     loaded_ctx: int | None = None  # context the model runs with there; None when cold
     cold: bool = False  # herd expected a load or a context reload
     reload: bool = False  # ...and it is a context reload
@@ -878,6 +886,10 @@ class Node:
     decode_speed: float | None = None
     prefill_speed: float | None = None
     load_cost: tuple | None = None  # (fixed s, s per GB)
+    batch_exp: float = BATCH_SLOWDOWN  # streams of one model: each at streams ^ -batch_exp of alone
+    cross_exp: float = CROSS_SLOWDOWN  # models at once: each at models ^ -cross_exp of alone
+    batch_samples: Recent = field(default_factory=Recent)
+    cross_samples: Recent = field(default_factory=Recent)
     calibrated_at: float = -1e9  # time.monotonic() of the last calibration sent
     served: int = 0  # requests completed here
     returns: list = field(default_factory=list)  # time.time() of each return after being offline
@@ -1165,7 +1177,6 @@ def protect_context(call, lease, policy):
 # Ties: fewest requests in flight on the whole node, then random, so equal nodes share the load.
 
 CHARS_PER_TOKEN = 4  # rough size of a token in English text
-BATCH_SLOWDOWN = 0.3  # n streams of one model each run at n ^ -0.3 of one alone (batched decode)
 LOAD_FIXED_S = 1.0  # starting a runner, before the weights stream in (at most; learned per node)
 HOT_LOAD_S = 0.05  # a load_duration below this is Ollama finding the model already loaded
 PRIOR_DECODE_GBS = 300.0  # a node herd has not measured yet: a mid-range GPU or Apple chip
@@ -1189,12 +1200,18 @@ def slots(node, parallel):
     return max(1, node.num_parallel or parallel)
 
 
-def sharing(counts, model, extra=0):
-    """How much slower than alone a stream of `model` runs beside `counts` ({model: streams}),
-    with `extra` more streams of its own."""
+def company(counts, model, extra=0):
+    """(streams of `model`, models running) beside `counts` ({model: streams}) with `extra` more."""
     same = counts.get(model, 0) + extra
     models = sum(1 for n in counts.values() if n) + (1 if extra and not counts.get(model) else 0)
-    return max(1, same) ** BATCH_SLOWDOWN * max(1, models)
+    return max(1, same), max(1, models)
+
+
+def sharing(counts, model, extra=0, batch=BATCH_SLOWDOWN, cross=CROSS_SLOWDOWN):
+    """How much slower than alone a stream of `model` runs beside `counts` ({model: streams}),
+    with `extra` more streams of its own: streams ^ batch x models ^ cross."""
+    same, models = company(counts, model, extra)
+    return same ** batch * models ** cross
 
 
 def shared_run(node, model, work, start, now):
@@ -1211,18 +1228,20 @@ def shared_run(node, model, work, start, now):
         if left > start:
             counts[other] = group.count
             groups.append((left, other))
+    batch, cross = node.batch_exp, node.cross_exp
     with_me = dict(counts, **{model: counts.get(model, 0) + 1})
-    stretch = {other: sharing(with_me, other) / sharing(counts, other) for other in counts}
+    stretch = {other: sharing(with_me, other, 0, batch, cross) / sharing(counts, other, 0, batch, cross)
+               for other in counts}
     ends = sorted((start + (left - start) * stretch[other], other) for left, other in groups)
     t, todo, running = start, work, dict(counts)
     for end, other in ends:
-        pace = 1 / sharing(running, model, extra=1)
+        pace = 1 / sharing(running, model, 1, batch, cross)
         if todo <= (end - t) * pace:
             break
         todo -= (end - t) * pace
         t = end
         del running[other]
-    finish = t + todo * sharing(running, model, extra=1)
+    finish = t + todo * sharing(running, model, 1, batch, cross)
     slowdown = sum(counts[other] * (min(end, finish) - start) * (1 - 1 / stretch[other])
                    for end, other in ends)
     return finish - start, slowdown
@@ -1341,7 +1360,7 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
     others = [group for other, group in node.running.items() if other != model and group.count]
     if admit and others and not load and not reload:
         free_in = max(group.longest_remaining(now) for group in others)
-        alone = work * sharing({model: mine.count}, model, extra=1)
+        alone = work * sharing({model: mine.count}, model, 1, node.batch_exp, node.cross_exp)
         waited = time.perf_counter() - call.started
         if waited < alone and max(wait, free_in) + alone < wait + service + slowdown:
             wait, service, slowdown, defer = max(wait, free_in), alone, 0.0, True
@@ -1512,13 +1531,35 @@ def record_load(node, size_gb, seconds):
     node.load_cost = load_costs(node.loads)
 
 
+def learn_sharing(node, speed, same, models):
+    """How much a reply that ran beside others was slowed, against the node's speed alone: with
+    only its own model running, a sample of the batching exponent (slowdown = streams ^ b); with
+    other models, of the cross-model one (slowdown = streams ^ b x models ^ c)."""
+    if len(node.decode_gbs_alone) < SHARING_SAMPLES:
+        return  # no clean speed alone to compare with yet
+    slowdown = max(1.0, node.decode_gbs_alone.quantile(0.5) / speed)
+    if models < 1.25 and same >= 1.5:
+        node.batch_samples.add(min(1.0, math.log(slowdown) / math.log(same)))
+        if len(node.batch_samples) >= SHARING_SAMPLES:
+            node.batch_exp = node.batch_samples.quantile(0.5)
+    elif models >= 1.5:
+        node.cross_samples.add(min(2.0, math.log(max(1.0, slowdown / same ** node.batch_exp)) / math.log(models)))
+        if len(node.cross_samples) >= SHARING_SAMPLES:
+            node.cross_exp = node.cross_samples.quantile(0.5)
+
+
 def learn_from_reply(node, lease, timings):
     """What one served request teaches about its node: speeds, undoing the sharing it ran under
-    (the mean of what it met at its start and at its end), and the load time when it was cold."""
+    (the mean of the company it met at its start and at its end); how that sharing slowed it
+    (learn_sharing); and the load time when it was cold."""
     size_gb = node.weights_gb(lease.model)
-    at_end = sharing(node.counts(), lease.model)
-    record_speeds(node, size_gb, timings, shared=math.sqrt(lease.shared_at_start * at_end),
-                  alone=lease.shared_at_start == 1 and at_end == 1)
+    (same0, models0), (same1, models1) = lease.company_at_start, company(node.counts(), lease.model)
+    same, models = math.sqrt(same0 * same1), math.sqrt(models0 * models1)
+    alone = same0 == same1 == models0 == models1 == 1
+    speed = record_speeds(node, size_gb, timings, shared=same ** node.batch_exp * models ** node.cross_exp,
+                          alone=alone)
+    if speed and not alone:
+        learn_sharing(node, speed, same, models)
     if lease.cold and (timings.get("load_s") or 0) > HOT_LOAD_S:
         record_load(node, size_gb, timings["load_s"])
 
@@ -2014,7 +2055,7 @@ class Fleet:
     def _hold(self, lease):
         node = self.nodes[lease.node_id]
         lease.started = time.monotonic()
-        lease.shared_at_start = sharing(node.counts(), lease.model, extra=1)
+        lease.company_at_start = company(node.counts(), lease.model, extra=1)
         node.hold(lease)
 
     def cancel_waiters(self):
@@ -2985,8 +3026,8 @@ class Proxy:
                 log.info("request %s: %s fits no node; serving loaded %s instead", call.request_id,
                          call.model, substitute)
                 return self.fleet.acquire(call, admit, deadline)
-            may_change_fleet = call.may_change_fleet or bool(self.config.api_key) or is_loopback(call.client_ip)
-            if (exc.code == "model_not_found" and self.settings.get("auto_pull") and may_change_fleet
+            may_pull = call.may_change_fleet or bool(self.config.api_key) or is_loopback(call.client_ip)
+            if (exc.code == "model_not_found" and self.settings.get("auto_pull") and may_pull
                     and is_model_reference(call.model)):
                 message = self.pulls.ensure(call.model, self.fleet)
                 if message:
@@ -3066,6 +3107,228 @@ class Proxy:
         return Response(Relay(exchange, chunks, first), status=resp.status, headers=headers,
                         direct_passthrough=True)
 
+
+
+# =============================================================================================
+# Analytics: the figures the dashboard shows, from the trace store
+# =============================================================================================
+#
+# Every figure is computed from request_traces (and, for the dashboard, the fleet's state), for
+# the range asked. Short ranges are read from the rows themselves. Longer ones would read up to a
+# million rows, so the trace writer also keeps hourly rollups (request_rollups: counts, sums and
+# latency histograms per hour, model, node, app and API) in the same transaction as the rows; a
+# long range reads the rollups of its whole hours and the rows of the partial hours at either
+# end. Percentiles come from log-spaced histograms whose bins are 10% apart. herd's own benchmark
+# runs (tag herd:benchmark) are traced but left out of every figure here.
+
+RAW_RANGE_S = 3 * 3600  # ranges up to this long are read row by row
+BIN_RATIO = 1.1  # histogram bins: each 10% wider than the last...
+BIN_FLOOR_MS = 0.1  # ...from a tenth of a millisecond
+TALLY_COUNTS = ("requests", "errors", "failed", "cancelled", "incomplete", "reaped", "retried", "retries",
+                "fallbacks", "cold_loads", "reloads", "tokens_in", "tokens_out", "eval_tokens", "eval_ms",
+                "prompt_timed_tokens", "prompt_ms", "load_count", "load_ms", "queue_ms")
+ROLLUP_KEY = ("hour", "model", "node_id", "app", "api")
+ROLLUP_COLUMNS = {**{name: "INTEGER" if name in ("hour",) else "TEXT" for name in ROLLUP_KEY},
+                  **{name: "REAL" if name.endswith("_ms") else "INTEGER" for name in TALLY_COUNTS},
+                  "last_used": "REAL", "latency_bins": "TEXT", "ttft_bins": "TEXT"}
+TRACE_FIELDS = ("timestamp", "model", "node_id", "api", "status", "latency_ms", "time_to_first_token_ms",
+                "prompt_tokens", "completion_tokens", "retry_count", "fallback_used", "cold_load", "reload",
+                "eval_ms", "prompt_eval_ms", "load_ms", "queue_ms", "apps")
+ANALYZED = "(internal IS NULL OR internal = 0)"  # rows of client traffic (not herd's own benchmarks)
+
+
+def latency_bin(ms):
+    return int(math.log(max(ms, BIN_FLOOR_MS) / BIN_FLOOR_MS) / math.log(BIN_RATIO))
+
+
+def bin_middle(index):
+    return BIN_FLOOR_MS * BIN_RATIO ** (index + 0.5)
+
+
+def histogram_percentile(bins, q):
+    """The q-th percentile (nearest rank) of a {bin: count} histogram, or None when empty."""
+    total = sum(bins.values())
+    if not total:
+        return None
+    rank, seen = math.ceil(q / 100 * total), 0
+    for index in sorted(bins):
+        seen += bins[index]
+        if seen >= rank:
+            return round(bin_middle(index), 1)
+    return None
+
+
+class Tally:
+    """Counts, sums and latency histograms of a set of requests: trace rows and rollups add alike."""
+
+    __slots__ = ("counts", "latency", "ttft", "last_used")
+
+    def __init__(self):
+        self.counts = dict.fromkeys(TALLY_COUNTS, 0)
+        self.latency, self.ttft = collections.Counter(), collections.Counter()
+        self.last_used = None
+
+    def add_row(self, row):
+        """One request_traces row (a mapping with TRACE_FIELDS)."""
+        c = self.counts
+        status = row["status"]
+        c["requests"] += 1
+        if status != "completed":
+            c["errors"] += 1
+            if status in ("failed", "cancelled", "incomplete", "reaped"):
+                c[status] += 1
+        retries = row["retry_count"] or 0
+        c["retried"] += retries > 0
+        c["retries"] += retries
+        c["fallbacks"] += row["fallback_used"] or 0
+        c["cold_loads"] += row["cold_load"] or 0
+        c["reloads"] += row["reload"] or 0
+        c["tokens_in"] += row["prompt_tokens"] or 0
+        c["tokens_out"] += row["completion_tokens"] or 0
+        if row["eval_ms"] and row["completion_tokens"]:
+            c["eval_tokens"] += row["completion_tokens"]
+            c["eval_ms"] += row["eval_ms"]
+        if row["prompt_eval_ms"] and row["prompt_tokens"]:
+            c["prompt_timed_tokens"] += row["prompt_tokens"]
+            c["prompt_ms"] += row["prompt_eval_ms"]
+        if row["cold_load"] and row["load_ms"]:
+            c["load_count"] += 1
+            c["load_ms"] += row["load_ms"]
+        c["queue_ms"] += row["queue_ms"] or 0
+        if row["latency_ms"] is not None:
+            self.latency[latency_bin(row["latency_ms"])] += 1
+        if row["time_to_first_token_ms"] is not None:
+            self.ttft[latency_bin(row["time_to_first_token_ms"])] += 1
+        self.last_used = max(self.last_used or 0, row["timestamp"])
+
+    def add_tally(self, other):
+        for key, value in other.counts.items():
+            self.counts[key] += value
+        self.latency.update(other.latency)
+        self.ttft.update(other.ttft)
+        if other.last_used is not None:
+            self.last_used = max(self.last_used or 0, other.last_used)
+
+    def add_rollup(self, row):
+        """One request_rollups row."""
+        for key in TALLY_COUNTS:
+            self.counts[key] += row[key] or 0
+        self.latency.update({int(k): v for k, v in json.loads(row["latency_bins"] or "{}").items()})
+        self.ttft.update({int(k): v for k, v in json.loads(row["ttft_bins"] or "{}").items()})
+        if row["last_used"] is not None:
+            self.last_used = max(self.last_used or 0, row["last_used"])
+
+    def rollup_values(self):
+        return {**self.counts, "last_used": self.last_used, "latency_bins": json.dumps(self.latency),
+                "ttft_bins": json.dumps(self.ttft)}
+
+    def view(self):
+        """The figures a person reads: counts, percentiles (ms), speeds (tokens/s), load time (s)."""
+        c = self.counts
+        return {"requests": c["requests"], "errors": c["errors"],
+                "latency_p50_ms": histogram_percentile(self.latency, 50),
+                "latency_p95_ms": histogram_percentile(self.latency, 95),
+                "ttft_p50_ms": histogram_percentile(self.ttft, 50), "ttft_p95_ms": histogram_percentile(self.ttft, 95),
+                "tokens_in": c["tokens_in"], "tokens_out": c["tokens_out"],
+                "decode_tps": round(c["eval_tokens"] / c["eval_ms"] * 1000, 1) if c["eval_ms"] else None,
+                "prompt_tps": round(c["prompt_timed_tokens"] / c["prompt_ms"] * 1000, 1) if c["prompt_ms"] else None,
+                "load_s": round(c["load_ms"] / c["load_count"] / 1000, 2) if c["load_count"] else None,
+                "cold_loads": c["cold_loads"], "reloads": c["reloads"], "retries": c["retries"],
+                "retried": c["retried"], "fallbacks": c["fallbacks"], "failed": c["failed"],
+                "cancelled": c["cancelled"], "incomplete": c["incomplete"], "reaped": c["reaped"],
+                "last_used": self.last_used}
+
+
+def rollup_keys(row):
+    """The rollup rows one trace row counts in: its hour, model, node and API, once for all apps
+    (app '') and once under each app it belongs to."""
+    hour = int(row["timestamp"] // 3600 * 3600)
+    base = (hour, row["model"] or "", row["node_id"] or "", row["api"] or "")
+    apps = json.loads(row["apps"]) if row["apps"] else []
+    return [(base[0], base[1], base[2], app, base[3]) for app in ["", *apps]]
+
+
+def roll_up(db, rows):
+    """Fold trace rows into request_rollups (called by the writer inside the rows' transaction)."""
+    tallies = collections.defaultdict(Tally)
+    for row in rows:
+        if row["internal"]:
+            continue
+        for key in rollup_keys(row):
+            tallies[key].add_row(row)
+    cursor = db.cursor()
+    cursor.row_factory = sqlite3.Row
+    for key, tally in tallies.items():
+        stored = cursor.execute(f"SELECT * FROM request_rollups WHERE {' AND '.join(f'{k} = ?' for k in ROLLUP_KEY)}",
+                                key).fetchone()
+        if stored is not None:
+            tally.add_rollup(stored)
+        values = {**dict(zip(ROLLUP_KEY, key)), **tally.rollup_values()}
+        db.execute(f"INSERT OR REPLACE INTO request_rollups ({', '.join(values)}) "
+                   f"VALUES ({', '.join(':' + k for k in values)})", values)
+
+
+class Analytics:
+    """Read-only queries over the trace store for the dashboard, the CLI and /metrics."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def rows(self, sql, params=()):
+        with self.store.connect_readonly() as db:
+            db.row_factory = sqlite3.Row
+            return db.execute(sql, params).fetchall()
+
+    def tallies(self, since, until, key):
+        """{group: Tally} of the client requests in [since, until), grouped by `key`: a function
+        of (hour or timestamp, model, node_id, app, api) -> a group, or None to leave it out.
+        `key.apps` True groups by app (a request counts under each of its apps)."""
+        by_app = getattr(key, "apps", False)
+        groups = collections.defaultdict(Tally)
+        raw_spans = [(since, until)]
+        if until - since > RAW_RANGE_S:
+            rolled = self.rows("SELECT rolled_until FROM rollup_progress")
+            first = math.ceil(since / 3600) * 3600
+            last = max(first, min(math.floor(until / 3600) * 3600, rolled[0][0] if rolled else first))
+            raw_spans = [(since, first), (last, until)]
+            app_clause = "app != ''" if by_app else "app = ''"
+            for row in self.rows(f"SELECT * FROM request_rollups WHERE hour >= ? AND hour < ? AND {app_clause}",
+                                 (first, last)):
+                group = key(row["hour"], row["model"], row["node_id"], row["app"], row["api"])
+                if group is not None:
+                    groups[group].add_rollup(row)
+        for start, end in raw_spans:
+            if end <= start:
+                continue
+            for row in self.rows(f"SELECT {', '.join(TRACE_FIELDS)} FROM request_traces "
+                                 f"WHERE timestamp >= ? AND timestamp < ? AND {ANALYZED}", (start, end)):
+                apps = json.loads(row["apps"]) if by_app and row["apps"] else [""]
+                for app in apps:
+                    group = key(row["timestamp"], row["model"] or "", row["node_id"] or "", app, row["api"])
+                    if group is not None:
+                        groups[group].add_row(row)
+        return groups
+
+    def last_used(self, node_id, model):
+        row = self.rows(f"SELECT MAX(timestamp) FROM request_traces WHERE node_id = ? AND model = ? AND {ANALYZED}",
+                        (node_id, model))
+        return row[0][0] if row else None
+
+    def longest_gap_before_load(self, node_id, model, span):
+        """The longest idle time before a request that had to load `model` on `node_id`: the
+        keep_alive that would have kept it loaded for all of them."""
+        rows = self.rows(f"SELECT timestamp, cold_load FROM request_traces WHERE node_id = ? AND model = ? "
+                         f"AND timestamp >= ? AND {ANALYZED} ORDER BY timestamp DESC LIMIT 20000",
+                         (node_id, model, span["since"]))
+        times = [(row["timestamp"], row["cold_load"]) for row in reversed(rows)]
+        gaps = [t - previous for (previous, _), (t, cold) in zip(times, times[1:]) if cold]
+        return max(gaps) if gaps else None
+
+
+def grouped(function, apps=False):
+    """A tallies() key function, marked for grouping by app when `apps`."""
+    function.apps = apps
+    return function
 
 
 # =============================================================================================
@@ -3300,228 +3563,6 @@ class TraceStore:
         with self._connect() as db:
             db.executemany("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
                            [(key, json.dumps(value)) for key, value in changes.items()])
-
-
-# =============================================================================================
-# Analytics: the figures the dashboard shows, from the trace store
-# =============================================================================================
-#
-# Every figure is computed from request_traces (and, for the dashboard, the fleet's state), for
-# the range asked. Short ranges are read from the rows themselves. Longer ones would read up to a
-# million rows, so the trace writer also keeps hourly rollups (request_rollups: counts, sums and
-# latency histograms per hour, model, node, app and API) in the same transaction as the rows; a
-# long range reads the rollups of its whole hours and the rows of the partial hours at either
-# end. Percentiles come from log-spaced histograms whose bins are 10% apart. herd's own benchmark
-# runs (tag herd:benchmark) are traced but left out of every figure here.
-
-RAW_RANGE_S = 3 * 3600  # ranges up to this long are read row by row
-BIN_RATIO = 1.1  # histogram bins: each 10% wider than the last...
-BIN_FLOOR_MS = 0.1  # ...from a tenth of a millisecond
-TALLY_COUNTS = ("requests", "errors", "failed", "cancelled", "incomplete", "reaped", "retried", "retries",
-                "fallbacks", "cold_loads", "reloads", "tokens_in", "tokens_out", "eval_tokens", "eval_ms",
-                "prompt_timed_tokens", "prompt_ms", "load_count", "load_ms", "queue_ms")
-ROLLUP_KEY = ("hour", "model", "node_id", "app", "api")
-ROLLUP_COLUMNS = {**{name: "INTEGER" if name in ("hour",) else "TEXT" for name in ROLLUP_KEY},
-                  **{name: "REAL" if name.endswith("_ms") else "INTEGER" for name in TALLY_COUNTS},
-                  "last_used": "REAL", "latency_bins": "TEXT", "ttft_bins": "TEXT"}
-TRACE_FIELDS = ("timestamp", "model", "node_id", "api", "status", "latency_ms", "time_to_first_token_ms",
-                "prompt_tokens", "completion_tokens", "retry_count", "fallback_used", "cold_load", "reload",
-                "eval_ms", "prompt_eval_ms", "load_ms", "queue_ms", "apps")
-ANALYZED = "(internal IS NULL OR internal = 0)"  # rows of client traffic (not herd's own benchmarks)
-
-
-def latency_bin(ms):
-    return int(math.log(max(ms, BIN_FLOOR_MS) / BIN_FLOOR_MS) / math.log(BIN_RATIO))
-
-
-def bin_middle(index):
-    return BIN_FLOOR_MS * BIN_RATIO ** (index + 0.5)
-
-
-def histogram_percentile(bins, q):
-    """The q-th percentile (nearest rank) of a {bin: count} histogram, or None when empty."""
-    total = sum(bins.values())
-    if not total:
-        return None
-    rank, seen = math.ceil(q / 100 * total), 0
-    for index in sorted(bins):
-        seen += bins[index]
-        if seen >= rank:
-            return round(bin_middle(index), 1)
-    return None
-
-
-class Tally:
-    """Counts, sums and latency histograms of a set of requests: trace rows and rollups add alike."""
-
-    __slots__ = ("counts", "latency", "ttft", "last_used")
-
-    def __init__(self):
-        self.counts = dict.fromkeys(TALLY_COUNTS, 0)
-        self.latency, self.ttft = collections.Counter(), collections.Counter()
-        self.last_used = None
-
-    def add_row(self, row):
-        """One request_traces row (a mapping with TRACE_FIELDS)."""
-        c = self.counts
-        status = row["status"]
-        c["requests"] += 1
-        if status != "completed":
-            c["errors"] += 1
-            if status in ("failed", "cancelled", "incomplete", "reaped"):
-                c[status] += 1
-        retries = row["retry_count"] or 0
-        c["retried"] += retries > 0
-        c["retries"] += retries
-        c["fallbacks"] += row["fallback_used"] or 0
-        c["cold_loads"] += row["cold_load"] or 0
-        c["reloads"] += row["reload"] or 0
-        c["tokens_in"] += row["prompt_tokens"] or 0
-        c["tokens_out"] += row["completion_tokens"] or 0
-        if row["eval_ms"] and row["completion_tokens"]:
-            c["eval_tokens"] += row["completion_tokens"]
-            c["eval_ms"] += row["eval_ms"]
-        if row["prompt_eval_ms"] and row["prompt_tokens"]:
-            c["prompt_timed_tokens"] += row["prompt_tokens"]
-            c["prompt_ms"] += row["prompt_eval_ms"]
-        if row["cold_load"] and row["load_ms"]:
-            c["load_count"] += 1
-            c["load_ms"] += row["load_ms"]
-        c["queue_ms"] += row["queue_ms"] or 0
-        if row["latency_ms"] is not None:
-            self.latency[latency_bin(row["latency_ms"])] += 1
-        if row["time_to_first_token_ms"] is not None:
-            self.ttft[latency_bin(row["time_to_first_token_ms"])] += 1
-        self.last_used = max(self.last_used or 0, row["timestamp"])
-
-    def add_tally(self, other):
-        for key, value in other.counts.items():
-            self.counts[key] += value
-        self.latency.update(other.latency)
-        self.ttft.update(other.ttft)
-        if other.last_used is not None:
-            self.last_used = max(self.last_used or 0, other.last_used)
-
-    def add_rollup(self, row):
-        """One request_rollups row."""
-        for key in TALLY_COUNTS:
-            self.counts[key] += row[key] or 0
-        self.latency.update({int(k): v for k, v in json.loads(row["latency_bins"] or "{}").items()})
-        self.ttft.update({int(k): v for k, v in json.loads(row["ttft_bins"] or "{}").items()})
-        if row["last_used"] is not None:
-            self.last_used = max(self.last_used or 0, row["last_used"])
-
-    def rollup_values(self):
-        return {**self.counts, "last_used": self.last_used, "latency_bins": json.dumps(self.latency),
-                "ttft_bins": json.dumps(self.ttft)}
-
-    def view(self):
-        """The figures a person reads: counts, percentiles (ms), speeds (tokens/s), load time (s)."""
-        c = self.counts
-        return {"requests": c["requests"], "errors": c["errors"],
-                "latency_p50_ms": histogram_percentile(self.latency, 50),
-                "latency_p95_ms": histogram_percentile(self.latency, 95),
-                "ttft_p50_ms": histogram_percentile(self.ttft, 50), "ttft_p95_ms": histogram_percentile(self.ttft, 95),
-                "tokens_in": c["tokens_in"], "tokens_out": c["tokens_out"],
-                "decode_tps": round(c["eval_tokens"] / c["eval_ms"] * 1000, 1) if c["eval_ms"] else None,
-                "prompt_tps": round(c["prompt_timed_tokens"] / c["prompt_ms"] * 1000, 1) if c["prompt_ms"] else None,
-                "load_s": round(c["load_ms"] / c["load_count"] / 1000, 2) if c["load_count"] else None,
-                "cold_loads": c["cold_loads"], "reloads": c["reloads"], "retries": c["retries"],
-                "retried": c["retried"], "fallbacks": c["fallbacks"], "failed": c["failed"],
-                "cancelled": c["cancelled"], "incomplete": c["incomplete"], "reaped": c["reaped"],
-                "last_used": self.last_used}
-
-
-def rollup_keys(row):
-    """The rollup rows one trace row counts in: its hour, model, node and API, once for all apps
-    (app '') and once under each app it belongs to."""
-    hour = int(row["timestamp"] // 3600 * 3600)
-    base = (hour, row["model"] or "", row["node_id"] or "", row["api"] or "")
-    apps = json.loads(row["apps"]) if row["apps"] else []
-    return [(base[0], base[1], base[2], app, base[3]) for app in ["", *apps]]
-
-
-def roll_up(db, rows):
-    """Fold trace rows into request_rollups (called by the writer inside the rows' transaction)."""
-    tallies = collections.defaultdict(Tally)
-    for row in rows:
-        if row["internal"]:
-            continue
-        for key in rollup_keys(row):
-            tallies[key].add_row(row)
-    cursor = db.cursor()
-    cursor.row_factory = sqlite3.Row
-    for key, tally in tallies.items():
-        stored = cursor.execute(f"SELECT * FROM request_rollups WHERE {' AND '.join(f'{k} = ?' for k in ROLLUP_KEY)}",
-                                key).fetchone()
-        if stored is not None:
-            tally.add_rollup(stored)
-        values = {**dict(zip(ROLLUP_KEY, key)), **tally.rollup_values()}
-        db.execute(f"INSERT OR REPLACE INTO request_rollups ({', '.join(values)}) "
-                   f"VALUES ({', '.join(':' + k for k in values)})", values)
-
-
-class Analytics:
-    """Read-only queries over the trace store for the dashboard, the CLI and /metrics."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def rows(self, sql, params=()):
-        with self.store.connect_readonly() as db:
-            db.row_factory = sqlite3.Row
-            return db.execute(sql, params).fetchall()
-
-    def tallies(self, since, until, key):
-        """{group: Tally} of the client requests in [since, until), grouped by `key`: a function
-        of (hour or timestamp, model, node_id, app, api) -> a group, or None to leave it out.
-        `key.apps` True groups by app (a request counts under each of its apps)."""
-        by_app = getattr(key, "apps", False)
-        groups = collections.defaultdict(Tally)
-        raw_spans = [(since, until)]
-        if until - since > RAW_RANGE_S:
-            rolled = self.rows("SELECT rolled_until FROM rollup_progress")
-            first = math.ceil(since / 3600) * 3600
-            last = max(first, min(math.floor(until / 3600) * 3600, rolled[0][0] if rolled else first))
-            raw_spans = [(since, first), (last, until)]
-            app_clause = "app != ''" if by_app else "app = ''"
-            for row in self.rows(f"SELECT * FROM request_rollups WHERE hour >= ? AND hour < ? AND {app_clause}",
-                                 (first, last)):
-                group = key(row["hour"], row["model"], row["node_id"], row["app"], row["api"])
-                if group is not None:
-                    groups[group].add_rollup(row)
-        for start, end in raw_spans:
-            if end <= start:
-                continue
-            for row in self.rows(f"SELECT {', '.join(TRACE_FIELDS)} FROM request_traces "
-                                 f"WHERE timestamp >= ? AND timestamp < ? AND {ANALYZED}", (start, end)):
-                apps = json.loads(row["apps"]) if by_app and row["apps"] else [""]
-                for app in apps:
-                    group = key(row["timestamp"], row["model"] or "", row["node_id"] or "", app, row["api"])
-                    if group is not None:
-                        groups[group].add_row(row)
-        return groups
-
-    def last_used(self, node_id, model):
-        row = self.rows(f"SELECT MAX(timestamp) FROM request_traces WHERE node_id = ? AND model = ? AND {ANALYZED}",
-                        (node_id, model))
-        return row[0][0] if row else None
-
-    def longest_gap_before_load(self, node_id, model, span):
-        """The longest idle time before a request that had to load `model` on `node_id`: the
-        keep_alive that would have kept it loaded for all of them."""
-        rows = self.rows(f"SELECT timestamp, cold_load FROM request_traces WHERE node_id = ? AND model = ? "
-                         f"AND timestamp >= ? AND {ANALYZED} ORDER BY timestamp DESC LIMIT 20000",
-                         (node_id, model, span["since"]))
-        times = [(row["timestamp"], row["cold_load"]) for row in reversed(rows)]
-        gaps = [t - previous for (previous, _), (t, cold) in zip(times, times[1:]) if cold]
-        return max(gaps) if gaps else None
-
-
-def grouped(function, apps=False):
-    """A tallies() key function, marked for grouping by app when `apps`."""
-    function.apps = apps
-    return function
 
 
 # -- logs: lines for people on the console, JSON lines for machines in the data dir ----------
@@ -4483,6 +4524,11 @@ def add_dashboard_api(app, herd):
         return Response(herd.metrics.render(herd.fleet.gauges()), mimetype="text/plain; version=0.0.4")
 
 
+def body_too_large_message(config):
+    return (f"request body is larger than {config.max_body_mb:g} MB; send less, or start herd with a "
+            "larger --max-body-mb (FLEET_MAX_BODY_MB)")
+
+
 def add_error_pages(app, herd):
     """Flask's own errors (no route, wrong method, body too large, a bug) and herd's own refusals
     (HerdError raised by a handler) in the API's shape."""
@@ -4515,11 +4561,6 @@ def add_error_pages(app, herd):
         return error_response(api_of(request.path), 500, f"herd hit an internal error "
                               f"({type(exc).__name__}); the log at {config.data_dir}/logs/herd.jsonl "
                               "has the details", "internal_error")
-
-
-def body_too_large_message(config):
-    return (f"request body is larger than {config.max_body_mb:g} MB; send less, or start herd with a "
-            "larger --max-body-mb (FLEET_MAX_BODY_MB)")
 
 
 def create_app(config):
@@ -4788,9 +4829,9 @@ def table(rows, header):
             for line in [header, *rows]]
 
 
-@main.command()
+@main.command(name="status")
 @reader
-def status(router_url, api_key, as_json):
+def status_command(router_url, api_key, as_json):
     """Nodes, the models they have loaded (context, expiry), requests running and queued."""
     data = router_get(router_url, api_key, "/fleet/status")
     fleet = data["fleet"]
@@ -4805,10 +4846,10 @@ def status(router_url, api_key, as_json):
     show(data, as_json, lines + table(rows, ["NODE", "STATUS", "RUNNING", "SEEN", "LOADED"]))
 
 
-@main.command()
+@main.command(name="models")
 @reader
 @click.option("--hours", default=24.0, show_default=True, help="The range the figures cover.")
-def models(router_url, api_key, as_json, hours):
+def models_command(router_url, api_key, as_json, hours):
     """Per model: requests, errors, latency, time to first token, speed, the nodes that served it."""
     data = router_get(router_url, api_key, "/dashboard/api/models", hours=hours)
     rows = [[m["model"], m["requests"], m["errors"], seconds_text(m["latency_p50_ms"]), seconds_text(m["latency_p95_ms"]),
@@ -4818,10 +4859,10 @@ def models(router_url, api_key, as_json, hours):
                                                             "TOK/S", "NODES"]))
 
 
-@main.command()
+@main.command(name="health")
 @reader
 @click.option("--hours", default=24.0, show_default=True, help="The range the figures cover.")
-def health(router_url, api_key, as_json, hours):
+def health_command(router_url, api_key, as_json, hours):
     """The fleet's health score and what to fix, most urgent first."""
     data = router_get(router_url, api_key, "/dashboard/api/health", hours=hours)
     lines = [f"health {data['score']}/100"]
@@ -4830,10 +4871,10 @@ def health(router_url, api_key, as_json, hours):
     show(data, as_json, lines if data["findings"] else lines + ["nothing to fix"])
 
 
-@main.command()
+@main.command(name="traces")
 @reader
 @click.option("-n", "limit", default=20, show_default=True, help="How many of the newest requests.")
-def traces(router_url, api_key, as_json, limit):
+def traces_command(router_url, api_key, as_json, limit):
     """The newest requests: where each went and how it ended."""
     data = router_get(router_url, api_key, "/dashboard/api/traces", limit=limit)
     rows = [[ago(t["timestamp"]), t["model"] or "-", t["node_id"] or "-", t["status"], seconds_text(t["latency_ms"]),

@@ -240,3 +240,53 @@ def test_running_keeps_ends_in_order_and_forgets_released_requests():
     group.remove(leases[1])
     assert (group.count, group.nth_remaining(0, NOW), group.longest_remaining(NOW)) == (2, 3.0, 5.0)
     assert group.longest_remaining(NOW + 100) == pytest.approx(0.4)  # overdue: a tenth of the mean 4 s
+
+
+def alone_node(speed=1000.0):
+    """A node that has shown its speed alone (three clean samples of `speed` GB/s)."""
+    node = make_node()
+    for _ in range(3):
+        node.decode_gbs_alone.add(speed)
+    return node
+
+
+SHARING = [
+    # (what, replies as (speed measured, streams of its model, models), batch exponent, cross exponent)
+    # 4 streams of one model, each at 1000 / 4 ^ 0.5 = 500: b = log 2 / log 4 = 0.5
+    ("batches badly: 4 streams each at half speed", [(500.0, 4, 1)] * 3, 0.5, herd.CROSS_SLOWDOWN),
+    # 2 streams each at 1000 / 2 ^ 0.1 = 933: b = 0.1
+    ("batches well", [(1000 / 2 ** 0.1, 2, 1)] * 3, 0.1, herd.CROSS_SLOWDOWN),
+    # two models, one stream each, each at 1000 / 2 ^ 0.5 = 707 (after the batching prior, 1 ^ 0.3 = 1): c = 0.5
+    ("two models share a fast GPU better than 1/m", [(1000 / 2 ** 0.5, 1, 2)] * 3, herd.BATCH_SLOWDOWN, 0.5),
+    # two samples are not enough to replace a prior
+    ("too few samples keep the prior", [(500.0, 4, 1)] * 2, herd.BATCH_SLOWDOWN, herd.CROSS_SLOWDOWN),
+    # faster than alone (noise): slowdown 1, b = 0
+    ("noise faster than alone counts as no slowdown", [(1200.0, 2, 1)] * 3, 0.0, herd.CROSS_SLOWDOWN),
+]
+
+
+@pytest.mark.parametrize("what, replies, batch, cross", SHARING, ids=[r[0] for r in SHARING])
+def test_how_streams_share_a_node_is_learnt_from_its_replies(what, replies, batch, cross):
+    node = alone_node()
+    for speed, same, models in replies:
+        herd.learn_sharing(node, speed, same, models)
+    assert node.batch_exp == pytest.approx(batch, abs=1e-6) and node.cross_exp == pytest.approx(cross, abs=1e-6)
+
+
+def test_nothing_is_learnt_about_sharing_before_the_speed_alone_is_known():
+    node = make_node()
+    for _ in range(5):
+        herd.learn_sharing(node, 500.0, 4, 1)
+    assert node.batch_exp == herd.BATCH_SLOWDOWN
+
+
+def test_a_learnt_batching_exponent_changes_the_estimate():
+    # 4 streams running (10 s left each) and one more: beside them, with b = 0.5, 5 ^ 0.5 = 2.236
+    # against 5 ^ 0.3 = 1.621 under the prior: 3.4 s of work takes 7.60 s instead of 5.51 s
+    node = make_node(loaded=["m:latest"])
+    for _ in range(4):
+        run(node, "m:latest", NOW, 10.0)
+    prior = estimate(node, slots=8)["service"]
+    node.batch_exp = 0.5
+    learnt = estimate(node, slots=8)["service"]
+    assert prior == pytest.approx(WORK * 5 ** 0.3, abs=1e-3) and learnt == pytest.approx(WORK * 5 ** 0.5, abs=1e-3)
