@@ -489,6 +489,52 @@ def read_prompt_chars(body, endpoint):
     return chars
 
 
+PREFIX_BLOCK_CHARS = 2048  # a long message or prompt is hashed in blocks of this many characters
+MAX_PREFIX_BLOCKS = 512  # beyond this many blocks (a million characters) a prompt's rest is not tracked
+PREFIX_ENDPOINTS = frozenset({"/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions"})
+
+
+@dataclass(frozen=True, slots=True)
+class Prefix:
+    """A prompt as Ollama's runner caches it, in order: a chain of hashes, block by block (a chat
+    message by message, long ones in PREFIX_BLOCK_CHARS blocks; a generation's system and prompt
+    in blocks), the characters up to each block, and which blocks hold an assistant's reply."""
+
+    hashes: tuple = ()
+    ends: tuple = ()
+    replies: tuple = ()
+
+
+def prompt_prefix(body, endpoint):
+    """The Prefix of a checked request body (empty for embeddings: nothing is cached)."""
+    if endpoint not in PREFIX_ENDPOINTS:
+        return Prefix()
+    if "messages" in body:
+        parts = []
+        for message in body["messages"] or ():
+            content = message.get("content")
+            if isinstance(content, list):
+                content = "".join(part.get("text") or "" for part in content)
+            images = message.get("images")
+            parts.append((message.get("role") or "", (content or "") + (f"[{len(images)} images]" if images else "")))
+    else:
+        prompt = body.get("prompt")
+        text = "".join(p for p in prompt if isinstance(p, str)) if isinstance(prompt, list) else prompt or ""
+        parts = [("system", body.get("system") or ""), ("user", text)]
+    hashes, ends, replies, chain, total = [], [], [], 0, 0
+    for role, text in parts:
+        for start in range(0, max(len(text), 1), PREFIX_BLOCK_CHARS):
+            block = text[start:start + PREFIX_BLOCK_CHARS]
+            chain = hash((chain, role, block))
+            total += len(block)
+            hashes.append(chain)
+            ends.append(total)
+            replies.append(role == "assistant")
+            if len(hashes) >= MAX_PREFIX_BLOCKS:
+                return Prefix(tuple(hashes), tuple(ends), tuple(replies))
+    return Prefix(tuple(hashes), tuple(ends), tuple(replies))
+
+
 def never():
     return False
 
@@ -509,6 +555,8 @@ class Call:
     request_id: str
     started: float  # perf_counter at the door
     prompt_chars: int = 0
+    prefix: Prefix = Prefix()  # the prompt as the node's cache would hold it
+    shared_chars: int = 0  # of it, what other conversations share (a system prompt): cached everywhere, in effect
     asked_name: str | None = None  # the model name exactly as the client wrote it
     edited: bool = False  # body must be re-serialised before forwarding (see body_for)
     added_options: bool = False  # ...or only gained `options` it did not have
@@ -578,7 +626,8 @@ def parse_call(api, endpoint, raw, headers, client_ip, request_id):
     return Call(api=api, endpoint=endpoint, body=body, raw=raw, model=normalize_model(asked),
                 stream=STREAMING_DEFAULT.get(endpoint, False) if stream is None else stream,
                 fallback_models=[normalize_model(m) for m in fallbacks], tags=tags, client_ip=client_ip,
-                request_id=request_id, started=started, prompt_chars=prompt_chars, asked_name=asked,
+                request_id=request_id, started=started, prompt_chars=prompt_chars,
+                prefix=prompt_prefix(body, endpoint), asked_name=asked,
                 edited=edited, user_agent=(headers.get("User-Agent") or "")[:200])
 
 
@@ -847,6 +896,72 @@ class Running:
         return max(self._least(), self.ends[n] - now)
 
 
+# -- prompt caches: what each parallel slot of a loaded model most likely holds -----------------
+#
+# Ollama's runner keeps one input cache per parallel slot of a loaded model and starts a request
+# from the slot whose cache shares the longest prefix with its prompt; only the rest is
+# evaluated. A reload or an eviction empties them all. herd remembers, per node and model, the
+# prompt each slot last took (as a Prefix: hashes, not text), at most the node's slots of them.
+
+@dataclass(slots=True)
+class SlotCache:
+    prefix: Prefix
+    used: float  # time.monotonic() of the request that left it
+
+
+def common_blocks(held, wanted):
+    """How many leading blocks two prefixes share."""
+    if wanted[:len(held)] == held:
+        return len(held)
+    low, high = 0, min(len(held), len(wanted))  # the longest equal prefix, by halves
+    while low < high:
+        middle = (low + high + 1) // 2
+        if held[:middle] == wanted[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def cached_blocks(slot, prefix):
+    """Blocks of `prefix` a slot's cache already holds: the shared leading blocks, and when the
+    slot's whole prompt matches, the assistant reply that follows it (generated in that slot)."""
+    shared = common_blocks(slot.prefix.hashes, prefix.hashes)
+    if shared == len(slot.prefix.hashes):
+        while shared < len(prefix.replies) and prefix.replies[shared]:
+            shared += 1
+    return shared
+
+
+SHARED = 0  # in Fleet.branches: a block that different prompts continue differently
+MAX_BRANCHES = 20_000  # blocks remembered fleet-wide (about 2 MB)
+
+
+def shared_prefix_chars(branches, prefix):
+    """Characters of `prefix` that other prompts share (a system prompt many conversations start
+    with), noting this prompt's blocks in `branches` ({block: the block that followed it, or
+    SHARED once two prompts continued it differently}). Such a prefix soon sits in every node's
+    cache, so routing counts it as cached everywhere: it must not pin traffic to the node that
+    happened to see it first. A conversation's own history is followed one way only: it keeps
+    its node."""
+    shared = 0
+    hashes = prefix.hashes
+    for index in range(len(hashes) - 1):
+        block, following = hashes[index], hashes[index + 1]
+        seen = branches.get(block)
+        if seen is None:
+            branches[block] = following
+            if len(branches) > MAX_BRANCHES:
+                branches.popitem(last=False)
+        else:
+            branches.move_to_end(block)
+            if seen != following and seen != SHARED:
+                branches[block] = seen = SHARED
+        if seen == SHARED:
+            shared = index + 1
+    return prefix.ends[shared - 1] if shared else 0
+
+
 @dataclass(slots=True)
 class Node:
     """What herd knows about one Ollama machine."""
@@ -875,6 +990,7 @@ class Node:
     # model -> (context, monotonic time the load should be done): herd sent a request that (re)loads
     # the model at that context, so it runs with it from then on, whatever reports made before say
     switching: dict = field(default_factory=dict)
+    prompts: dict = field(default_factory=dict)  # model -> [SlotCache] (see the prompt caches below)
     last_seen: float = 0.0  # time.time() of the last good report
     in_flight: int = 0
     running: dict = field(default_factory=dict)  # model -> Running
@@ -969,7 +1085,27 @@ class Node:
                               "context_length": ctx, "learned": True}
         self.load_options[model] = options
         self.switching[model] = (ctx, time.monotonic() + load_s)
+        self.prompts.pop(model, None)  # a (re)load empties the slots' caches
         self.guessed_ctx = None
+
+    def cached_chars(self, model, prefix):
+        """Characters of `prefix` that a slot of `model` here most likely holds already."""
+        best = max((cached_blocks(slot, prefix) for slot in self.prompts.get(model, ())), default=0)
+        return prefix.ends[best - 1] if best else 0
+
+    def note_prompt(self, model, prefix, slots):
+        """A request with `prefix` goes to `model` here: the slot sharing the most with it takes it
+        (a new conversation takes a free slot, else the one used longest ago)."""
+        if not prefix.hashes:
+            return
+        held = self.prompts.setdefault(model, [])
+        best = max(held, key=lambda slot: cached_blocks(slot, prefix), default=None)
+        if best is None or cached_blocks(best, prefix) == 0:
+            if len(held) < slots:
+                held.append(SlotCache(prefix, time.monotonic()))
+                return
+            best = min(held, key=lambda slot: slot.used)
+        best.prefix, best.used = prefix, time.monotonic()
 
     # -- the requests running here --------------------------------------------------------------
 
@@ -1024,6 +1160,7 @@ class Node:
             else:
                 self.unloaded_at[name] = time.monotonic()
                 self.load_options.pop(name, None)
+                self.prompts.pop(name, None)
         for name, entry in loaded.items():  # a model herd loaded or served without num_ctx shows the default
             sent = self.load_options.get(name)
             probed = name in self.context_probe and not self.running_count(name)
@@ -1174,9 +1311,11 @@ def protect_context(call, lease, policy):
 # availability_trend  0..+10    10 - rate x risk
 # context_fit         0..+15    15 - rate x the part of the load that is a context reload
 #
-# Ties: fewest requests in flight on the whole node, then random, so equal nodes share the load.
+# Ties (scores closer than 10 ms or 2% of the time, more than an estimate can tell apart): fewest
+# requests in flight on the whole node, then random, so equal nodes share the load.
 
 CHARS_PER_TOKEN = 4  # rough size of a token in English text
+TIE_S, TIE_SHARE = 0.01, 0.02  # expected times closer than 10 ms or 2% are a tie (see pick)
 LOAD_FIXED_S = 1.0  # starting a runner, before the weights stream in (at most; learned per node)
 HOT_LOAD_S = 0.05  # a load_duration below this is Ollama finding the model already loaded
 PRIOR_DECODE_GBS = 300.0  # a node herd has not measured yet: a mid-range GPU or Apple chip
@@ -1346,8 +1485,11 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
                 wait = max(wait, node.running[name].longest_remaining(now))
             eviction += 0.5 * (load_fixed + freed / GB * load_per_gb)
 
-    prompt_tokens = call.prompt_chars / CHARS_PER_TOKEN
-    work = prompt_tokens * weights / prefill_gbs  # seconds alone on the node
+    # what the node's slot caches already hold of the prompt is not evaluated again
+    held = node.cached_chars(model, call.prefix) if loaded is not None and not reload else 0
+    cached_tokens = max(held, call.shared_chars) / CHARS_PER_TOKEN
+    prompt_s = max(0.0, call.prompt_chars / CHARS_PER_TOKEN - cached_tokens) * weights / prefill_gbs
+    work = prompt_s  # seconds alone on the node
     if "embed" not in call.endpoint:
         work += expected_output(call, usual_output) * weights / decode_gbs
     service, slowdown = shared_run(node, model, work, wait + load + reload, now)
@@ -1368,7 +1510,19 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
     eta = wait + load + reload + service
     risk = min(1.0, FAILURE_RISK * node.failures) * eta
     return {"wait": wait, "cold_load": load + reload, "reload": reload, "service": service,
-            "slowdown": slowdown, "eviction": eviction, "risk": risk, "eta": eta, "defer": defer}
+            "slowdown": slowdown, "eviction": eviction, "risk": risk, "eta": eta, "defer": defer,
+            "prompt": prompt_s, "cached_tokens": cached_tokens}
+
+
+def exchange_rate(causes):
+    """Points per second for one decision: as fine as the signals' ranges allow (no signal leaves
+    its range for any candidate). `causes`: each candidate's seconds by cause, slower_by set."""
+    rate = 1000.0
+    for name, (cause, _) in SIGNAL_SECONDS.items():
+        worst = max(e[cause] for e in causes) if len(causes) > 1 else causes[0][cause]
+        if worst > 0:
+            rate = min(rate, SIGNAL_RANGES[name] / worst)
+    return rate
 
 
 def score_candidates(estimates):
@@ -1377,17 +1531,25 @@ def score_candidates(estimates):
     fastest = min(e["service"] for e in causes)
     for e in causes:
         e["slower_by"] = e["service"] - fastest
-    rate = 1000.0  # points per second: as fine as the ranges allow
-    for name, (cause, _) in SIGNAL_SECONDS.items():
-        worst = max(e[cause] for e in causes) if len(causes) > 1 else causes[0][cause]
-        if worst > 0:
-            rate = min(rate, SIGNAL_RANGES[name] / worst)
+    rate = exchange_rate(causes)
     scored = []
     for node, e in estimates:
         breakdown = {name: (SIGNAL_RANGES[name] - rate * e[cause] if sign > 0 else -rate * e[cause])
                      for name, (cause, sign) in SIGNAL_SECONDS.items()}
         scored.append((node, sum(breakdown.values()), breakdown, e["eta"]))
     return scored
+
+
+def pick(scored, rate):
+    """The index of the best scored candidate. Scores closer than TIE_S seconds (or TIE_SHARE of the
+    time) are estimates too close to tell apart: those go to the node with the fewest requests in
+    flight, then at random, so that equal nodes share the load."""
+    best = max(range(len(scored)), key=lambda i: scored[i][1])
+    if len(scored) == 1:
+        return best
+    margin = rate * max(TIE_S, TIE_SHARE * scored[best][3])
+    ties = [i for i in range(len(scored)) if scored[i][1] >= scored[best][1] - margin]
+    return max(ties, key=lambda i: (-scored[i][0].in_flight, random.random()))
 
 
 # -- choosing ---------------------------------------------------------------------------------
@@ -1476,8 +1638,7 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
                                      now=now_mono))
                      for node in healthy]
         scored = score_candidates(estimates)
-        best = 0 if len(scored) == 1 else max(range(len(scored)),
-                                              key=lambda i: (scored[i][1], -scored[i][0].in_flight, random.random()))
+        best = pick(scored, exchange_rate([e for _, e in estimates]))
         node, total, breakdown, eta = scored[best]
         chosen = estimates[best][1]
         if log.isEnabledFor(logging.DEBUG):
@@ -1719,7 +1880,8 @@ def node_view(node, now, parallel):
         "models_available": sorted(node.models),
         "models_loaded": [{"name": name, "size_vram": entry.get("size_vram", entry.get("size")),
                            "size": entry.get("size"), "context_length": entry.get("context_length"),
-                           "expires_at": entry.get("expires_at"), "requests_active": node.running_count(name)}
+                           "expires_at": entry.get("expires_at"), "requests_active": node.running_count(name),
+                           "conversations": len(node.prompts.get(name, ()))}
                           for name, entry in node.loaded.items()],
         "requests_active": node.in_flight, "last_seen": node.last_seen,
         "decode_gbs": round(speed, 1) if speed else None,
@@ -1755,6 +1917,7 @@ class Fleet:
         self.preloading = set()  # node ids with a preload under way
         self.context_policy = config.context_protection
         self.priors = None  # for unmeasured nodes: from the slowest measured (None: work them out again)
+        self.branches = collections.OrderedDict()  # prompt block -> the block that followed it, or SHARED
 
     # -- reports from agents and polls ------------------------------------------------------
 
@@ -1961,6 +2124,8 @@ class Fleet:
         """
         deadline = deadline or (time.monotonic() + self.config.queue_timeout)
         with self.lock:
+            if call.prefix.hashes:
+                call.shared_chars = shared_prefix_chars(self.branches, call.prefix)
             lease, wait = self._choose(call, call.candidate_models(), self.queued, admit)
             if lease is not None:
                 if admit:
@@ -2023,11 +2188,12 @@ class Fleet:
                 self.usual_output[lease.model] = samples.quantile(0.5)
             self._grant_waiters()
 
-    def note_sent(self, lease, runs_ctx, options):
+    def note_sent(self, lease, runs_ctx, options, prefix):
         """herd is about to send a request that runs `lease.model` with context `runs_ctx` (None: the
         node's default) and these options. When that loads or reloads the model, the node runs it
         so from now on: later requests are routed and sent for that context (none is sent with the
-        old one in between, which would reload it back), and wait for the load to finish."""
+        old one in between, which would reload it back), and wait for the load to finish. Its
+        prompt goes into a slot's cache there (`prefix`)."""
         with self.lock:
             node = self.nodes.get(lease.node_id)
             if node is None:
@@ -2036,10 +2202,10 @@ class Fleet:
             ctx = context_number(runs_ctx) or node.context_default(lease.model)
             entry = node.loaded.get(lease.model)
             held = node.load_options.get(lease.model, {})
-            if (entry is not None and (entry.get("context_length") or node.context_default(lease.model)) == ctx
-                    and all(held.get(k) == options.get(k) for k in RELOAD_OPTIONS)):
-                return  # it runs like that already
-            node.note_switch(lease.model, ctx, options, lease.load_s)
+            if (entry is None or (entry.get("context_length") or node.context_default(lease.model)) != ctx
+                    or any(held.get(k) != options.get(k) for k in RELOAD_OPTIONS)):
+                node.note_switch(lease.model, ctx, options, lease.load_s)
+            node.note_prompt(lease.model, prefix, slots(node, self.config.parallel))
 
     def _candidates(self, call):
         if call.only_node is None:
@@ -2637,11 +2803,13 @@ DECISION_SECONDS = ("wait", "load", "reload", "service", "slowdown", "eviction",
 
 
 def decision_record(decision):
-    """One routing decision as the trace stores it, compactly (decision_view reads it back):
-    [model, chosen, [[node, score, eta, *DECISION_SECONDS, deferred, *signals]...], [[node, why]...]]."""
+    """One routing decision as the trace stores it, compactly (decision_view reads it back): [model,
+    chosen, [[node, score, eta, *DECISION_SECONDS, deferred, *signals, prompt s, cached tokens]...],
+    [[node, why]...]]."""
     return [decision["model"], decision["chosen"],
             [[node_id, total, e["eta"], e["wait"], e["cold_load"] - e["reload"], e["reload"], e["service"],
-              e["slowdown"], e["eviction"], e["risk"], e["defer"], *breakdown.values()]
+              e["slowdown"], e["eviction"], e["risk"], e["defer"], *breakdown.values(), e["prompt"],
+              e["cached_tokens"]]
              for node_id, e, breakdown, total in decision["candidates"]],
             decision["excluded"]]
 
@@ -2652,10 +2820,13 @@ def decision_view(record):
     model, chosen, candidates, excluded = record
     signals = list(SIGNAL_SECONDS)
     width = len(DECISION_SECONDS)
+    first_signal = 4 + width
     views = [{"node_id": c[0], "chosen": c[0] == chosen, "score": round(c[1], 2), "eta_s": round(c[2], 3),
               "deferred": bool(c[3 + width]),
               "seconds": {name: round(value, 3) for name, value in zip(DECISION_SECONDS, c[3:3 + width])},
-              "signals": {name: round(value, 2) for name, value in zip(signals, c[4 + width:])}}
+              "signals": {name: round(value, 2) for name, value in zip(signals, c[first_signal:])},
+              "prompt_s": round(c[first_signal + len(signals)], 3),
+              "cached_tokens": round(c[first_signal + len(signals) + 1])}
              for c in candidates]
     return {"model": model, "chosen": chosen, "candidates": sorted(views, key=lambda c: -c["score"]),
             "excluded": [{"node_id": node_id, "reason": reason} for node_id, reason in excluded]}
@@ -3058,7 +3229,8 @@ class Proxy:
         call = exchange.call
         body = body_for(call, lease, self.fleet.context_policy)
         if lease.held and call.endpoint in INFERENCE_ENDPOINTS:
-            self.fleet.note_sent(lease, None if call.api == "openai" else sent_num_ctx(call), call.options())
+            self.fleet.note_sent(lease, None if call.api == "openai" else sent_num_ctx(call), call.options(),
+                                 call.prefix)
         try:
             with exchange.watching():
                 resp = self.pool.urlopen(call.method, lease.url + call.endpoint, body=body,

@@ -66,7 +66,8 @@ def test_agent_reports_models_memory_and_loads(make_fake, make_router, make_agen
     fake.loaded["qwen2.5:7b"] = 8192  # someone ran it locally
     loaded = wait_for(lambda: node(router, "studio")["models_loaded"], what="load seen")
     assert loaded == [{"name": "qwen2.5:7b", "size_vram": int(4.5 * 1024 ** 3), "size": int(4.5 * 1024 ** 3),
-                       "context_length": 8192, "expires_at": "2099-01-01T00:00:00Z", "requests_active": 0}]
+                       "context_length": 8192, "expires_at": "2099-01-01T00:00:00Z", "requests_active": 0,
+                       "conversations": 0}]
     assert chat(router).headers["X-Herd-Node"] == "studio"
 
 

@@ -114,7 +114,8 @@ def test_every_node_failing_at_once_loses_no_request_while_one_recovers(make_fak
     rng = random.Random(seed)
     fakes = [make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=3, token_delay=0.003)
              for _ in range(3)]
-    router = make_router(nodes=[(f"n{i}", f.url) for i, f in enumerate(fakes)], first_byte_timeout=1.0)
+    router = make_router(nodes=[(f"n{i}", f.url) for i, f in enumerate(fakes)], first_byte_timeout=1.0,
+                         poll_interval=0.5)  # a slow poll under load must not take a node offline
     erroring, refusing, dying = fakes
     port = refusing.port
     erroring.fail_next(rng.randint(10, 20), status=500)  # answers 500, then recovers

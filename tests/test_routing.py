@@ -143,7 +143,7 @@ def test_fleet_status_reports_nodes_models_and_counts(make_fake, make_router):
     assert node["gpu"] == {"vram_total_gb": 24, "vram_used_gb": 3}
     assert node["models_loaded"] == [{"name": "llama3.2:latest", "size_vram": 2 * 1024 ** 3, "size": 2 * 1024 ** 3,
                                       "context_length": 4096, "expires_at": "2099-01-01T00:00:00Z",
-                                      "requests_active": 1}]
+                                      "requests_active": 1, "conversations": 1}]
 
 
 def test_every_decision_carries_its_score_breakdown(make_fake, make_router):
@@ -300,3 +300,40 @@ def test_a_second_large_context_request_goes_where_the_model_already_runs_large(
     nodes = [chat(router, large).headers["X-Herd-Node"] for _ in range(4)]
     assert nodes == [first] * 4
     assert sum(f.reloads for f in fakes) == 1
+
+
+# -- prompt caches ------------------------------------------------------------------------------
+
+def conversation(turns, system="You are a careful assistant. " * 200):
+    messages = [{"role": "system", "content": system}]
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"question {turn} " * 50})
+        if turn < turns - 1:
+            messages.append({"role": "assistant", "content": f"answer {turn} " * 80})
+    return dict(CHAT, messages=messages)
+
+
+def slow_fakes(make_fake, count):
+    """Nodes that say they generate 50 tokens/s (so prompt seconds matter, as on real machines)."""
+    fakes = [make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"]) for _ in range(count)]
+    for fake in fakes:
+        fake.eval_duration_ns = 100_000_000  # 5 tokens in 0.1 s
+    return fakes
+
+
+def test_follow_up_turns_go_where_their_conversation_is_cached(make_fake, make_router):
+    fakes = slow_fakes(make_fake, 3)
+    router = make_router(nodes=[(f"n{i}", f.url) for i, f in enumerate(fakes)])
+    first = chat(router, conversation(1)).headers["X-Herd-Node"]
+    assert [chat(router, conversation(turns)).headers["X-Herd-Node"] for turns in range(2, 8)] == [first] * 6
+
+
+def test_a_shared_system_prompt_alone_does_not_pin_traffic_to_one_node(make_fake, make_router):
+    fakes = slow_fakes(make_fake, 3)
+    router = make_router(nodes=[(f"n{i}", f.url) for i, f in enumerate(fakes)])
+    counts = collections.Counter()
+    for user in range(30):  # thirty one-turn conversations that share only their system prompt
+        body = conversation(1)
+        body["messages"][1]["content"] = f"user {user} asks something else entirely " * 30
+        counts[chat(router, body).headers["X-Herd-Node"]] += 1
+    assert set(counts) == {"n0", "n1", "n2"} and min(counts.values()) >= 5, counts

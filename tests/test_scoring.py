@@ -5,6 +5,7 @@ Scoring section (priors: 300 GB/s decode, prefill 20x decode, loads 1 s + 0.5 s/
 a token; 250 output tokens unless measured).
 """
 
+import collections
 import time
 
 import pytest
@@ -290,3 +291,75 @@ def test_a_learnt_batching_exponent_changes_the_estimate():
     node.batch_exp = 0.5
     learnt = estimate(node, slots=8)["service"]
     assert prior == pytest.approx(WORK * 5 ** 0.3, abs=1e-3) and learnt == pytest.approx(WORK * 5 ** 0.5, abs=1e-3)
+
+
+# -- prompt caches ------------------------------------------------------------------------------
+
+def chat_prefix(*messages):
+    return herd.prompt_prefix({"messages": [{"role": r, "content": c} for r, c in messages]}, "/api/chat")
+
+
+SYSTEM = ("system", "s" * 5000)  # 5000 characters: blocks of 2048, 2048 and 904
+
+
+def test_a_prompt_is_a_chain_of_blocks_message_by_message():
+    prefix = chat_prefix(SYSTEM, ("user", "hello"))
+    assert prefix.ends == (2048, 4096, 5000, 5005) and prefix.replies == (False,) * 4
+    other = chat_prefix(SYSTEM, ("user", "goodbye"))
+    assert other.hashes[:3] == prefix.hashes[:3] and other.hashes[3] != prefix.hashes[3]
+    assert herd.prompt_prefix({"input": "x"}, "/api/embed") == herd.Prefix()
+
+
+CACHED = [
+    # (what, prompts the slots took, the new prompt, characters cached)
+    ("nothing held", [], [SYSTEM, ("user", "hi")], 0),
+    ("the same system prompt", [[SYSTEM, ("user", "a")]], [SYSTEM, ("user", "b")], 5000),
+    # the slot took [system, u1] and generated a1; the follow-up [system, u1, a1, u2] finds all
+    # but u2 cached: 5000 + 2 + 3 characters
+    ("a follow-up turn finds its history and the reply generated there",
+     [[SYSTEM, ("user", "u1")]], [SYSTEM, ("user", "u1"), ("assistant", "a1!"), ("user", "u2")], 5005),
+    ("the longest of several slots", [[("user", "x")], [SYSTEM, ("user", "u1")]], [SYSTEM, ("user", "u1")], 5002),
+]
+
+
+@pytest.mark.parametrize("what, held, wanted, chars", CACHED, ids=[c[0] for c in CACHED])
+def test_cached_characters(what, held, wanted, chars):
+    node = make_node(loaded=["m:latest"])
+    for prompt in held:
+        node.note_prompt("m:latest", chat_prefix(*prompt), slots=4)
+    assert node.cached_chars("m:latest", chat_prefix(*wanted)) == chars
+
+
+def test_slots_hold_at_most_num_parallel_prompts_and_a_reload_forgets_them():
+    node = make_node(loaded=["m:latest"])
+    for i in range(3):
+        node.note_prompt("m:latest", chat_prefix(("user", f"conversation {i}")), slots=2)
+    assert len(node.prompts["m:latest"]) == 2  # the oldest gave its slot up
+    assert node.cached_chars("m:latest", chat_prefix(("user", "conversation 0"))) == 0
+    assert node.cached_chars("m:latest", chat_prefix(("user", "conversation 2"))) == 14
+    node.note_switch("m:latest", 8192, {}, 1.0)
+    assert node.cached_chars("m:latest", chat_prefix(("user", "conversation 2"))) == 0
+
+
+def test_cached_prompt_tokens_are_not_priced_again():
+    # a 40,000-character history (10,000 tokens) on a node that holds it: only the new 400
+    # characters (100 tokens) are evaluated: 100 x 4 GB / 6000 GB/s = 0.0667 s against 6.67 s
+    history = [("user", "h" * 40_000)]
+    node = make_node(loaded=["m:latest"])
+    node.note_prompt("m:latest", chat_prefix(*history), slots=1)
+    body = {"model": "m", "messages": [{"role": r, "content": c} for r, c in history + [("user", "n" * 400)]]}
+    call = make_call(body, prompt_chars=40_400)
+    call.prefix = herd.prompt_prefix(body, "/api/chat")
+    held = estimate(node, call)
+    cold = estimate(make_node(loaded=["m:latest"]), call)
+    assert held["cached_tokens"] == 10_000 and held["prompt"] == pytest.approx(0.0667, abs=1e-3)
+    assert cold["cached_tokens"] == 0 and cold["prompt"] == pytest.approx(6.7333, abs=1e-3)
+
+
+def test_a_prefix_two_prompts_continue_differently_counts_as_shared():
+    branches = collections.OrderedDict()
+    first = chat_prefix(SYSTEM, ("user", "a"))
+    assert herd.shared_prefix_chars(branches, first) == 0  # seen once: nobody shares it yet
+    assert herd.shared_prefix_chars(branches, chat_prefix(SYSTEM, ("user", "b"))) == 5000  # the system prompt
+    follow_up = chat_prefix(SYSTEM, ("user", "a"), ("assistant", "x"), ("user", "c"))
+    assert herd.shared_prefix_chars(branches, follow_up) == 5000  # its own history is not shared
