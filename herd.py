@@ -1862,6 +1862,7 @@ class Warmer:
 # request after a rest probes it. A good heartbeat ends the rest of a node that was unreachable.
 COOLDOWN_FIRST_S = 1.0
 COOLDOWN_MAX_S = 60.0
+PROBE_AFTER_S = 5.0  # requests waiting this long for a model whose every node rests get one probed early
 CLIENT_CHECK_S = 0.25  # how often a queued request checks that its client is still there
 
 
@@ -1977,10 +1978,27 @@ class Fleet:
             if not self.waiters:
                 return
             rested = [n for n in self.nodes.values() if 0 < n.cooldown_until <= now]
+            rested += self._probe_early(now, time.perf_counter())
             for node in rested:
                 node.cooldown_until = 0.0
             if rested or any(waiter.deferred for waiter in self.waiters):
                 self._grant_waiters()
+
+    def _probe_early(self, now, clock):
+        """Resting nodes to try again now: when requests have waited PROBE_AFTER_S for a model
+        whose every node is resting, the one whose rest ends first (a rest that grew long on a node
+        that failed many times must not keep a whole model away while others wait)."""
+        early = []
+        for waiter in self.waiters:
+            if clock - waiter.enqueued < PROBE_AFTER_S:
+                break  # oldest first: the rest waited less
+            for model in waiter.models:
+                nodes = [n for n in self.nodes.values() if eligibility(n, model, now)]
+                if nodes and all(eligibility(n, model, now) == "failing" for n in nodes):
+                    resting = [n for n in nodes if n.cooldown_until > now and n.reachable]
+                    if resting:
+                        early.append(min(resting, key=lambda n: n.cooldown_until))
+        return early
 
     def reconcile(self, leases):
         """Rebuild the running counts from the leases actually held, when they disagree."""
@@ -2825,8 +2843,9 @@ def decision_view(record):
               "deferred": bool(c[3 + width]),
               "seconds": {name: round(value, 3) for name, value in zip(DECISION_SECONDS, c[3:3 + width])},
               "signals": {name: round(value, 2) for name, value in zip(signals, c[first_signal:])},
-              "prompt_s": round(c[first_signal + len(signals)], 3),
-              "cached_tokens": round(c[first_signal + len(signals) + 1])}
+              **({"prompt_s": round(c[first_signal + len(signals)], 3),
+                  "cached_tokens": round(c[first_signal + len(signals) + 1])}
+                 if len(c) > first_signal + len(signals) + 1 else {"prompt_s": None, "cached_tokens": None})}
              for c in candidates]
     return {"model": model, "chosen": chosen, "candidates": sorted(views, key=lambda c: -c["score"]),
             "excluded": [{"node_id": node_id, "reason": reason} for node_id, reason in excluded]}
@@ -3382,17 +3401,19 @@ class Tally:
             self.last_used = max(self.last_used or 0, other.last_used)
 
     def add_rollup(self, row):
-        """One request_rollups row."""
+        """One request_rollups row (its histograms stored as [[bin, count], ...])."""
+        counts = self.counts
         for key in TALLY_COUNTS:
-            self.counts[key] += row[key] or 0
-        self.latency.update({int(k): v for k, v in json.loads(row["latency_bins"] or "{}").items()})
-        self.ttft.update({int(k): v for k, v in json.loads(row["ttft_bins"] or "{}").items()})
+            counts[key] += row[key] or 0
+        for histogram, column in ((self.latency, "latency_bins"), (self.ttft, "ttft_bins")):
+            for index, count in json.loads(row[column] or "[]"):
+                histogram[index] += count
         if row["last_used"] is not None:
             self.last_used = max(self.last_used or 0, row["last_used"])
 
     def rollup_values(self):
-        return {**self.counts, "last_used": self.last_used, "latency_bins": json.dumps(self.latency),
-                "ttft_bins": json.dumps(self.ttft)}
+        return {**self.counts, "last_used": self.last_used, "latency_bins": json.dumps(sorted(self.latency.items())),
+                "ttft_bins": json.dumps(sorted(self.ttft.items()))}
 
     def view(self):
         """The figures a person reads: counts, percentiles (ms), speeds (tokens/s), load time (s)."""
@@ -3421,7 +3442,7 @@ def rollup_keys(row):
 
 
 def roll_up(db, rows):
-    """Fold trace rows into request_rollups (called by the writer inside the rows' transaction)."""
+    """Fold trace rows into request_rollups (the trace writer, once their hour has ended)."""
     tallies = collections.defaultdict(Tally)
     for row in rows:
         if row["internal"]:
@@ -3440,6 +3461,19 @@ def roll_up(db, rows):
                    f"VALUES ({', '.join(':' + k for k in values)})", values)
 
 
+def roll_up_day(db, day):
+    """Add a day's hourly rollups up into request_rollups_daily (hour = the day's start)."""
+    cursor = db.cursor()
+    cursor.row_factory = sqlite3.Row
+    tallies = collections.defaultdict(Tally)
+    for row in cursor.execute("SELECT * FROM request_rollups WHERE hour >= ? AND hour < ?", (day, day + 86400)):
+        tallies[(day, row["model"], row["node_id"], row["app"], row["api"])].add_rollup(row)
+    for key, tally in tallies.items():
+        values = {**dict(zip(ROLLUP_KEY, key)), **tally.rollup_values()}
+        db.execute(f"INSERT OR REPLACE INTO request_rollups_daily ({', '.join(values)}) "
+                   f"VALUES ({', '.join(':' + k for k in values)})", values)
+
+
 class Analytics:
     """Read-only queries over the trace store for the dashboard, the CLI and /metrics."""
 
@@ -3451,10 +3485,13 @@ class Analytics:
             db.row_factory = sqlite3.Row
             return db.execute(sql, params).fetchall()
 
-    def tallies(self, since, until, key):
-        """{group: Tally} of the client requests in [since, until), grouped by `key`: a function
-        of (hour or timestamp, model, node_id, app, api) -> a group, or None to leave it out.
-        `key.apps` True groups by app (a request counts under each of its apps)."""
+    def tallies(self, since, until, key, resolution=None):
+        """{group: Tally} of the client requests in [since, until), grouped by `key`: a function of
+        (time: a rollup's hour or day, or a row's timestamp; model, node_id, app, api) -> a group,
+        or None to leave it out.
+        `key.apps` True groups by app (a request counts under each of its apps). Whole days come
+        from daily rollups (unless `resolution`, the seconds a group spans, is finer than a day),
+        whole hours from hourly ones, the partial hours at the ends from the rows themselves."""
         by_app = getattr(key, "apps", False)
         groups = collections.defaultdict(Tally)
         raw_spans = [(since, until)]
@@ -3463,12 +3500,14 @@ class Analytics:
             first = math.ceil(since / 3600) * 3600
             last = max(first, min(math.floor(until / 3600) * 3600, rolled[0][0] if rolled else first))
             raw_spans = [(since, first), (last, until)]
-            app_clause = "app != ''" if by_app else "app = ''"
-            for row in self.rows(f"SELECT * FROM request_rollups WHERE hour >= ? AND hour < ? AND {app_clause}",
-                                 (first, last)):
-                group = key(row["hour"], row["model"], row["node_id"], row["app"], row["api"])
-                if group is not None:
-                    groups[group].add_rollup(row)
+            hourly = [(first, last)]
+            if resolution is None or resolution % 86400 == 0:
+                first_day, last_day = math.ceil(first / 86400) * 86400, math.floor(last / 86400) * 86400
+                if last_day > first_day:
+                    hourly = [(first, first_day), (last_day, last)]
+                    self._add_rollups(groups, key, by_app, "request_rollups_daily", first_day, last_day)
+            for start, end in hourly:
+                self._add_rollups(groups, key, by_app, "request_rollups", start, end)
         for start, end in raw_spans:
             if end <= start:
                 continue
@@ -3481,6 +3520,15 @@ class Analytics:
                         groups[group].add_row(row)
         return groups
 
+    def _add_rollups(self, groups, key, by_app, table, start, end):
+        if end <= start:
+            return
+        app_clause = "app != ''" if by_app else "app = ''"
+        for row in self.rows(f"SELECT * FROM {table} WHERE hour >= ? AND hour < ? AND {app_clause}", (start, end)):
+            group = key(row["hour"], row["model"], row["node_id"], row["app"], row["api"])
+            if group is not None:
+                groups[group].add_rollup(row)
+
     def last_used(self, node_id, model):
         row = self.rows(f"SELECT MAX(timestamp) FROM request_traces WHERE node_id = ? AND model = ? AND {ANALYZED}",
                         (node_id, model))
@@ -3489,12 +3537,12 @@ class Analytics:
     def longest_gap_before_load(self, node_id, model, span):
         """The longest idle time before a request that had to load `model` on `node_id`: the
         keep_alive that would have kept it loaded for all of them."""
-        rows = self.rows(f"SELECT timestamp, cold_load FROM request_traces WHERE node_id = ? AND model = ? "
-                         f"AND timestamp >= ? AND {ANALYZED} ORDER BY timestamp DESC LIMIT 20000",
-                         (node_id, model, span["since"]))
-        times = [(row["timestamp"], row["cold_load"]) for row in reversed(rows)]
-        gaps = [t - previous for (previous, _), (t, cold) in zip(times, times[1:]) if cold]
-        return max(gaps) if gaps else None
+        rows = self.rows(f"""SELECT MAX(timestamp - (SELECT MAX(before.timestamp) FROM request_traces before
+                                WHERE before.node_id = loads.node_id AND before.model = loads.model
+                                AND before.timestamp < loads.timestamp AND {ANALYZED.replace('internal', 'before.internal')}))
+                             FROM request_traces loads WHERE node_id = ? AND model = ? AND cold_load = 1
+                             AND timestamp >= ? AND {ANALYZED}""", (node_id, model, span["since"]))
+        return rows[0][0] if rows else None
 
 
 def grouped(function, apps=False):
@@ -3527,6 +3575,7 @@ TRACE_WAIT_S = 0.05
 PRUNE_EVERY_S = 3600.0
 ROLLUP_EVERY_S = 60.0  # how often the writer looks for an hour to roll up
 ROLLUP_GRACE_S = 60.0  # an hour is rolled up this long after it ends: its last rows are written by then
+ROLLUP_HOURS_PER_PASS = 48  # catching up on old rows, the writer stops to write new ones this often
 
 
 def escaped_row(row):
@@ -3561,9 +3610,12 @@ class TraceStore:
             db.execute("CREATE INDEX IF NOT EXISTS traces_time ON request_traces (timestamp)")
             db.execute("CREATE INDEX IF NOT EXISTS traces_id ON request_traces (request_id)")
             db.execute("CREATE INDEX IF NOT EXISTS traces_node_model ON request_traces (node_id, model, timestamp)")
+            db.execute("CREATE INDEX IF NOT EXISTS traces_cold_loads ON request_traces (node_id, model, timestamp) "
+                       "WHERE cold_load = 1")
             db.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)")
             columns = ", ".join(f"{name} {kind}" for name, kind in ROLLUP_COLUMNS.items())
-            db.execute(f"CREATE TABLE IF NOT EXISTS request_rollups ({columns}, PRIMARY KEY ({', '.join(ROLLUP_KEY)}))")
+            for table in ("request_rollups", "request_rollups_daily"):  # by the hour; by the (UTC) day
+                db.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns}, PRIMARY KEY ({', '.join(ROLLUP_KEY)}))")
             db.execute("CREATE TABLE IF NOT EXISTS rollup_progress (id INTEGER PRIMARY KEY, rolled_until INTEGER)")
             db.execute("CREATE TABLE IF NOT EXISTS benchmark_runs (run_id INTEGER PRIMARY KEY AUTOINCREMENT, "
                        "node_id TEXT, model TEXT, started REAL, result TEXT)")
@@ -3594,11 +3646,12 @@ class TraceStore:
             if time.time() >= next_roll_up:
                 next_roll_up = time.time() + ROLLUP_EVERY_S
                 try:
-                    self._roll_up_hours(db)
+                    if self._roll_up_hours(db):
+                        next_roll_up = time.time()  # behind: more after this batch
                 except Exception:  # noqa: BLE001 - analytics must not stop rows being written
                     log.exception("could not roll up trace rows")
             try:
-                batch = [self.queue.get(timeout=ROLLUP_EVERY_S)]
+                batch = [self.queue.get(timeout=max(0.0, next_roll_up - time.time()))]
             except queue.Empty:
                 continue
             self._gather(batch)
@@ -3672,8 +3725,10 @@ class TraceStore:
 
     def _roll_up_hours(self, db):
         """Fold each hour that has ended (a minute ago, so no row of it is still on its way) into
-        request_rollups, once: hours before `rolled_until` are done. A database from before
-        rollups existed gains them the first time."""
+        request_rollups, once: hours before `rolled_until` are done; each day that ends, into
+        request_rollups_daily. A database from before rollups existed gains them, a couple of
+        days per pass (the writer comes back at once while it is behind). Returns True when
+        hours remain."""
         row = db.execute("SELECT rolled_until FROM rollup_progress").fetchone()
         if row is None:
             first = db.execute("SELECT MIN(timestamp) FROM request_traces").fetchone()[0]
@@ -3683,18 +3738,24 @@ class TraceStore:
         end = int((time.time() - ROLLUP_GRACE_S) // 3600 * 3600)
         cursor = db.cursor()
         cursor.row_factory = sqlite3.Row
-        while rolled_until < end:
+        for _ in range(ROLLUP_HOURS_PER_PASS):
+            if rolled_until >= end:
+                return False
             hour_rows = cursor.execute(f"SELECT {', '.join(TRACE_FIELDS)}, internal FROM request_traces "
                                        "WHERE timestamp >= ? AND timestamp < ?", (rolled_until, rolled_until + 3600))
             with db:
                 roll_up(db, hour_rows.fetchall())
                 rolled_until += 3600
+                if rolled_until % 86400 == 0:
+                    roll_up_day(db, rolled_until - 86400)
                 db.execute("INSERT OR REPLACE INTO rollup_progress (id, rolled_until) VALUES (1, ?)", (rolled_until,))
+        return rolled_until < end
 
     def _prune(self, db):
         cutoff = time.time() - self.retention_days * 86400
         with db:
             db.execute("DELETE FROM request_rollups WHERE hour < ?", (cutoff // 3600 * 3600,))
+            db.execute("DELETE FROM request_rollups_daily WHERE hour < ?", (cutoff // 86400 * 86400,))
             removed = db.execute("DELETE FROM request_traces WHERE timestamp < ?", (cutoff,)).rowcount
         if removed:
             log.info("pruned %d trace rows older than %g days", removed, self.retention_days)
@@ -3867,12 +3928,14 @@ def trace_detail(analytics, request_id):
 
 def model_figures(analytics, args):
     span = read_range(args)
-    by_model = analytics.tallies(span["since"], span["until"], grouped(lambda t, model, node, app, api: model or None))
     by_node = analytics.tallies(span["since"], span["until"],
-                                grouped(lambda t, model, node, app, api: (model, node) if model and node else None))
+                                grouped(lambda t, model, node, app, api: (model, node) if model else None))
+    by_model = collections.defaultdict(Tally)
+    for (model, _), tally in by_node.items():
+        by_model[model].add_tally(tally)
     models = []
     for model, tally in sorted(by_model.items(), key=lambda item: -item[1].counts["requests"]):
-        nodes = [{"node_id": node, **by_node[(m, node)].view()} for (m, node) in sorted(by_node) if m == model]
+        nodes = [{"node_id": node, **by_node[(m, node)].view()} for (m, node) in sorted(by_node) if m == model and node]
         models.append({"model": model, **tally.view(), "nodes": nodes})
     return {"range": span, "models": models}
 
@@ -3882,7 +3945,7 @@ def usage_figures(analytics, args):
     width = span["until"] - span["since"]
     bucket = next(size for limit, size in USAGE_BUCKETS if width <= limit)
     tallies = analytics.tallies(span["since"], span["until"],
-                                grouped(lambda t, model, node, app, api: int(t // bucket * bucket)))
+                                grouped(lambda t, model, node, app, api: int(t // bucket * bucket)), resolution=bucket)
     total = Tally()
     buckets = []
     start = int(span["since"] // bucket * bucket)
@@ -3901,16 +3964,18 @@ def usage_figures(analytics, args):
 
 def app_figures(analytics, args):
     span = read_range(args)
-    by_app = analytics.tallies(span["since"], span["until"], grouped(lambda t, model, node, app, api: app, apps=True))
-    models = analytics.tallies(span["since"], span["until"],
-                               grouped(lambda t, model, node, app, api: (app, model) if model else None, apps=True))
-    total = analytics.tallies(span["since"], span["until"], grouped(lambda t, model, node, app, api: "all"))
+    by_model = analytics.tallies(span["since"], span["until"],
+                                 grouped(lambda t, model, node, app, api: (app, model), apps=True))
+    by_app = collections.defaultdict(Tally)
+    for (app, _), tally in by_model.items():
+        by_app[app].add_tally(tally)
+    total = analytics.tallies(span["since"], span["until"], grouped(lambda *_: "all")).get("all", Tally())
     apps = [{"app": app, "kind": "client" if " from " in app else "tag",
              **{key: value for key, value in tally.view().items() if key in (
                  "requests", "errors", "tokens_in", "tokens_out", "latency_p50_ms", "latency_p95_ms")},
-             "models": sorted(m for (a, m) in models if a == app)}
+             "models": sorted(m for (a, m) in by_model if a == app and m)}
             for app, tally in sorted(by_app.items(), key=lambda item: -item[1].counts["requests"])]
-    totals = total.get("all", Tally()).view()
+    totals = total.view()
     return {"range": span, "apps": apps,
             "totals": {key: totals[key] for key in ("requests", "errors", "tokens_in", "tokens_out")}}
 
@@ -3929,9 +3994,11 @@ def health_report(herd, args):
     """A score, vital signs and findings a home-lab user can act on."""
     span = read_range(args)
     analytics, now = herd.analytics, time.time()
-    total = analytics.tallies(span["since"], span["until"], grouped(lambda *_: "all")).get("all", Tally())
-    by_node = analytics.tallies(span["since"], span["until"],
-                                grouped(lambda t, model, node, app, api: (node, model) if model and node else None))
+    groups = analytics.tallies(span["since"], span["until"], grouped(lambda t, model, node, app, api: (node, model)))
+    total = Tally()
+    for tally in groups.values():
+        total.add_tally(tally)
+    by_node = {(node, model): tally for (node, model), tally in groups.items() if node and model}
     nodes = herd.fleet.health_view()
     findings = []
 
