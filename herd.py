@@ -559,7 +559,9 @@ class Call:
     shared_chars: int = 0  # of it, what other conversations share (a system prompt): cached everywhere, in effect
     asked_name: str | None = None  # the model name exactly as the client wrote it
     edited: bool = False  # body must be re-serialised before forwarding (see body_for)
-    added_options: bool = False  # ...or only gained `options` it did not have
+    client_options: dict | None = None  # the options as the client sent them (each attempt starts from them)
+    options_edited: bool = False  # this attempt changed them...
+    added_options: bool = False  # ...or only added `options` the client did not send
     pin: str | None = None  # a node chosen by the client (X-Herd-Node) for model management
     method: str = "POST"
     may_change_fleet: bool = False  # set for model management; any call with the key, or from loopback
@@ -626,6 +628,7 @@ def parse_call(api, endpoint, raw, headers, client_ip, request_id):
     return Call(api=api, endpoint=endpoint, body=body, raw=raw, model=normalize_model(asked),
                 stream=STREAMING_DEFAULT.get(endpoint, False) if stream is None else stream,
                 fallback_models=[normalize_model(m) for m in fallbacks], tags=tags, client_ip=client_ip,
+                client_options=dict(options) if isinstance(options, dict) else None,
                 request_id=request_id, started=started, prompt_chars=prompt_chars,
                 prefix=prompt_prefix(body, endpoint), asked_name=asked,
                 edited=edited, user_agent=(headers.get("User-Agent") or "")[:200])
@@ -1260,7 +1263,7 @@ def protect_context(call, lease, policy):
     if options != original:
         call.body["options"] = options
         if original or b'"options"' in call.raw:
-            call.edited = True
+            call.options_edited = True
         else:
             call.added_options = True
     if changes:
@@ -1534,7 +1537,7 @@ def score_candidates(estimates):
     rate = exchange_rate(causes)
     scored = []
     for node, e in estimates:
-        breakdown = {name: (SIGNAL_RANGES[name] - rate * e[cause] if sign > 0 else -rate * e[cause])
+        breakdown = {name: (SIGNAL_RANGES[name] - rate * e[cause] if sign > 0 else 0.0 - rate * e[cause])
                      for name, (cause, sign) in SIGNAL_SECONDS.items()}
         scored.append((node, sum(breakdown.values()), breakdown, e["eta"]))
     return scored
@@ -2395,8 +2398,13 @@ def poll_ollama(session, url):
         models = session.get(url + "/api/tags", timeout=NODE_CALL_TIMEOUT).json().get("models") or []
         loaded = session.get(url + "/api/ps", timeout=NODE_CALL_TIMEOUT).json().get("models") or []
         return read_ollama_block({"reachable": True, "version": version, "models": models, "loaded": loaded})
+    except requests.ConnectionError as exc:
+        reason = "connection refused" if "refused" in str(exc).lower() else "cannot connect"
+        return {"reachable": False, "error": f"Ollama at {url}: {reason}; is `ollama serve` running there?"}
+    except requests.Timeout:
+        return {"reachable": False, "error": f"Ollama at {url} did not answer within {NODE_CALL_TIMEOUT:g} s"}
     except (requests.RequestException, ValueError, AttributeError) as exc:
-        return {"reachable": False, "error": f"{type(exc).__name__}: {exc}"}
+        return {"reachable": False, "error": f"Ollama at {url} answered oddly: {str(exc)[:200]}"}
     except HerdError as exc:
         return {"reachable": False, "error": f"Ollama answered something herd cannot read: {exc.message}"}
 
@@ -2784,7 +2792,13 @@ def header_safe(text):
 
 def body_for(call, lease, policy):
     """The bytes to send the leased node: the client's own unless the model or its options had
-    to change (a fallback model serves it; context protection)."""
+    to change (a fallback model serves it; context protection). Each attempt starts from the
+    client's options, not from what an earlier attempt made of them for another node."""
+    if call.client_options is None:
+        call.body.pop("options", None)
+    else:
+        call.body["options"] = dict(call.client_options)
+    call.options_edited = call.added_options = False
     if lease.model != call.model:  # a fallback model serves it
         if call.body.get("model") != lease.model:
             log.info("request %s: %s served by fallback model %s on %s", call.request_id, call.model,
@@ -2796,7 +2810,7 @@ def body_for(call, lease, policy):
         call.body["model"] = call.asked_name
     if call.endpoint in INFERENCE_ENDPOINTS:
         protect_context(call, lease, policy)
-    if call.edited:
+    if call.edited or call.options_edited:
         return json.dumps(call.body).encode()
     if call.added_options:  # the client's bytes, with `options` added before the closing brace
         head = call.raw.rstrip()[:-1].rstrip()
@@ -3028,7 +3042,8 @@ class Exchange:
         timings = reply.timings or {}
         load_s = timings.get("load_s")
         return {
-            "request_id": call.request_id, "timestamp": self.ended_at, "model": self.model or call.model,
+            "request_id": call.request_id, "timestamp": self.ended_at,
+            "model": (self.model or call.model or None) if self.node_id else None,  # served (or tried)
             "original_model": call.model, "node_id": self.node_id, "status": self.status,
             "latency_ms": round(latency_ms, 3),
             "time_to_first_token_ms": round(self.ttft_ms, 3) if self.ttft_ms is not None else None,
@@ -3322,7 +3337,7 @@ ROLLUP_KEY = ("hour", "model", "node_id", "app", "api")
 ROLLUP_COLUMNS = {**{name: "INTEGER" if name in ("hour",) else "TEXT" for name in ROLLUP_KEY},
                   **{name: "REAL" if name.endswith("_ms") else "INTEGER" for name in TALLY_COUNTS},
                   "last_used": "REAL", "latency_bins": "TEXT", "ttft_bins": "TEXT"}
-TRACE_FIELDS = ("timestamp", "model", "node_id", "api", "status", "latency_ms", "time_to_first_token_ms",
+TRACE_FIELDS = ("timestamp", "model", "original_model", "node_id", "api", "status", "latency_ms", "time_to_first_token_ms",
                 "prompt_tokens", "completion_tokens", "retry_count", "fallback_used", "cold_load", "reload",
                 "eval_ms", "prompt_eval_ms", "load_ms", "queue_ms", "apps")
 ANALYZED = "(internal IS NULL OR internal = 0)"  # rows of client traffic (not herd's own benchmarks)
@@ -3436,7 +3451,7 @@ def rollup_keys(row):
     """The rollup rows one trace row counts in: its hour, model, node and API, once for all apps
     (app '') and once under each app it belongs to."""
     hour = int(row["timestamp"] // 3600 * 3600)
-    base = (hour, row["model"] or "", row["node_id"] or "", row["api"] or "")
+    base = (hour, row["model"] or row["original_model"] or "", row["node_id"] or "", row["api"] or "")
     apps = json.loads(row["apps"]) if row["apps"] else []
     return [(base[0], base[1], base[2], app, base[3]) for app in ["", *apps]]
 
@@ -3515,7 +3530,8 @@ class Analytics:
                                  f"WHERE timestamp >= ? AND timestamp < ? AND {ANALYZED}", (start, end)):
                 apps = json.loads(row["apps"]) if by_app and row["apps"] else [""]
                 for app in apps:
-                    group = key(row["timestamp"], row["model"] or "", row["node_id"] or "", app, row["api"])
+                    group = key(row["timestamp"], row["model"] or row["original_model"] or "", row["node_id"] or "",
+                                app, row["api"])
                     if group is not None:
                         groups[group].add_row(row)
         return groups
@@ -3896,7 +3912,7 @@ def recent_traces(analytics, args):
     """The request log: newest first, filtered by model, node, app and status."""
     span = read_range(args)
     limit = int(read_whole(read_number(args.get("limit") or TRACE_LIMIT_DEFAULT, "limit"), "limit", 1, 10 ** 9))
-    clauses, params = ["timestamp >= ?"], [span["since"]]
+    clauses, params = ["timestamp >= ?", ANALYZED], [span["since"]]
     for field_name in ("model", "node_id", "status"):
         if args.get(field_name):
             clauses.append(f"{field_name} = ?")
@@ -4292,7 +4308,8 @@ class Benchmarks:
             call = Call(api="ollama", endpoint="/api/generate", body=body, raw=json.dumps(body).encode(),
                         model=model, stream=True, fallback_models=[], tags=[BENCHMARK_TAG], client_ip="herd",
                         request_id=self.herd.request_id(), started=time.perf_counter(),
-                        prompt_chars=len(BENCH_PROMPT), only_node=node_id, user_agent="herd benchmark")
+                        prompt_chars=len(BENCH_PROMPT), only_node=node_id, user_agent="herd benchmark",
+                        client_options=dict(body["options"]))
             response = self.herd.proxy.serve(call)
             first, tail = None, b""
             for chunk in response.response:
@@ -4546,8 +4563,8 @@ def add_gates(app, herd):
     def trace_other_answers(response):
         environ = request.environ
         if (environ.get(TRACED) or (response.status_code < 400 and environ["REQUEST_METHOD"] in ("GET", "HEAD", "OPTIONS"))
-                or request.path.startswith(UNTRACED_PREFIXES)):
-            return response
+                or environ.get("HTTP_X_HERD_DASHBOARD") or request.path.startswith(UNTRACED_PREFIXES)):
+            return response  # served and traced already, a read, or the dashboard's own
         herd.trace_answer(api_of(request.path), request.path, request.remote_addr, response.status_code,
                           answer_message(response))
         return response

@@ -98,7 +98,8 @@ def test_request_log_filters_and_each_decision_in_full(traffic):
     assert len(log) == 17 and log[0]["timestamp"] >= log[-1]["timestamp"]  # newest first
     assert len(api(router, "traces")["traces"]) == 17  # the default limit (20) holds all 17
     assert len(api(router, "traces", app="agent")["traces"]) == 4
-    assert [t["model"] for t in api(router, "traces", status="failed")["traces"]] == ["missing-model:latest"]
+    assert [(t["model"], t["original_model"]) for t in api(router, "traces", status="failed")["traces"]] == \
+        [(None, "missing-model:latest")]  # asked for, served by nothing
     assert len(api(router, "traces", limit=5)["traces"]) == 5
     assert len(api(router, "traces", limit=100000)["traces"]) == 17  # capped, not refused
     retried = next(t for t in log if t["retry_count"])
@@ -252,7 +253,7 @@ def test_model_management_delete_and_pull(traffic):
     assert "qwen2.5:7b" not in a.models and "qwen2.5:7b" in b.models
     assert "qwen2.5:7b" not in by(by(api(router, "model-management")["nodes"], "node_id")["a"]["models"], "name")
     assert post(router, "/dashboard/api/delete", {"model": "qwen2.5:7b", "node_id": "a"}).status_code == 404
-    b.pull_steps, b.token_delay = 5, 0.05
+    b.pull_steps, b.token_delay = 6, 0.15  # about a second, so the progress is seen on the way
     assert post(router, "/dashboard/api/pull", {"model": "phi4", "node_id": "b"}).status_code == 202
     seen = set()
 
