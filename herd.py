@@ -370,27 +370,26 @@ def read_real(value, field_name, low=-1e12, high=1e12, optional=False):
     return float(value)
 
 
-def read_flag(value, field_name, optional=False):
+def read_kind(value, field_name, kind, expected, optional=False):
+    """`value` when it is a `kind` (or None and `optional`); else BadInput saying `expected`."""
     if value is None and optional:
         return None
-    if not isinstance(value, bool):
-        raise BadInput(field_name, "true or false", value)
+    if not isinstance(value, kind):
+        raise BadInput(field_name, expected, value)
     return value
+
+
+def read_flag(value, field_name, optional=False):
+    return read_kind(value, field_name, bool, "true or false", optional)
 
 
 def read_object(value, field_name, optional=False):
-    if value is None and optional:
-        return None
-    if not isinstance(value, dict):
-        raise BadInput(field_name, "an object", value)
-    return value
+    return read_kind(value, field_name, dict, "an object", optional)
 
 
 def read_list(value, field_name, max_items=MAX_LIST_ITEMS, optional=False):
-    if value is None and optional:
+    if read_kind(value, field_name, list, "a list", optional) is None:
         return None
-    if not isinstance(value, list):
-        raise BadInput(field_name, "a list", value)
     if len(value) > max_items:
         raise BadInput(field_name, f"a list of at most {max_items} items", f"{len(value)} items")
     return value
@@ -3872,6 +3871,15 @@ MIN_SAMPLES = 5  # timed replies needed before comparing speeds
 KEEP_LOADED_LOADS = 2  # cold loads of a model on a node before suggesting a longer keep_alive
 BETTER_NODE_RATIO = 1.3  # another node this much faster at a model (and with room) is worth it
 SEVERITY_COST = {"critical": 25, "warning": 10, "info": 2}
+# rates of the traffic worth a finding: (id, count, threshold, severity, title, evidence, fix)
+RATE_FINDINGS = (
+    ("retry_rate", "retried", RETRY_RATE_WARNING, "warning", "Nodes fail requests before answering",
+     "requests needed another node", "See /fleet/status for the failing node's last failure and check its Ollama log."),
+    ("cancel_rate", "cancelled", CANCEL_RATE_INFO, "info", "Clients give up on requests",
+     "were cancelled by their client", "Answers may be too slow: add a node or use smaller models for interactive apps."),
+    ("cut_streams", "incomplete", CUT_RATE_WARNING, "warning", "Streams break mid-answer", "streams ended early",
+     "Check the nodes' stability (a node that restarts or runs out of memory mid-answer)."),
+)
 
 
 def read_number(text, field_name):
@@ -4084,18 +4092,9 @@ def health_report(herd, args):
             find("error_rate", severity, None, "Requests are failing",
                  f"{total.counts['failed'] + total.counts['incomplete'] + total.counts['reaped']} of {requests_n} failed",
                  "Open the request log filtered to status failed to see which nodes and models.")
-        if rates["retried"] >= RETRY_RATE_WARNING:
-            find("retry_rate", "warning", None, "Nodes fail requests before answering",
-                 f"{total.counts['retried']} of {requests_n} requests needed another node",
-                 "See /fleet/status for the failing node's last failure and check its Ollama log.")
-        if rates["cancelled"] >= CANCEL_RATE_INFO:
-            find("cancel_rate", "info", None, "Clients give up on requests",
-                 f"{total.counts['cancelled']} of {requests_n} were cancelled by their client",
-                 "Answers may be too slow: add a node or use smaller models for interactive apps.")
-        if rates["incomplete"] >= CUT_RATE_WARNING:
-            find("cut_streams", "warning", None, "Streams break mid-answer",
-                 f"{total.counts['incomplete']} of {requests_n} streams ended early",
-                 "Check the nodes' stability (a node that restarts or runs out of memory mid-answer).")
+        for id_, key, threshold, severity, title, evidence, fix in RATE_FINDINGS:
+            if rates[key] >= threshold:
+                find(id_, severity, None, title, f"{total.counts[key]} of {requests_n} {evidence}", fix)
         if total.counts["reaped"]:
             find("reaped", "warning", None, "Requests hung and were reaped",
                  f"{total.counts['reaped']} produced no byte for the stall timeout",

@@ -19,6 +19,7 @@ import json
 import queue
 import signal
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,11 @@ from pathlib import Path
 import urllib3
 import waitress
 from flask import Flask, Response, request
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# herd's own helpers for what any proxy on this stack must do alike: read the node's bytes as they
+# come, and leave out the headers Waitress frames itself (importing them runs nothing of herd)
+from herd import HOP_BY_HOP, upstream_chunks  # noqa: E402
 
 # -- settings: herd's defaults -----------------------------------------------------------------
 
@@ -35,10 +41,6 @@ MAX_BODY_MB = 64.0  # herd's max_body_mb
 CONNECT_TIMEOUT_S = 3.0  # herd's connect_timeout
 READ_TIMEOUT_S = 630.0  # herd's backstop: max(first_byte_timeout, stall_timeout) + 30
 ENDPOINTS = ("/api/chat", "/api/generate", "/v1/chat/completions")
-# Never copied from the node's response: Waitress frames the body itself (herd's HOP_BY_HOP).
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te",
-                        "trailer", "upgrade", "proxy-authenticate", "proxy-authorization", "date",
-                        "server"})
 TRACE_BATCH = 500  # rows per transaction, as herd's TraceStore
 TRACE_QUEUE = 100_000
 
@@ -95,20 +97,6 @@ class TraceWriter:
 
 
 # -- forwarding --------------------------------------------------------------------------------
-
-def upstream_chunks(resp):
-    """Yield the node's bytes as they arrive: chunk by chunk when chunked, else what read1 has."""
-    if resp.chunked and resp.supports_chunked_reads():
-        for chunk in resp.read_chunked(decode_content=False):
-            if chunk:
-                yield chunk
-        return
-    while True:
-        chunk = resp.read1(65536)
-        if not chunk:
-            return
-        yield chunk
-
 
 class FloorProxy:
     """The nodes, their in-flight counts, the upstream pool and the trace writer."""

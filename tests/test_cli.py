@@ -26,16 +26,17 @@ def start(tmp_path, *args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def start_with_node(tmp_path, fake, port=None):
+    """herd on a free (or the given) port with `fake` as node `box`: (process, its URL)."""
+    port = port or free_port()
+    return start(tmp_path, "--port", str(port), "--node", f"box={fake.url}"), f"http://127.0.0.1:{port}"
+
+
 def test_router_serves_then_flushes_traces_on_sigterm(make_fake, tmp_path):
-    fake = make_fake()
-    port = free_port()
-    proc = start(tmp_path, "--port", str(port), "--node", f"box={fake.url}")
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_with_node(tmp_path, make_fake())
+    port = int(url.rsplit(":", 1)[1])
     try:
-        wait_for(lambda: _online(url), timeout=15, what="router up with its node")
-        for _ in range(40):
-            assert requests.post(url + "/api/generate", json={"model": "llama3.2", "prompt": "x",
-                                                                "stream": False}).status_code == 200
+        send_generations(url, 40)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
@@ -44,6 +45,14 @@ def test_router_serves_then_flushes_traces_on_sigterm(make_fake, tmp_path):
         assert db.execute("SELECT COUNT(*) FROM request_traces").fetchone()[0] == 40
     log_lines = (tmp_path / "logs" / "herd.jsonl").read_text().splitlines()
     assert any('"node box registered' in line for line in log_lines)
+
+
+def send_generations(url, count):
+    """Once the router at `url` sees its node, `count` generations through it, each answered 200."""
+    wait_for(lambda: _online(url), timeout=15, what="router up with its node")
+    for _ in range(count):
+        assert requests.post(url + "/api/generate", json={"model": "llama3.2", "prompt": "x",
+                                                            "stream": False}).status_code == 200
 
 
 def _online(url, count=1):
@@ -131,20 +140,16 @@ def test_sigterm_drains_running_requests_refuses_new_ones_and_loses_no_row(make_
 
 def test_kill_9_loses_no_committed_row_and_herd_starts_again_on_the_same_database(make_fake, tmp_path):
     fake = make_fake()
-    port = free_port()
-    proc = start(tmp_path, "--port", str(port), "--node", f"box={fake.url}")
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_with_node(tmp_path, fake)
     try:
-        wait_for(lambda: _online(url), timeout=15, what="router up")
-        for _ in range(20):
-            requests.post(url + "/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False})
+        send_generations(url, 20)
         time.sleep(0.5)  # the writer commits in batches as rows arrive
     finally:
         proc.kill()
         proc.communicate(timeout=20)
     with sqlite3.connect(tmp_path / "latency.db") as db:
         assert db.execute("SELECT COUNT(*) FROM request_traces").fetchone()[0] == 20
-    again = start(tmp_path, "--port", str(port), "--node", f"box={fake.url}")
+    again, _ = start_with_node(tmp_path, fake, port=int(url.rsplit(":", 1)[1]))
     try:
         wait_for(lambda: _online(url), timeout=15, what="router up again")
         assert requests.post(url + "/api/generate", json={"model": "llama3.2", "prompt": "x"}).status_code == 200
