@@ -1359,32 +1359,41 @@ def shared_run(node, model, work, start, now):
     """(seconds, slowdown): how long a request needing `work` seconds alone takes on `node` when
     it starts in `start` seconds, beside the requests running there that have not ended by then
     (each model's group is taken to end at its mean remaining time, stretched by the share this
-    request takes), and the seconds it adds to theirs while they overlap."""
+    request takes), and the seconds it adds to theirs while they overlap. The sharing is the
+    node's (streams ^ batch x models ^ cross, see `sharing`), worked out incrementally."""
     if not node.in_flight:
         return work, 0.0
-    counts = {}
-    groups = []
+    groups = []  # (expected end without this request, model, its streams)
     for other, group in node.running.items():
-        left = group.mean_remaining(now) if group.count > 0 else 0.0
-        if left > start:
-            counts[other] = group.count
-            groups.append((left, other))
+        if group.count > 0:
+            left = group.mean_remaining(now)
+            if left > start:
+                groups.append((left, other, group.count))
+    if not groups:
+        return work, 0.0
     batch, cross = node.batch_exp, node.cross_exp
-    with_me = dict(counts, **{model: counts.get(model, 0) + 1})
-    stretch = {other: sharing(with_me, other, 0, batch, cross) / sharing(counts, other, 0, batch, cross)
-               for other in counts}
-    ends = sorted((start + (left - start) * stretch[other], other) for left, other in groups)
-    t, todo, running = start, work, dict(counts)
-    for end, other in ends:
-        pace = 1 / sharing(running, model, 1, batch, cross)
+    models = len(groups)
+    mine_running = next((count for _, other, count in groups if other == model), 0)
+    more_models = ((models + (not mine_running)) / models) ** cross  # this request joining them
+    ends = []
+    for left, other, count in groups:
+        stretch = more_models * (((count + 1) / count) ** batch if other == model else 1.0)
+        ends.append((start + (left - start) * stretch, other, count, stretch))
+    ends.sort()
+    t, todo = start, work
+    same, running_models = mine_running + 1, models + (not mine_running)
+    for end, other, count, _ in ends:
+        pace = 1 / (same ** batch * running_models ** cross)
         if todo <= (end - t) * pace:
             break
         todo -= (end - t) * pace
         t = end
-        del running[other]
-    finish = t + todo * sharing(running, model, 1, batch, cross)
-    slowdown = sum(counts[other] * (min(end, finish) - start) * (1 - 1 / stretch[other])
-                   for end, other in ends)
+        if other == model:
+            same = 1  # its own model's other streams are done
+        else:
+            running_models -= 1
+    finish = t + todo * same ** batch * running_models ** cross
+    slowdown = sum(count * (min(end, finish) - start) * (1 - 1 / stretch) for end, _, count, stretch in ends)
     return finish - start, slowdown
 
 
