@@ -3,6 +3,8 @@
     python tests/bench_routing.py                 # seeds 1 2 3, about 5 minutes
     python tests/bench_routing.py --seeds 4 --routers herd least-connections
     python tests/bench_routing.py --routers herd-agentless    # herd without herd-node, 2 minutes
+    python tests/bench_routing.py --generated 20  # 20 generated home labs against the issue's targets, ~15 minutes
+    python tests/bench_routing.py --generated 20 --only 7 12  # two of them
 
 A simulated fleet (tests/sim_ollama.py; machines, models and mix in bench_common.py) of four
 unequal machines replays the same seeded,
@@ -16,6 +18,14 @@ APIs; a few large num_ctx) through three routers:
 
 Times are simulated seconds (real time x SCALE). The lower bound serves each request alone on the
 fastest node that has its model, already loaded.
+
+--generated N replays N home labs drawn from seeds 1..N over wide ranges instead (machines,
+models, traffic with bursts and idle gaps, and the simulator's physics: see bench_common.py),
+each at an offered load of 0.1-0.5 of its fleet's capacity. Their lower bound also counts the
+queueing that no placement avoids (bench_common.queueing_bound says why it is a bound). The report
+lists each lab and how the routers did, worst first, the summary against the targets of issue 13,
+where herd's time went in the worst lab (from what the simulated nodes recorded per request and
+herd's trace rows) and, for the worst three, what herd expected of each node it chose.
 """
 
 from __future__ import annotations
@@ -23,22 +33,29 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import random
+import shutil
+import sqlite3
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import NamedTuple
 
 import urllib3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import herd  # noqa: E402
 import herd_node  # noqa: E402
-from bench_common import (CONTEXT, DURATION_S, FLEET, RATE, SCALE, free_port, lower_bound,  # noqa: E402
-                          mean_p95_p99, pct, sim_node, start_herd, stop, wait_nodes, workload)
+from bench_common import (CONTEXT, DURATION_S, FLEET, RATE, SCALE, bounds, classic_lab, fastest_tps,  # noqa: E402
+                          free_port, generated_lab, lower_bound, mean_p95_p99, pct, sim_node, start_herd, stop,
+                          wait_nodes, workload)
 from fake_ollama import QuietServer, full_name  # noqa: E402
 
 HERD_LOG_LEVEL = os.environ.get("HERD_BENCH_LOG", "WARNING")  # DEBUG: every decision's estimates in the log
@@ -108,77 +125,122 @@ class BaselineProxy:
 
 # -- one run ------------------------------------------------------------------------------------
 
-def start_fleet():
-    return {name: sim_node(name) for name in FLEET}
+class Outcome(NamedTuple):
+    """How one request went, as its client saw it (sim seconds)."""
+
+    latency: float
+    ttft: float
+    ok: bool
+    stream: bool
+    node: str | None  # herd's X-Herd-Node
 
 
-def start_herd_on(nodes, data_dir, agents=True):
+@dataclass
+class RouterRun:
+    """One router's run of a workload on fresh simulated nodes."""
+
+    results: list  # Outcome per request of the plan
+    stats: dict  # the nodes' counters, summed
+    records: list = field(default_factory=list)  # (node, sim_ollama.Record) per request served
+    traces: list = field(default_factory=list)  # herd's trace rows (dicts), herd only
+
+
+def start_fleet(lab):
+    return {name: sim_node(name, lab=lab) for name in lab.machines}
+
+
+def start_herd_on(nodes, data_dir, lab, agents=True, flags=()):
     """herd in its own process, fed by a herd-node agent per machine, or (agents=False) polling
-    each node itself as `--node` (no memory size, slots or default context: what it sees in /api/ps)."""
+    each node itself as `--node` (no memory size, slots or default context: what it sees in /api/ps).
+    An agent is told the machine's slots and the memory Ollama may fill there."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_herd(port, data_dir, [] if agents else [(name, node.url) for name, node in nodes.items()],
-                      flags=["--queue-timeout", "600"], log_level=HERD_LOG_LEVEL)
+                      flags=["--queue-timeout", "600", *flags], log_level=HERD_LOG_LEVEL)
     agents = [herd_node.Agent(herd_node.AgentConfig(
-        router_url=url, ollama_host=node.url, node_id=name, interval=0.5, num_parallel=FLEET[name][2],
-        memory_gb=FLEET[name][0])).start() for name, node in nodes.items()] if agents else []
+        router_url=url, ollama_host=node.url, node_id=name, interval=0.5, num_parallel=lab.machines[name].slots,
+        memory_gb=lab.machines[name].budget_gb)).start() for name, node in nodes.items()] if agents else []
     wait_nodes(url, len(nodes), calibrated=True)  # herd times each node once when it joins
     return proc, agents, url
 
 
-def replay(url, plan):
-    """Send each request at its arrival time; returns (latency, ttft, ok) per request, sim seconds."""
+def replay(url, plan, give_up=None, numbered=False):
+    """Send each request at its arrival time; returns an Outcome per request. A request still
+    running `give_up` sim seconds after the start counts as failed, its latency cut there.
+    Numbered requests carry their number in X-Herd-Tags, so herd's trace rows name them."""
     pool = urllib3.PoolManager(maxsize=256, retries=False, timeout=urllib3.Timeout(connect=10, read=900))
     results = [None] * len(plan)
     start = time.monotonic()
 
-    def one(index, path, body, stream):
+    def one(index, path, body, stream, model):
         sent = time.monotonic()
         ttft = None
+        headers = {"Content-Type": "application/json"}
+        if numbered:
+            headers["X-Herd-Tags"] = f"bench-{index}"
         try:
-            response = pool.request("POST", url + path, body=json.dumps(body).encode(),
-                                    headers={"Content-Type": "application/json"}, preload_content=False)
+            response = pool.request("POST", url + path, body=json.dumps(body).encode(), headers=headers,
+                                    preload_content=False)
             data = b""
             for chunk in response.stream(None):
                 if ttft is None:
                     ttft = time.monotonic() - sent
                 data += chunk
             response.release_conn()
-            ok = response.status == 200 and b'"error"' not in data[-300:]
+            served = response.headers.get("X-Herd-Model")  # herd may serve a substitute: not what was asked
+            ok = (response.status == 200 and b'"error"' not in data[-300:]
+                  and (served is None or full_name(served) == full_name(model)))
         except Exception:  # noqa: BLE001 - a failure is a result here
             ok, response = False, None
         latency = time.monotonic() - sent
         node = response.headers.get("X-Herd-Node") if ok else None
-        results[index] = (latency * SCALE, (ttft if stream and ttft else latency) * SCALE, ok, stream, node)
+        results[index] = Outcome(latency * SCALE, (ttft if stream and ttft else latency) * SCALE, ok, stream, node)
 
     threads = []
-    for index, (arrival, path, body, stream, *_rest) in enumerate(plan):
+    for index, (arrival, path, body, stream, model, *_rest) in enumerate(plan):
         delay = arrival / SCALE - (time.monotonic() - start)
         if delay > 0:
             time.sleep(delay)
-        thread = threading.Thread(target=one, args=(index, path, body, stream))
+        thread = threading.Thread(target=one, args=(index, path, body, stream, model), daemon=True)
         thread.start()
         threads.append(thread)
     for thread in threads:
-        thread.join()
-    return results
+        thread.join(None if give_up is None else max(0.0, start + give_up / SCALE - time.monotonic()))
+    final = list(results)
+    for index, request in enumerate(plan):
+        if final[index] is None:
+            cut = give_up - request.arrival
+            final[index] = Outcome(cut, cut, False, request.stream, None)
+    return final
 
 
-def run(router, plan, data_dir):
-    nodes = start_fleet()
+def read_traces(data_dir):
+    """herd's trace rows in `data_dir` (written by the time herd has stopped)."""
+    path = Path(data_dir) / "latency.db"
+    if not path.exists():
+        return []
+    with sqlite3.connect(path) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute("SELECT * FROM request_traces ORDER BY timestamp")]
+
+
+def run(router, plan, data_dir, lab, give_up=None):
+    nodes = start_fleet(lab)
     proc, agents, proxy = None, [], None
     try:
         if router.startswith("herd"):
-            proc, agents, url = start_herd_on(nodes, data_dir, agents=router == "herd")
+            # requests given up on are still running at the end: herd need not drain them
+            proc, agents, url = start_herd_on(nodes, data_dir, lab, agents=router == "herd",
+                                              flags=["--drain-timeout", "5"] if give_up else ())
         else:
             proxy = BaselineProxy({n: (node.url, set(node.models)) for n, node in nodes.items()}, router)
             url = proxy.url
-        results = replay(url, plan)
+        results = replay(url, plan, give_up, numbered=lab.traffic.numbered)
         stats = {}
         for node in nodes.values():
             for key, value in node.stats.items():
                 stats[key] = stats.get(key, 0) + value
-        return results, stats
+        records = [(name, record) for name, node in nodes.items() for record in list(node.records)]
     finally:
         for agent in agents:
             agent.stop()
@@ -188,6 +250,7 @@ def run(router, plan, data_dir):
             proxy.stop()
         for node in nodes.values():
             node.stop()
+    return RouterRun(results, stats, records, read_traces(data_dir) if proc is not None else [])
 
 
 def by_model(plan, results, bound):
@@ -201,22 +264,16 @@ def by_model(plan, results, bound):
 def summary(results, stats):
     ttfts = [r[1] for r in results if r[3]]
     return {"failures": sum(1 for r in results if not r[2]), **mean_p95_p99([r[0] for r in results]),
-            "ttft_p95": pct(ttfts, 95), "loads": stats["loads"], "reloads": stats["reloads"],
-            "evictions": stats["evictions"], "needless_reloads": stats["needless_reloads"]}
+            "ttft_p95": pct(ttfts, 95) if ttfts else math.nan, "loads": stats["loads"],
+            "reloads": stats["reloads"], "evictions": stats["evictions"],
+            "needless_reloads": stats["needless_reloads"]}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--routers", nargs="+", default=["herd", "round-robin", "least-connections"],
-                        choices=["herd", "herd-agentless", "round-robin", "least-connections"],
-                        help="herd-agentless: herd polling the nodes itself, without herd-node")
-    parser.add_argument("--slowest", type=int, default=0, help="list herd's N slowest requests")
-    parser.add_argument("--rate", type=float, default=RATE, help="arrivals per simulated second")
-    parser.add_argument("--studio-context", type=int, default=CONTEXT["studio"],
-                        help="studio's default context (4096: every machine at Ollama's old default)")
-    args = parser.parse_args()
+# -- the three seeds of the classic home lab --------------------------------------------------------
+
+def main_classic(args):
     CONTEXT["studio"] = args.studio_context
+    lab = classic_lab(args.rate)
     print(f"simulated fleet: {', '.join(f'{n} ({v[0]} GB, {v[1]} GB/s, {v[2]} slots)' for n, v in FLEET.items())}")
     print(f"workload: Poisson {args.rate}/s for {DURATION_S:g} s, time scale {SCALE:g}x; times in simulated seconds; "
           f"studio's default context {args.studio_context}")
@@ -231,8 +288,9 @@ def main():
               f"{'reloads':>7} {'evict':>6} {'needless':>8} {'mean/LB':>8} {'p95/LB':>7}")
         rows = {}
         for router in args.routers:
-            results, stats = run(router, plan, Path(tempfile.mkdtemp(prefix="herd-routing-")))
-            row = rows[router] = summary(results, stats)
+            outcome = run(router, plan, Path(tempfile.mkdtemp(prefix="herd-routing-")), lab)
+            results = outcome.results
+            row = rows[router] = summary(results, outcome.stats)
             row["by_model"] = by_model(plan, results, bound)
             if router == "herd" and args.slowest:
                 spread = {}
@@ -278,6 +336,333 @@ def main():
         print("\nALL TARGETS PASS" if not unchecked else
               "\nEVERY TARGET CHECKED PASSES (those against least-connections need --routers ... least-connections)")
     return 0 if all_ok else 1
+
+
+# -- generated home labs: the targets of issue 13 -----------------------------------------------------
+
+GIVE_UP_S = 120.0  # a request may still run this long after the last arrival (or 4x the slowest bound)
+ROUTERS = ["herd", "least-connections", "round-robin"]
+# issue 13's targets for herd over the generated labs
+VS_LC_EACH = 0.9  # in every lab, herd's mean and p95 at most this share of least-connections'
+VS_LC_MEDIAN = 0.6  # median over labs of herd's mean / least-connections' mean
+MEAN_LB_MEDIAN = 1.5  # median over labs of herd's mean / the bound's
+P95_LB_MEDIAN = 1.6
+LB_WORST = 2.5  # mean and p95 over the bound's, in the worst lab
+RUNTIME_S = 20 * 60
+SLOWEST_SHARE = 0.05  # the tail whose time is broken down apart: the requests at or above the p95
+
+
+@dataclass
+class LabResult:
+    """One generated lab, its workload and bound, and how each router did."""
+
+    seed: int
+    lab: object  # bench_common.HomeLab
+    plan: list
+    bound: object  # bench_common.Bound
+    runs: dict  # router -> RouterRun
+    rows: dict  # router -> summary(), with ratios to the bound and to least-connections
+
+    def badness(self):
+        """herd's worse ratio to the bound (what the table is sorted by)."""
+        row = self.rows.get("herd") or next(iter(self.rows.values()))
+        return max(row["mean/LB"], row["p95/LB"])
+
+
+def run_lab(seed, routers):
+    lab = generated_lab(seed)
+    plan = workload(seed, lab=lab)
+    bound = bounds(plan, lab)
+    give_up = plan[-1].arrival + max(GIVE_UP_S, 4 * max(bound.alone))
+    runs, rows = {}, {}
+    for router in routers:
+        data_dir = tempfile.mkdtemp(prefix="herd-generated-")
+        try:
+            runs[router] = run(router, plan, Path(data_dir), lab, give_up)
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        row = rows[router] = summary(runs[router].results, runs[router].stats)
+        row["mean/LB"], row["p95/LB"] = row["mean"] / bound.mean, row["p95"] / bound.p95
+    lc = rows.get("least-connections")
+    for row in rows.values():
+        row["mean/LC"] = row["mean"] / lc["mean"] if lc else math.nan
+        row["p95/LC"] = row["p95"] / lc["p95"] if lc else math.nan
+    return LabResult(seed, lab, plan, bound, runs, rows)
+
+
+def print_lab(result, rank):
+    bound = result.bound
+    print(f"\n#{rank} lab {result.seed}: {len(result.plan)} requests; bound mean {bound.mean:.2f} s "
+          f"(alone {bound.alone_mean:.2f}), p95 {bound.p95:.2f} s (alone {bound.alone_p95:.2f})")
+    for line in result.lab.describe():
+        print(f"  {line}")
+    print(f"  {'router':18} {'fail':>4} {'mean':>7} {'p95':>7} {'loads':>6} {'reloads':>7} {'needless':>8} "
+          f"{'mean/LB':>8} {'p95/LB':>7} {'mean/LC':>8} {'p95/LC':>7}")
+    for router, row in result.rows.items():
+        print(f"  {router:18} {row['failures']:4d} {row['mean']:7.2f} {row['p95']:7.2f} {row['loads']:6d} "
+              f"{row['reloads']:7d} {row['needless_reloads']:8d} {row['mean/LB']:8.2f} {row['p95/LB']:7.2f} "
+              f"{row['mean/LC']:8.2f} {row['p95/LC']:7.2f}")
+
+
+def check_targets(results, elapsed):
+    """Print herd's results against issue 13's targets; returns whether all pass."""
+    herd = [(r.seed, r.rows["herd"]) for r in results if "herd" in r.rows]
+    if not herd:
+        print("\nno targets checked: they are herd's")
+        return True
+    checks = []
+
+    def check(name, ok, detail):
+        checks.append(ok)
+        print(f"  {name:48} {detail:44} {'PASS' if ok else 'FAIL'}")
+
+    def worst(key):
+        seed, row = max(herd, key=lambda item: item[1][key])
+        return row[key], seed
+
+    print(f"\ntargets (issue 13), herd over {len(herd)} generated labs:")
+    failures = sum(row["failures"] for _, row in herd)
+    check("0 failures", failures == 0, f"{failures} of {sum(len(r.plan) for r in results)} requests failed")
+    if all(not math.isnan(row["mean/LC"]) for _, row in herd):
+        for key in ("mean/LC", "p95/LC"):
+            value, seed = worst(key)
+            within = sum(1 for _, row in herd if row[key] <= VS_LC_EACH)
+            check(f"every lab: {key.split('/')[0]} <= {VS_LC_EACH}x least-connections'", within == len(herd),
+                  f"{within} of {len(herd)} labs; worst {value:.2f} (lab {seed})")
+        median = statistics.median(row["mean/LC"] for _, row in herd)
+        check(f"median mean / least-connections' <= {VS_LC_MEDIAN}", median <= VS_LC_MEDIAN, f"{median:.2f}")
+    else:
+        print("  (the targets against least-connections need --routers ... least-connections)")
+    for key, target in (("mean/LB", MEAN_LB_MEDIAN), ("p95/LB", P95_LB_MEDIAN)):
+        median = statistics.median(row[key] for _, row in herd)
+        check(f"median {key.replace('LB', 'bound')} <= {target}", median <= target, f"{median:.2f}")
+    for key in ("mean/LB", "p95/LB"):
+        value, seed = worst(key)
+        check(f"worst {key.replace('LB', 'bound')} <= {LB_WORST}", value <= LB_WORST, f"{value:.2f} (lab {seed})")
+    needless = sum(row["needless_reloads"] for _, row in herd)
+    check("needless reloads (num_ctx <= loaded context): 0", needless == 0, f"{needless}")
+    check(f"run time under {RUNTIME_S // 60} minutes", elapsed <= RUNTIME_S, f"{elapsed / 60:.1f} min")
+    print("  (the three-seed benchmark is another command: python tests/bench_routing.py)")
+    beaten = [(r.seed, router, key) for r in results for router, row in r.rows.items()
+              for key in ("mean/LB", "p95/LB") if row[key] < 1]
+    if beaten:
+        print("  WARNING: a router beat the lower bound, so the simulator or the bound is wrong: "
+              + ", ".join(f"lab {seed} {router} {key}" for seed, router, key in beaten))
+    return all(checks)
+
+
+# -- where the time went -------------------------------------------------------------------------
+
+TIME_PARTS = {"bound": "the bound: alone on the fastest node, hot",
+              "slower_node": "a slower node than the fastest",
+              "node_wait": "waiting at the node (slot, busy models, drain)",
+              "herd_queue": "waiting in herd's queue",
+              "load": "cold load", "reload": "reload at another context",
+              "sharing": "sharing slowdown (batching, other models)",
+              "other": "the rest (proxy, retries, client)"}
+
+
+def time_spent(result, router):
+    """Per request served: its latency split into TIME_PARTS (sim seconds), from what the nodes
+    recorded, and for herd its trace rows' queue_ms. {index: {part: seconds}}."""
+    run_ = result.runs[router]
+    last = {}
+    for _, record in sorted(run_.records, key=lambda item: item[1].ended):
+        if record.tag is not None:
+            last[record.tag] = record
+    queued = {}
+    for row in run_.traces:
+        index = request_index(row)
+        if index is not None:
+            queued[index] = (row.get("queue_ms") or 0.0) / 1000 * SCALE
+    parts = {}
+    for index, (outcome, record) in enumerate((o, last.get(i)) for i, o in enumerate(run_.results)):
+        if not outcome.ok or record is None:
+            continue
+        bound = result.bound.alone[index]
+        split = {"bound": bound, "slower_node": record.alone * SCALE - bound, "node_wait": record.slot_wait * SCALE,
+                 "herd_queue": queued.get(index, 0.0), "load": record.load * SCALE, "reload": record.reload * SCALE,
+                 "sharing": (record.service - record.alone) * SCALE}
+        split["other"] = outcome.latency - sum(split.values())
+        parts[index] = split
+    return parts
+
+
+def request_index(row):
+    """The benchmark's number of the request a trace row is for (from its X-Herd-Tags)."""
+    for tag in json.loads(row.get("tags") or "[]"):
+        if tag.startswith("bench-"):
+            return int(tag.removeprefix("bench-"))
+    return None
+
+
+def print_time_spent(result):
+    routers = [r for r in ("herd", "least-connections") if r in result.runs]
+    columns = {}
+    for router in routers:
+        parts = time_spent(result, router)
+        latencies = {i: result.runs[router].results[i].latency for i in parts}
+        tail = sorted(latencies, key=latencies.get)[-max(1, round(SLOWEST_SHARE * len(latencies))):]
+        columns[router] = [{p: statistics.fmean(parts[i][p] for i in group) for p in TIME_PARTS}
+                           if group else dict.fromkeys(TIME_PARTS, math.nan) for group in (list(parts), tail)]
+    print(f"\nwhere the time went in lab {result.seed} (mean per request served, sim seconds; tail = the "
+          f"slowest {SLOWEST_SHARE:.0%}):")
+    print(f"  {'':48}" + "".join(f" {router[:12] + ' all':>17} {'tail':>7}" for router in routers))
+    for part, label in TIME_PARTS.items():
+        print(f"  {label:48}" + "".join(f" {columns[r][0][part]:17.2f} {columns[r][1][part]:7.2f}" for r in routers))
+    print(f"  {'= latency':48}" + "".join(f" {sum(columns[r][0].values()):17.2f} {sum(columns[r][1].values()):7.2f}"
+                                          for r in routers))
+
+
+# -- what herd expected: its decisions against what happened -------------------------------------
+
+def last_decision(row):
+    """The chosen candidate and all candidates of a trace row's last routing decision (herd's
+    decision_view), with herd's expected seconds in sim seconds; or (None, [])."""
+    attempts = json.loads(row.get("decisions") or "[]")
+    if not attempts:
+        return None, []
+    view = herd.decision_view(attempts[-1])
+    candidates = [{"node": c["node_id"], "eta": c["eta_s"] * SCALE, "deferred": c["deferred"],
+                   **{cause: seconds * SCALE for cause, seconds in c["seconds"].items()}}  # herd works in real seconds
+                  for c in view["candidates"]]
+    return next((c for c in candidates if c["node"] == view["chosen"]), None), candidates
+
+
+def print_diagnosis(result):
+    """What herd expected of its choices in `result`'s lab, against what happened."""
+    if "herd" not in result.runs:
+        return
+    lab, plan, run_ = result.lab, result.plan, result.runs["herd"]
+    parts = time_spent(result, "herd")
+    rows = {request_index(row): row for row in run_.traces}
+    print(f"\nlab {result.seed}: herd's choices against what happened (sim seconds)")
+    print(f"  {'model':22} {'n':>4} {'bound':>6} {'herd':>6} {'lc':>6}  herd sent them to (node: requests; "
+          f"* = fastest for the model)")
+    lc = result.runs.get("least-connections")
+    for model in sorted({r.model for r in plan}):
+        indices = [i for i, r in enumerate(plan) if r.model == model]
+        speeds = {name: fastest_tps(lab, m, model) for name, m in lab.machines.items() if model in m.installed}
+        fastest = max(speeds, key=speeds.get)
+        sent = {}
+        for i in indices:
+            sent[run_.results[i].node] = sent.get(run_.results[i].node, 0) + 1
+        herd_mean = statistics.fmean(run_.results[i].latency for i in indices)
+        lc_mean = statistics.fmean(lc.results[i].latency for i in indices) if lc else math.nan
+        print(f"  {model.removesuffix(':latest'):22} {len(indices):4d} "
+              f"{statistics.fmean(result.bound.alone[i] for i in indices):6.2f} {herd_mean:6.2f} {lc_mean:6.2f}  "
+              + ", ".join(f"{node}{'*' if node == fastest else ''}: {count}"
+                          for node, count in sorted(sent.items(), key=lambda item: -item[1])))
+    expected = {"wait": 0.0, "load": 0.0, "service": 0.0}
+    actual = {"wait": 0.0, "load": 0.0, "service": 0.0}
+    ratios = []
+    for index, split in parts.items():
+        chosen, _ = last_decision(rows.get(index) or {})
+        if chosen is None:
+            continue
+        expected["wait"] += chosen["wait"]
+        expected["load"] += chosen["load"] + chosen["reload"]
+        expected["service"] += chosen["service"]
+        actual["wait"] += split["node_wait"]
+        actual["load"] += split["load"] + split["reload"]
+        actual["service"] += split["bound"] + split["slower_node"] + split["sharing"]
+        ratios.append((run_.results[index].latency - split["herd_queue"]) / max(chosen["eta"], 1e-3))
+    if ratios:
+        print(f"  from the decision that sent each request (after any wait in herd's queue), summed over "
+              f"{len(ratios)} requests: " + ", ".join(f"{k} {expected[k]:.1f} expected / {actual[k]:.1f} actual"
+                                                       for k in expected)
+              + f"; took / expected: median {statistics.median(ratios):.2f}, p90 {pct(ratios, 90):.2f}")
+    loads = [(i, s) for i, s in parts.items() if s["load"] > 0 or s["reload"] > 0]
+    print(f"  requests that waited for a load or reload they started: {len(loads)}, "
+          f"{sum(s['load'] + s['reload'] for _, s in loads):.1f} s in all; needless reloads: "
+          f"{run_.stats['needless_reloads']}; cold loads on the nodes (preloads included): {run_.stats['loads']}")
+    slowest = sorted(parts, key=lambda i: -(run_.results[i].latency - result.bound.alone[i]))[:5]
+    print("  the 5 requests herd made latest (latency - bound):")
+    for index in slowest:
+        request, split = plan[index], parts[index]
+        chosen, candidates = last_decision(rows.get(index) or {})
+        spent = ", ".join(f"{k} {v:.1f}" for k, v in split.items() if k not in ("bound", "other") and v > 0.05)
+        print(f"    t={request.arrival:5.1f} {request.model.removesuffix(':latest'):18} "
+              f"{'num_ctx ' + str(request.body['options']['num_ctx']) + ' ' if 'num_ctx' in request.body.get('options', {}) else ''}"
+              f"-> {run_.results[index].node}: {run_.results[index].latency:.1f} s, bound {split['bound']:.1f} "
+              f"({spent})")
+        for candidate in sorted(candidates, key=lambda c: c["eta"])[:4]:
+            truth = (request.prompt / lab.physics.prefill_factor + request.out) / fastest_tps(
+                lab, lab.machines[candidate["node"]], request.model, request.path.startswith("/v1/"))
+            print(f"        {'chose' if candidate is chosen else '     '} {candidate['node']:8} expected "
+                  f"{candidate['eta']:6.1f} (wait {candidate['wait']:.1f} load {candidate['load'] + candidate['reload']:.1f} "
+                  f"service {candidate['service']:.1f}{' deferred' if candidate['deferred'] else ''}); "
+                  f"alone there {truth:.1f}")
+
+
+def save(results, path):
+    """Write each lab's shape, bound, rows and, per router, every request's outcome, what its node
+    recorded and (herd) its trace row, for a closer look without running again."""
+    kept = ("node_id", "model", "status", "latency_ms", "queue_ms", "load_ms", "cold_load", "reload",
+            "retry_count", "error_message", "decisions")
+    labs = []
+    for r in results:
+        runs = {}
+        for router, run_ in r.runs.items():
+            runs[router] = {"results": [o._asdict() for o in run_.results], "stats": run_.stats,
+                            "records": [dict(asdict(record), node=node) for node, record in run_.records],
+                            "traces": {request_index(row): {k: row.get(k) for k in kept} for row in run_.traces}}
+        labs.append({"seed": r.seed, "shape": r.lab.describe(), "plan": [(q.arrival, q.model, q.prompt, q.out,
+                                                                          q.path, q.stream) for q in r.plan],
+                     "bound": {"mean": r.bound.mean, "p95": r.bound.p95, "alone_mean": r.bound.alone_mean,
+                               "alone_p95": r.bound.alone_p95, "alone": r.bound.alone},
+                     "rows": r.rows, "runs": runs})
+    Path(path).write_text(json.dumps(labs))
+
+
+def main_generated(args):
+    seeds = args.only or list(range(1, args.generated + 1))
+    started = time.monotonic()
+    print(f"{len(seeds)} generated home labs (seeds {', '.join(map(str, seeds))}), routers {', '.join(args.routers)}; "
+          f"time scale {SCALE:g}x, times in simulated seconds", flush=True)
+    results = []
+    for seed in seeds:
+        result = run_lab(seed, args.routers)
+        results.append(result)
+        print(f"lab {seed}: {len(result.plan)} requests, " + "; ".join(
+            f"{router} mean/LB {row['mean/LB']:.2f} p95/LB {row['p95/LB']:.2f} fail {row['failures']}"
+            for router, row in result.rows.items()) + f"  [{(time.monotonic() - started) / 60:.1f} min]", flush=True)
+    elapsed = time.monotonic() - started
+    ranked = sorted(results, key=lambda r: -r.badness())
+    print("\nlabs, worst first (by herd's larger ratio to the bound):")
+    for rank, result in enumerate(ranked, 1):
+        print_lab(result, rank)
+    ok = check_targets(results, elapsed)
+    print_time_spent(ranked[0])
+    for result in ranked[:3]:
+        print_diagnosis(result)
+    if args.save:
+        save(results, args.save)
+    print(f"\ntook {elapsed / 60:.1f} min; {'ALL TARGETS PASS' if ok else 'SOME TARGETS FAIL'}")
+    return 0 if ok else 1
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--routers", nargs="+",
+                        choices=["herd", "herd-agentless", "round-robin", "least-connections"],
+                        help="herd-agentless: herd polling the nodes itself, without herd-node")
+    parser.add_argument("--slowest", type=int, default=0, help="list herd's N slowest requests")
+    parser.add_argument("--rate", type=float, default=RATE, help="arrivals per simulated second")
+    parser.add_argument("--studio-context", type=int, default=CONTEXT["studio"],
+                        help="studio's default context (4096: every machine at Ollama's old default)")
+    parser.add_argument("--generated", type=int, metavar="N",
+                        help="replay N generated home labs (seeds 1..N) and check issue 13's targets")
+    parser.add_argument("--only", type=int, nargs="+", metavar="SEED", help="with --generated: only these labs")
+    parser.add_argument("--save", metavar="PATH", help="with --generated: write every lab's requests and "
+                        "outcomes as JSON")
+    args = parser.parse_args()
+    if args.generated or args.only:
+        args.routers = args.routers or ROUTERS
+        return main_generated(args)
+    args.routers = args.routers or ["herd", "round-robin", "least-connections"]
+    return main_classic(args)
 
 
 if __name__ == "__main__":

@@ -4,27 +4,40 @@ Where tests/fake_ollama.py answers at once, this one models what makes routing m
 durations divided by `scale` so that runs stay short:
 
 - memory: models are loaded into `memory_gb`; a model that does not fit evicts the least recently
-  used idle models (waiting for busy ones to finish). A load takes `LOAD_FIXED_S` plus the model's
-  size over `load_gbs`. One load at a time per node, as in Ollama.
+  used idle models (waiting for busy ones to finish). A load takes the physics' fixed start-up
+  plus the model's size over `load_gbs`. One load at a time per node, as in Ollama.
+- CPU offload (`offload_gb` > 0): a model larger than `memory_gb` (the VRAM) loads only alone, as
+  Ollama's scheduler does: it fills the VRAM and keeps the rest in `offload_gb` of system RAM,
+  which streams at `cpu_gbs`. /api/ps shows the split in size_vram.
 - context: a request whose num_ctx differs from the loaded one (or, with none, from the default)
-  waits for the model's running requests, then reloads it. /v1 requests use the default.
+  waits for the model's running requests, then reloads it. /v1 requests use the default. A model
+  that cannot fit at the context asked for is refused with 500, as Ollama refuses it.
 - slots: `num_parallel` requests per loaded model at once; the rest queue inside the node.
-- speed: decode tokens/s = bandwidth / model size; n streams of one model batch (each at n^-0.25
-  of alone), m models running at once share the bandwidth (each at 1/m); prefill = 20x decode
-  speed per token; embeddings cost prefill only.
+- speed (the `Physics`): decode tokens/s alone = bandwidth / model size; n streams of one model
+  batch (each at n ^ -batch_exponent of alone); m models running at once each run at
+  1 / (1 + side_by_side x (m - 1)) of alone (side_by_side 1: they split the bandwidth, 1/m);
+  prefill = prefill_factor x decode speed per token; embeddings cost prefill only.
+  Pacing: the default reads the speed when prefill starts and again every chunk of decode;
+  `fluid` physics changes every stream's speed the moment another starts or ends, so a node never
+  serves faster than the formulas allow (the generated benchmark's lower bound relies on it).
 - /api/ps and /api/tags tell the truth; /sim/stats returns counters: loads (cold), reloads,
   evictions, reloads caused by a request whose num_ctx was at or below the loaded context, and
-  requests that started while another model was running.
+  requests that started while another model was running. `records` holds, per inference request,
+  where its time went at the node (see `Record`).
 - gpu=False makes a CPU-only machine: /api/ps says size_vram 0, as Ollama does.
 
-Final Ollama chunks carry load_duration, prompt_eval_duration and eval_duration (real time, ns).
+Final Ollama chunks carry load_duration, prompt_eval_duration and eval_duration (real time, ns),
+prompt_eval_count and eval_count, as measured while the request ran under its physics; streamed
+/v1 chunks go out as tokens are produced.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from fake_ollama import FakeHandler, QuietServer, full_name
@@ -35,25 +48,79 @@ LOAD_FIXED_S = 1.0  # runner start-up before weights stream in
 PREFILL_FACTOR = 20  # prefill processes this many times more tokens per second than decode
 KV_SHARE_PER_4K = 0.08  # KV cache memory per 4k of context, as a share of the model's size
 CHUNK_REAL_S = 0.04  # tokens produced within this much real time go out in one chunk
+REQUEST_TAG = re.compile(r"#(\d+) ")  # a benchmark numbers its requests at the start of the prompt
+
+
+@dataclass(frozen=True)
+class Physics:
+    """The formulas a simulated node follows. The defaults are the classic benchmark's."""
+
+    side_by_side: float = 1.0  # m models at once: each at 1 / (1 + this x (m - 1)) of alone
+    batch_exponent: float = 0.25  # n streams of one model: each at n ^ -this of alone
+    load_fixed_s: float = LOAD_FIXED_S  # a load's start-up before the weights stream in
+    prefill_factor: float = PREFILL_FACTOR
+    fluid: bool = False  # speeds change the moment a stream starts or ends (else read per chunk)
+
+    def describe(self):
+        sharing = "1/m" if self.side_by_side == 1 else f"1/(1+{self.side_by_side:.2f}(m-1))"
+        return (f"share {sharing}, batch n^-{self.batch_exponent:.2f}, load {self.load_fixed_s:.1f} s + GB/rate, "
+                f"prefill {self.prefill_factor:.0f}x")
+
+
+class ModelTooLarge(Exception):
+    """The model cannot fit on this node at the context asked for, whatever it evicts."""
 
 
 class Instance:
-    """One loaded model on a node."""
+    """One loaded model on a node: `memory` GB in all, `vram` of it in fast memory."""
 
-    def __init__(self, name, ctx, memory):
+    def __init__(self, name, ctx, memory, vram=None):
         self.name, self.ctx, self.memory = name, ctx, memory
+        self.vram = memory if vram is None else vram
         self.running = 0
         self.waiting = 0
         self.last_used = time.monotonic()
         self.reloading = False
 
+    @property
+    def ram(self):
+        return self.memory - self.vram
+
+
+class Stream:
+    """A request computing on a node under fluid physics: `work` decode-token equivalents (a prompt
+    token counts 1 / prefill_factor), `done` so far, at `rate` per real second now."""
+
+    def __init__(self, name, work):
+        self.name, self.work = name, work
+        self.done = 0.0
+        self.rate = 0.0
+
+
+@dataclass
+class Record:
+    """Where one request's time went at the node, in real seconds (the benchmark scales them)."""
+
+    tag: int | None  # the benchmark's request number, from the prompt
+    model: str
+    arrived: float  # time.monotonic() the node received it
+    slot_wait: float = 0.0  # waiting for a slot, for busy models before a load, for a drain before a reload
+    load: float = 0.0  # a cold load
+    reload: float = 0.0  # a reload at another context
+    service: float = 0.0  # prefill and decode as they ran
+    alone: float = 0.0  # prefill and decode alone on this node (service - alone: the sharing slowdown)
+    ended: float = 0.0
+
 
 class SimNode:
     def __init__(self, name, memory_gb, bandwidth_gbs, models, loaded=(), num_parallel=1, load_gbs=2.0,
-                 scale=10.0, capabilities=None, port=0, gpu=True, default_ctx=DEFAULT_CTX):
+                 scale=10.0, capabilities=None, port=0, gpu=True, default_ctx=DEFAULT_CTX, physics=Physics(),
+                 offload_gb=0.0, cpu_gbs=60.0):
         self.name = name
         self.gpu = gpu  # False: a CPU-only machine, whose /api/ps says size_vram 0 as Ollama's does
         self.memory_gb = memory_gb
+        self.offload_gb = offload_gb  # system RAM that takes what does not fit in memory_gb (VRAM)
+        self.cpu_gbs = cpu_gbs  # how fast that RAM streams weights
         self.bandwidth = bandwidth_gbs
         self.models = {full_name(m): size for m, size in models.items()}  # name -> GB
         self.capabilities = {full_name(m): c for m, c in (capabilities or {}).items()}
@@ -61,12 +128,16 @@ class SimNode:
         self.default_ctx = default_ctx  # OLLAMA_CONTEXT_LENGTH: the context without num_ctx
         self.load_gbs = load_gbs
         self.scale = scale
+        self.physics = physics
         self.port = port
         self.cond = threading.Condition()
         self.instances = {}
+        self.streams = set()  # fluid physics: the requests computing now
+        self.streams_marked = time.monotonic()  # when their progress was last brought up to date
         self.load_lock = threading.Lock()
         self.stats = {"loads": 0, "reloads": 0, "evictions": 0, "needless_reloads": 0, "requests": 0,
                       "side_by_side": 0}
+        self.records = []
         for model in loaded:
             name = full_name(model)
             self.instances[name] = Instance(name, default_ctx, self.footprint(name, default_ctx))
@@ -78,26 +149,50 @@ class SimNode:
         size = self.models[name]
         return size * (1 + KV_SHARE_PER_4K * ctx / DEFAULT_CTX)
 
-    def decode_tps(self, name):
-        """Tokens/s of one stream of `name` now. Streams of one model batch (each runs at
-        n ^ -0.25 of alone); different models take turns at the memory bandwidth."""
-        running = {i.name: i.running for i in list(self.instances.values()) if i.running}
+    def placement(self, name, ctx):
+        """(GB in VRAM, GB in system RAM) the model takes at `ctx`; raises ModelTooLarge."""
+        need = self.footprint(name, ctx)
+        if need <= self.memory_gb:
+            return need, 0.0
+        if need <= self.memory_gb + self.offload_gb:
+            return self.memory_gb, need - self.memory_gb
+        raise ModelTooLarge(f"model requires more system memory ({need:.1f} GiB) than is available "
+                            f"({self.memory_gb + self.offload_gb:.1f} GiB)")
+
+    def alone_tps(self, name):
+        """Decode tokens/s of one stream of `name` alone here: weights over bandwidth, the part of
+        an offloaded model in system RAM at CPU speed."""
+        inst = self.instances.get(name)
+        if inst is None or not inst.ram:
+            return self.bandwidth / self.models[name]
+        gpu_share = inst.vram / inst.memory
+        return 1 / (self.models[name] * (gpu_share / self.bandwidth + (1 - gpu_share) / self.cpu_gbs))
+
+    def decode_tps(self, name, running=None):
+        """Tokens/s of one stream of `name` now, beside the `running` streams ({model: count};
+        default: the slots taken). Streams of one model batch; different models contend."""
+        if running is None:
+            running = {i.name: i.running for i in list(self.instances.values()) if i.running}
         same = max(1, running.get(name, 1))
-        return self.bandwidth / self.models[name] * same ** -0.25 / max(1, len(running))
+        models = max(1, len(running))
+        physics = self.physics
+        return self.alone_tps(name) * same ** -physics.batch_exponent / (1 + physics.side_by_side * (models - 1))
 
     def load_seconds(self, name):
-        return LOAD_FIXED_S + self.models[name] / self.load_gbs
+        return self.physics.load_fixed_s + self.models[name] / self.load_gbs
 
     def sleep(self, sim_seconds):
         if sim_seconds > 0:
             time.sleep(sim_seconds / self.scale)
 
     def used(self):
-        return sum(i.memory for i in self.instances.values())
+        return sum(i.vram for i in self.instances.values()), sum(i.ram for i in self.instances.values())
 
-    def acquire(self, name, ctx, asked_ctx):
-        """Wait for a slot on `name` loaded with `ctx`, loading or reloading it as Ollama would.
-        Returns the real seconds spent loading (0 when it was hot)."""
+    def acquire(self, name, ctx, asked_ctx, record):
+        """Wait for a slot on `name` loaded with `ctx`, loading or reloading it as Ollama would,
+        noting the time it took in `record`; raises ModelTooLarge."""
+        need_vram, need_ram = self.placement(name, ctx)
+        started = time.monotonic()
         with self.cond:
             while True:
                 inst = self.instances.get(name)
@@ -106,7 +201,8 @@ class SimNode:
                         self.note_side_by_side(inst)
                         inst.running += 1
                         inst.last_used = time.monotonic()
-                        return 0.0
+                        record.slot_wait = time.monotonic() - started
+                        return
                     inst.waiting += 1
                     self.cond.wait()
                     inst.waiting -= 1
@@ -114,14 +210,17 @@ class SimNode:
                 if inst is not None and (inst.reloading or inst.running):
                     self.cond.wait()  # being loaded, or draining before a reload
                     continue
-                need = self.footprint(name, ctx)
                 idle = sorted((i for i in self.instances.values() if i is not inst and not i.running
                                and not i.waiting and not i.reloading), key=lambda i: i.last_used)
-                busy = self.used() - (inst.memory if inst else 0) - sum(i.memory for i in idle)
-                if busy + need > self.memory_gb:
+                used_vram, used_ram = self.used()
+                mine = (inst.vram, inst.ram) if inst else (0.0, 0.0)
+                busy_vram = used_vram - mine[0] - sum(i.vram for i in idle)
+                busy_ram = used_ram - mine[1] - sum(i.ram for i in idle)
+                if busy_vram + need_vram > self.memory_gb or busy_ram + need_ram > self.offload_gb:
                     self.cond.wait()  # only busy models stand in the way: wait for them
                     continue
-                if inst is not None:
+                reload = inst is not None
+                if reload:
                     self.stats["reloads"] += 1
                     if asked_ctx is not None and asked_ctx <= inst.ctx:
                         self.stats["needless_reloads"] += 1
@@ -129,15 +228,16 @@ class SimNode:
                 else:
                     self.stats["loads"] += 1
                 for victim in idle:  # least recently used first
-                    if self.used() + need <= self.memory_gb:
+                    used_vram, used_ram = self.used()
+                    if used_vram + need_vram <= self.memory_gb and used_ram + need_ram <= self.offload_gb:
                         break
                     del self.instances[victim.name]
                     self.stats["evictions"] += 1
-                placeholder = Instance(name, ctx, need)
+                placeholder = Instance(name, ctx, need_vram + need_ram, need_vram)
                 placeholder.reloading = True
                 self.instances[name] = placeholder
                 break
-        started = time.monotonic()
+        loading = time.monotonic()
         with self.load_lock:  # one load at a time per server
             self.sleep(self.load_seconds(name))
         with self.cond:
@@ -146,7 +246,11 @@ class SimNode:
             placeholder.running = 1
             placeholder.last_used = time.monotonic()
             self.cond.notify_all()
-        return time.monotonic() - started
+        record.slot_wait = loading - started
+        if reload:
+            record.reload = time.monotonic() - loading
+        else:
+            record.load = time.monotonic() - loading
 
     def note_side_by_side(self, inst):
         """Count requests that start while another model runs here (both then run slower)."""
@@ -160,6 +264,51 @@ class SimNode:
                 inst.running -= 1
                 inst.last_used = time.monotonic()
             self.cond.notify_all()
+
+    # -- fluid pacing: every stream's speed follows the streams running beside it -------------
+
+    def mark_streams(self):
+        """Bring every stream's progress up to now at the rates they had since the last mark."""
+        now = time.monotonic()
+        for stream in self.streams:
+            stream.done += stream.rate * (now - self.streams_marked)
+        self.streams_marked = now
+
+    def rate_streams(self):
+        running = {}
+        for stream in self.streams:
+            running[stream.name] = running.get(stream.name, 0) + 1
+        for stream in self.streams:
+            stream.rate = self.scale * self.decode_tps(stream.name, running)
+
+    def begin_stream(self, name, work):
+        stream = Stream(name, work)
+        with self.cond:
+            self.mark_streams()
+            self.streams.add(stream)
+            self.rate_streams()
+            self.cond.notify_all()
+        return stream
+
+    def end_stream(self, stream):
+        with self.cond:
+            self.mark_streams()
+            self.streams.discard(stream)
+            self.rate_streams()
+            self.cond.notify_all()
+
+    def progress(self, stream, target, most=None):
+        """Wait until `stream` has done `target` work, or `most` real seconds; returns work done."""
+        deadline = None if most is None else time.monotonic() + most
+        with self.cond:
+            while True:
+                self.mark_streams()
+                left = target - stream.done
+                now = time.monotonic()
+                if left <= 1e-9 or (deadline is not None and now >= deadline):
+                    return min(stream.done, stream.work)
+                wait = left / stream.rate
+                self.cond.wait(wait if deadline is None else min(wait, deadline - now))
 
     # -- server -------------------------------------------------------------------------------
 
@@ -182,12 +331,77 @@ class SimNode:
         return f"http://127.0.0.1:{self.port}"
 
 
+class ChunkPace:
+    """The classic pacing: prefill at the speed it starts with, decode re-read every chunk."""
+
+    def __init__(self, node, name, prompt_tokens, out_tokens):
+        self.node, self.name, self.prompt_tokens, self.out_tokens = node, name, prompt_tokens, out_tokens
+
+    def prefill(self):
+        node = self.node
+        node.sleep(self.prompt_tokens / (node.decode_tps(self.name) * node.physics.prefill_factor))
+
+    def decode(self):
+        """Yield the tokens produced, a chunk's worth at a time."""
+        node, out_tokens = self.node, self.out_tokens
+        produced = 0.0
+        emitted = 0
+        while emitted < out_tokens:
+            rate = node.scale * node.decode_tps(self.name)  # tokens per real second
+            tick = time.monotonic()
+            time.sleep(min(CHUNK_REAL_S, (out_tokens - produced) / rate))
+            produced += (time.monotonic() - tick) * rate
+            batch = min(out_tokens, int(produced)) - emitted
+            if batch > 0:
+                emitted += batch
+                yield batch
+
+    def close(self):
+        pass
+
+
+class FluidPace:
+    """Fluid pacing: the request's work advances at whatever speed the node gives it moment by moment."""
+
+    def __init__(self, node, name, prompt_tokens, out_tokens):
+        self.node, self.out_tokens = node, out_tokens
+        self.prefill_work = prompt_tokens / node.physics.prefill_factor
+        self.stream = node.begin_stream(name, self.prefill_work + out_tokens)
+        self.closed = False
+
+    def prefill(self):
+        self.node.progress(self.stream, self.prefill_work)
+
+    def decode(self):
+        emitted = 0
+        while emitted < self.out_tokens:
+            done = self.node.progress(self.stream, self.stream.work, CHUNK_REAL_S)
+            finished = done >= self.stream.work - 1e-6
+            batch = (self.out_tokens if finished else int(done - self.prefill_work)) - emitted
+            if batch > 0:
+                emitted += batch
+                yield batch
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.node.end_stream(self.stream)
+
+
 def prompt_chars(body):
     text = body.get("prompt") or body.get("input") or ""
     total = len(text) if isinstance(text, str) else sum(len(t) for t in text)
     for message in body.get("messages") or ():
         total += len(message.get("content") or "")
     return total
+
+
+def request_tag(body):
+    """The benchmark's number for this request, when its prompt starts with one."""
+    messages = body.get("messages") or ()
+    text = messages[0].get("content") if messages else body.get("prompt") or body.get("input")
+    match = REQUEST_TAG.match(text) if isinstance(text, str) else None
+    return int(match.group(1)) if match else None
 
 
 class SimHandler(FakeHandler):
@@ -210,7 +424,7 @@ class SimHandler(FakeHandler):
             return self.send_json(200, {"models": [self.tag(m) for m in node.models]})
         if self.path == "/api/ps":
             with node.cond:
-                loaded = [dict(self.tag(i.name), size_vram=int(i.memory * GB) if node.gpu else 0, context_length=i.ctx,
+                loaded = [dict(self.tag(i.name), size_vram=int(i.vram * GB) if node.gpu else 0, context_length=i.ctx,
                                expires_at="2099-01-01T00:00:00Z")
                           for i in node.instances.values() if not i.reloading]
             return self.send_json(200, {"models": loaded})
@@ -236,20 +450,37 @@ class SimHandler(FakeHandler):
         prompt_tokens = max(1, prompt_chars(body) // 4)
         out_tokens = int(body.get("max_tokens") or options.get("num_predict") or 100)
         node.stats["requests"] += 1
-        load_real = node.acquire(name, ctx, asked_ctx)
+        record = Record(request_tag(body), name, time.monotonic())
+        try:
+            node.acquire(name, ctx, asked_ctx, record)
+        except ModelTooLarge as exc:
+            return self.send_json(500, {"error": str(exc)})
+        load_real = record.load + record.reload
         if self.path == "/api/generate" and not body.get("prompt") and not body.get("messages"):
             node.release(name)  # Ollama: no prompt means load the model and return
             return self.send_json(200, {"model": name, "done": True, "done_reason": "load", "response": ""})
+        embedding = "embed" in self.path
+        if embedding:
+            out_tokens = 0
+        alone = node.alone_tps(name) * node.scale
+        record.alone = (prompt_tokens / node.physics.prefill_factor + out_tokens) / alone
+        pace = (FluidPace if node.physics.fluid else ChunkPace)(node, name, prompt_tokens, out_tokens)
         try:
             started = time.monotonic()
-            node.sleep(prompt_tokens / (node.decode_tps(name) * PREFILL_FACTOR))
+            pace.prefill()
             prefill_real = time.monotonic() - started
-            if "embed" in self.path:
+            if embedding:
+                pace.close()
+                record.service = prefill_real
                 return self.embed(name, body, prompt_tokens, load_real, prefill_real)
             stream = body.get("stream", not openai)
-            self.generate(name, body, openai, bool(stream), prompt_tokens, out_tokens, load_real, prefill_real)
+            self.generate(name, body, openai, bool(stream), pace, prompt_tokens, out_tokens, load_real,
+                          prefill_real, record)
         finally:
+            pace.close()
             node.release(name)
+            record.ended = time.monotonic()
+            node.records.append(record)
 
     def embed(self, name, body, prompt_tokens, load_real, prefill_real):
         vector = [0.1] * 8
@@ -261,26 +492,15 @@ class SimHandler(FakeHandler):
                              "load_duration": int(load_real * 1e9), "total_duration": int((load_real + prefill_real) * 1e9),
                              "prompt_eval_duration": int(prefill_real * 1e9)})
 
-    def generate(self, name, body, openai, stream, prompt_tokens, out_tokens, load_real, prefill_real):
-        node = self.node
+    def generate(self, name, body, openai, stream, pace, prompt_tokens, out_tokens, load_real, prefill_real, record):
         chat = "chat" in self.path
         if stream:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream" if openai else "application/x-ndjson")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-        produced = 0.0
-        emitted = 0
         decode_started = time.monotonic()
-        while emitted < out_tokens:
-            rate = node.scale * node.decode_tps(name)  # tokens per real second
-            tick = time.monotonic()
-            time.sleep(min(CHUNK_REAL_S, (out_tokens - produced) / rate))
-            produced += (time.monotonic() - tick) * rate
-            batch = min(out_tokens, int(produced)) - emitted
-            if batch <= 0:
-                continue
-            emitted += batch
+        for batch in pace.decode():
             if stream:
                 text = "x " * batch
                 if openai:
@@ -292,6 +512,8 @@ class SimHandler(FakeHandler):
                     part = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
                     self.chunk(json.dumps(dict(part, model=name, done=False)).encode() + b"\n")
         eval_real = time.monotonic() - decode_started
+        pace.close()
+        record.service = prefill_real + eval_real
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": out_tokens,
                  "total_tokens": prompt_tokens + out_tokens}
         final = {"model": name, "done": True, "done_reason": "stop", "prompt_eval_count": prompt_tokens,

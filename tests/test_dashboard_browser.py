@@ -6,6 +6,7 @@ two the README shows go to docs/.
 Needs the `playwright` package (test extras) and /usr/bin/chromium (`apt-get install chromium`;
 never `playwright install`). Without them the module is skipped."""
 
+import os
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -69,8 +70,11 @@ def snap(page, name, full_page=True):
 
 
 def snap_for_readme(page, name):
-    DOCS.mkdir(exist_ok=True)
-    page.screenshot(path=str(DOCS / f"{name}.png"))
+    """The README's screenshots, taken again only when asked (HERD_README_SHOTS=1), so that a test
+    run leaves the checkout as it was."""
+    if os.environ.get("HERD_README_SHOTS"):
+        DOCS.mkdir(exist_ok=True)
+        page.screenshot(path=str(DOCS / f"{name}.png"))
 
 
 # -- a fleet with known traffic -------------------------------------------------------------
