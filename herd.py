@@ -73,7 +73,7 @@ CONTEXT_POLICIES = ("strip", "warn", "passthrough")
 
 # Settings a user may change at run time (dashboard API); persisted in the `settings` table.
 RUNTIME_SETTINGS = {"auto_pull": True, "vram_fallback": True, "context_protection": "strip", "preload": True,
-                    "calibrate": True}
+                    "calibrate": True, "prompt_affinity": True}
 
 
 @dataclass
@@ -3223,6 +3223,8 @@ class Proxy:
         """A lease for the call: the pinned node, the fleet's best, or a stand-in model."""
         if call.pin:
             return self.fleet.pin(call.pin, call.model)
+        if not self.settings.get("prompt_affinity"):
+            call.prefix = Prefix()  # routing without the prompt caches (the setting, for comparisons)
         try:
             return self.fleet.acquire(call, admit, deadline)
         except RoutingError as exc:

@@ -427,7 +427,7 @@ def test_settings_reject_unknown_keys_and_bad_values(make_router):
     assert bad.status_code == 400
     assert requests.get(router.url + "/dashboard/api/settings").json() == {
         "auto_pull": True, "vram_fallback": True, "context_protection": "strip", "preload": True,
-        "calibrate": True}
+        "calibrate": True, "prompt_affinity": True}
 
 
 def test_retry_after_a_fallback_attempt_sends_the_primary_name_again(make_fake, make_router):
