@@ -985,6 +985,7 @@ class Node:
     models: dict = field(default_factory=dict)  # name -> /api/tags entry
     loaded: dict = field(default_factory=dict)  # name -> /api/ps entry
     unloaded_at: dict = field(default_factory=dict)  # name -> time.monotonic() it left memory
+    split_share: dict = field(default_factory=dict)  # name -> share in VRAM when /api/ps last showed it split
     load_options: dict = field(default_factory=dict)  # name -> reload options herd loaded it with
     default_ctx: dict = field(default_factory=dict)  # name -> context it gets without num_ctx (seen)
     context_probe: set = field(default_factory=set)  # models just served without num_ctx
@@ -1000,6 +1001,7 @@ class Node:
     decode_gbs: Recent = field(default_factory=Recent)  # decode speed x model size (GB/s)
     decode_gbs_alone: Recent = field(default_factory=Recent)  # the same, from requests that ran alone
     prefill_gbs: Recent = field(default_factory=Recent)  # the same for prompt processing
+    model_gbs: dict = field(default_factory=dict)  # model -> Recent decode GB/s of that model alone
     loads: list = field(default_factory=list)  # (GB, seconds) of recent model loads
     decode_speed: float | None = None
     prefill_speed: float | None = None
@@ -1042,6 +1044,19 @@ class Node:
         budget = self.budget_bytes()
         return budget is None or model in self.loaded or self.model_bytes(model) <= budget
 
+    def vram_share(self, model):
+        """The share of `model` Ollama holds in VRAM here (size_vram / size in /api/ps, or when it
+        last showed it split), or None."""
+        entry = self.loaded.get(model) or {}
+        vram, size = entry.get("size_vram"), entry.get("size")
+        return min(1.0, vram / size) if vram is not None and size else self.split_share.get(model)
+
+    def split(self, model):
+        """Does Ollama run `model` here partly from system RAM (GPU_RESIDENT), as /api/ps shows
+        now or showed when it last had it loaded?"""
+        share = self.vram_share(model)
+        return share is not None and 0 < share < GPU_RESIDENT
+
     def gpu_share(self):
         """The share of its loaded models' bytes Ollama holds in VRAM; None when /api/ps has not
         said (nothing loaded, or only models herd noted loading itself)."""
@@ -1053,15 +1068,16 @@ class Node:
         """The context `model` gets here when a request leaves num_ctx out: seen for this model,
         else reported by the agent, else a guess: the larger of the largest seen for another model
         (Ollama caps a default at the context a model was trained for, so an embedding model can
-        show less) and the context most models in this node's /api/ps run with (the default,
-        unless clients loaded them with their own)."""
+        show less) and the context most models in this node's /api/ps run with, leaving out the
+        ones herd itself sent an explicit num_ctx (those show the client's context, not the default)."""
         if model in self.default_ctx:
             return self.default_ctx[model]
         if self.default_context_length:
             return self.default_context_length
         if self.guessed_ctx is None:  # worked out once per report (every decision reads it)
             seen = max(self.default_ctx.values(), default=0)
-            common = most_common(e.get("context_length") for e in self.loaded.values() if not e.get("learned"))
+            common = most_common(e.get("context_length") for name, e in self.loaded.items()
+                                 if not e.get("learned") and (self.load_options.get(name) or {}).get("num_ctx") is None)
             self.guessed_ctx = max(seen, common or 0) or DEFAULT_NUM_CTX
         return self.guessed_ctx
 
@@ -1089,6 +1105,10 @@ class Node:
         self.switching[model] = (ctx, time.monotonic() + load_s)
         self.prompts.pop(model, None)  # a (re)load empties the slots' caches
         self.guessed_ctx = None
+        if self.split(model):  # it loads alone: the idle models leave now, the busy ones when done
+            for other in [name for name in self.loaded if name != model and not self.running_count(name)]:
+                del self.loaded[other]
+                self.unloaded_at[other] = time.monotonic()
 
     def cached_chars(self, model, prefix):
         """Characters of `prefix` that a slot of `model` here most likely holds already."""
@@ -1148,6 +1168,14 @@ class Node:
                        for m in ollama.get("models") or () if m.get("name") or m.get("model")}
         loaded = {normalize_model(m.get("name") or m.get("model")): m
                   for m in ollama.get("loaded") or () if m.get("name") or m.get("model")}
+        for name, entry in loaded.items():
+            if entry.get("size_vram") is not None and entry.get("size"):
+                share = entry["size_vram"] / entry["size"]
+                if 0 < share < GPU_RESIDENT:
+                    self.split_share[name] = share
+                else:
+                    self.split_share.pop(name, None)
+        alone = any(name in self.split_share for name in loaded)  # a split model runs alone there
         now = time.monotonic()
         for name, (ctx, until) in list(self.switching.items()):
             if (loaded.get(name) or {}).get("context_length") == ctx:
@@ -1157,7 +1185,7 @@ class Node:
             else:
                 del self.switching[name]  # long done, and the node says otherwise: believe it
         for name in self.loaded.keys() - loaded.keys():
-            if self.running_count(name):
+            if self.running_count(name) and not alone:  # (beside a split model they wait, unloaded)
                 loaded[name] = self.loaded[name]
             else:
                 self.unloaded_at[name] = time.monotonic()
@@ -1281,9 +1309,11 @@ def protect_context(call, lease, policy):
 # Each remaining node gets an expected completion time for this request, in seconds, built from
 # what herd measured on its own traffic (Ollama reports load, prompt and eval durations with
 # every reply; speeds are kept per node as GB of weights per second, so one model's speed
-# predicts another's). A node herd has not measured yet is timed once when it joins (Warming:
-# calibration); until then it counts as the slowest measured node, or, when /api/ps shows
-# Ollama keeps its models in system RAM (size_vram < size), at CPU speed for that share.
+# predicts another's, and per model once it has replies of its own there, since a model split
+# between VRAM and system RAM or a mixture of experts keeps its own pace). A node herd has not
+# measured yet is timed once when it joins (Warming: calibration); until then it decodes like the
+# slowest measured node and loads like the median one, or, when /api/ps shows Ollama keeps
+# models in system RAM (size_vram < size), at CPU speed for that share.
 #   wait       until a slot for the model frees there (herd never exceeds num_parallel), counting
 #              the requests already queued for the model
 #   load       a cold load or a context reload: the node's fixed start-up + weights GB x its
@@ -1296,7 +1326,8 @@ def protect_context(call, lease, policy):
 #              integrated over time: each model running there speeds this one up when it ends
 #   slowdown   what this request adds to the streams already running there: they slow down too,
 #              for as long as the two overlap
-#   eviction   the load time of hot models a cold load would push out of memory, half of it
+#   eviction   the load time of hot models a cold load would push out of memory (beyond the
+#              node's budget; without one, the models split with system RAM), half of it
 #   risk       a node that failed recently may fail again: failures x 25% x its time
 # Deferring: when waiting for a node's other models to finish and then running alone there is
 # sooner (counting the slowdown avoided) than sharing it now, the wait is the estimate and, if
@@ -1322,6 +1353,8 @@ LOAD_FIXED_S = 1.0  # starting a runner, before the weights stream in (at most; 
 HOT_LOAD_S = 0.05  # a load_duration below this is Ollama finding the model already loaded
 PRIOR_DECODE_GBS = 300.0  # a node herd has not measured yet: a mid-range GPU or Apple chip
 PRIOR_CPU_GBS = 60.0  # the part of a model Ollama keeps in system RAM: dual-channel DDR5
+GPU_RESIDENT = 0.9  # a model with less of it in VRAM is split with system RAM: it runs at its own pace
+MODEL_SAMPLES = 2  # replies of one model on a node before its own speed there replaces the node's
 PRIOR_PREFILL_RATIO = 20.0  # prompt tokens go this many times faster than generated ones
 PRIOR_LOAD_S_PER_GB = 0.5  # an NVMe SSD reading about 2 GB/s
 PRIOR_OUTPUT_TOKENS = 250  # a chat reply of a few paragraphs
@@ -1416,15 +1449,17 @@ class Priors:
 
 
 def unmeasured_priors(nodes):
-    """Priors for unmeasured nodes: like the slowest measured node (a guess that is too fast
-    sends it requests a known node would serve sooner), else the fixed priors above."""
+    """Priors for unmeasured nodes, else the fixed priors above: decoding like the slowest
+    measured node (a guess that is too fast sends it requests a known node would serve sooner);
+    loading like the median measured node (a guess that is too slow keeps queueing requests on a
+    busy node where the model is hot, when a load elsewhere would finish sooner)."""
     speeds = [n.decode_speed for n in nodes if n.decode_speed]
     loads = [n.load_cost for n in nodes if n.load_cost]
     if not speeds and not loads:
         return Priors()
     return Priors(min(speeds) if speeds else PRIOR_DECODE_GBS,
-                  max(c[0] for c in loads) if loads else LOAD_FIXED_S,
-                  max(c[1] for c in loads) if loads else PRIOR_LOAD_S_PER_GB)
+                  statistics.median(c[0] for c in loads) if loads else LOAD_FIXED_S,
+                  statistics.median(c[1] for c in loads) if loads else PRIOR_LOAD_S_PER_GB)
 
 
 def offload_prior(node, gpu_gbs):
@@ -1434,6 +1469,21 @@ def offload_prior(node, gpu_gbs):
     if share is None or share >= 0.99:
         return gpu_gbs
     return 1 / (share / gpu_gbs + (1 - share) / PRIOR_CPU_GBS)
+
+
+def model_speed(node, model, priors):
+    """Decode GB/s of `model` on `node`: measured for this model once it has MODEL_SAMPLES replies
+    (a model split between VRAM and system RAM, or a mixture of experts, runs at its own pace),
+    else the node's speed, slowed for the share of the model /api/ps shows in system RAM."""
+    own = node.model_gbs.get(model)
+    if own is not None and len(own) >= MODEL_SAMPLES:
+        return own.quantile(0.25)
+    if not node.decode_speed:
+        return offload_prior(node, priors.decode_gbs)
+    if node.split(model):
+        share = node.vram_share(model)
+        return 1 / (share / node.decode_speed + (1 - share) / PRIOR_CPU_GBS)
+    return node.decode_speed
 
 
 def expected_output(call, usual):
@@ -1446,6 +1496,26 @@ def expected_output(call, usual):
     return usual
 
 
+def pushed_out(node, model):
+    """The models a cold load of `model` pushes out of memory on `node`, smallest first: all of
+    them when it runs split with system RAM there (it fills the VRAM, so Ollama loads it alone),
+    the split ones (for the same reason), and enough others to fit the node's memory budget."""
+    if node.split(model):
+        return sorted(node.loaded, key=lambda name: entry_bytes(node.loaded[name]))
+    out = [name for name in node.loaded if node.split(name)]
+    budget = node.budget_bytes()
+    if budget is None:
+        return out
+    free, need = budget - node.memory_in_use(), node.model_bytes(model)
+    for name, entry in sorted(node.loaded.items(), key=lambda item: entry_bytes(item[1])):
+        if free >= need:
+            break
+        free += entry_bytes(entry)
+        if name not in out:
+            out.append(name)
+    return out
+
+
 def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, admit, now):
     """Seconds this request would spend on `node`, by cause (see the table above).
 
@@ -1455,7 +1525,7 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
     a read); now: time.monotonic()."""
     size_gb = max(node.model_bytes(model) / GB, 0.05)  # memory it takes
     weights = node.weights_gb(model)
-    decode_gbs = node.decode_speed or offload_prior(node, priors.decode_gbs)
+    decode_gbs = model_speed(node, model, priors)
     prefill_gbs = node.prefill_speed or decode_gbs * PRIOR_PREFILL_RATIO
     load_fixed, load_per_gb = node.load_cost or (priors.load_fixed_s, priors.load_s_per_gb)
     mine = node.running.get(model) or Running()
@@ -1484,17 +1554,10 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
             wait = max(wait, mine.nth_remaining(mine.count - 1, now) + (ahead - mine.count + 1) / slots * per_slot)
 
     eviction = 0.0
-    budget = node.budget_bytes()
-    if loaded is None and budget:
-        free = budget - node.memory_in_use()
-        for name, entry in sorted(node.loaded.items(), key=lambda item: entry_bytes(item[1])):
-            if free >= size_gb * GB:
-                break
-            freed = entry_bytes(entry)
-            free += freed
-            if node.running_count(name):  # Ollama waits for busy models before evicting
-                wait = max(wait, node.running[name].longest_remaining(now))
-            eviction += 0.5 * (load_fixed + freed / GB * load_per_gb)
+    for name in pushed_out(node, model) if loaded is None else ():
+        if node.running_count(name):  # Ollama waits for busy models before evicting
+            wait = max(wait, node.running[name].longest_remaining(now))
+        eviction += 0.5 * (load_fixed + entry_bytes(node.loaded[name]) / GB * load_per_gb)
 
     # what the node's slot caches already hold of the prompt is not evaluated again
     held = node.cached_chars(model, call.prefix) if loaded is not None and not reload else 0
@@ -1678,13 +1741,18 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
 
 # -- learning: each reply tells herd how fast its node is ---------------------------------------
 
-def record_speeds(node, size_gb, timings, shared, alone):
+def record_speeds(node, model, size_gb, timings, shared, alone):
     """Fold one reply's timings into the node's speeds: decode and prefill GB/s, corrected by
     the `shared` slowdown it ran under; a reply that ran `alone` from start to end is also a clean
-    decode sample. Returns the decode speed as measured, or None without eval timings."""
+    decode sample. The model's own speed there learns from every reply; the node's only from
+    models held in VRAM (one split with system RAM says nothing of the others). Returns the decode
+    speed as measured, or None without eval timings."""
     speed = None
     if timings.get("eval_count") and timings.get("eval_s"):
         speed = timings["eval_count"] / timings["eval_s"] * size_gb
+        node.model_gbs.setdefault(model, Recent()).add(speed * shared)
+        if node.split(model):
+            return speed
         if alone:
             node.decode_gbs_alone.add(speed)
         node.decode_gbs.add(speed * shared)
@@ -1728,9 +1796,9 @@ def learn_from_reply(node, lease, timings):
     (same0, models0), (same1, models1) = lease.company_at_start, company(node.counts(), lease.model)
     same, models = math.sqrt(same0 * same1), math.sqrt(models0 * models1)
     alone = same0 == same1 == models0 == models1 == 1
-    speed = record_speeds(node, size_gb, timings, shared=same ** node.batch_exp * models ** node.cross_exp,
+    speed = record_speeds(node, lease.model, size_gb, timings, shared=same ** node.batch_exp * models ** node.cross_exp,
                           alone=alone)
-    if speed and not alone:
+    if speed and not alone and not node.split(lease.model):
         learn_sharing(node, speed, same, models)
     if lease.cold and (timings.get("load_s") or 0) > HOT_LOAD_S:
         record_load(node, size_gb, timings["load_s"])
@@ -2113,7 +2181,7 @@ class Fleet:
             node = self.nodes.get(node_id)
             if node is None:
                 return
-            speed = record_speeds(node, node.weights_gb(model), timings, shared=1.0, alone=not node.in_flight)
+            speed = record_speeds(node, model, node.weights_gb(model), timings, shared=1.0, alone=not node.in_flight)
             self.priors = None
         if speed is not None:
             log.info("calibrated %s with %s: %.0f GB/s of weights per token", node_id, model, speed)

@@ -125,11 +125,82 @@ def test_shared_run_integrates_over_the_other_model_ending():
     assert herd.shared_run(node, "m:latest", WORK, 0.0, NOW) == pytest.approx((4.4, 1.0))
 
 
-def test_unmeasured_priors_take_the_slowest_measured_node():
+def split_node(vram_share=None, own=(), decode_speed=300.0):
+    """A node (measured at `decode_speed` GB/s) with m hot, `vram_share` of it in VRAM, and
+    `own` decode samples of m."""
+    node = make_node(loaded=["m:latest"], decode_speed=decode_speed)
+    if vram_share is not None:
+        node.loaded["m:latest"]["size_vram"] = int(vram_share * 4 * GB)
+    for gbs in own:
+        node.model_gbs.setdefault("m:latest", herd.Recent()).add(gbs)
+    return node
+
+
+MODEL_SPEEDS = [
+    # (what, node, expected decode GB/s for m)
+    ("in VRAM: the node's speed", split_node(1.0), 300.0),
+    ("95% in VRAM counts as in VRAM", split_node(0.95), 300.0),
+    # half the weights at 300 GB/s, half at the CPU prior of 60: 1 / (0.5/300 + 0.5/60) = 100
+    ("half in system RAM: the two paces in turn", split_node(0.5), 100.0),
+    ("all in RAM on a CPU machine: the node's speed is a CPU speed", split_node(0.0), 300.0),
+    ("one sample of its own is not enough", split_node(1.0, own=(90.0,)), 300.0),
+    ("two of its own: their lower quartile", split_node(1.0, own=(120.0, 90.0)), 90.0),
+    ("unmeasured node: the prior", split_node(1.0, decode_speed=None), 300.0),
+]
+
+
+@pytest.mark.parametrize("what, node, expected", MODEL_SPEEDS, ids=[r[0] for r in MODEL_SPEEDS])
+def test_model_speed(what, node, expected):
+    assert herd.model_speed(node, "m:latest", herd.Priors()) == pytest.approx(expected)
+
+
+def test_a_split_model_teaches_its_own_speed_and_not_the_nodes():
+    node = split_node(0.5, decode_speed=None)
+    timings = {"eval_count": 100, "eval_s": 10.0}  # 10 tokens/s x 4 GB = 40 GB/s
+    for _ in range(3):
+        herd.record_speeds(node, "m:latest", 4.0, timings, shared=1.0, alone=True)
+    assert node.decode_speed is None and len(node.decode_gbs) == 0
+    assert herd.model_speed(node, "m:latest", herd.Priors()) == pytest.approx(40.0)
+    node.loaded["m:latest"]["size_vram"] = 4 * GB  # all in VRAM now: the node learns from it
+    herd.record_speeds(node, "m:latest", 4.0, timings, shared=1.0, alone=True)
+    assert node.decode_speed == pytest.approx(40.0)
+
+
+def node_holding(budget_gb, split=()):
+    node = make_node({"a:latest": 2.0, "b:latest": 3.0, "c:latest": 4.0, "new:latest": 4.0},
+                     loaded=["c:latest", "a:latest", "b:latest"], budget_gb=budget_gb)
+    for name in split:
+        if name in node.loaded:
+            node.loaded[name]["size_vram"] //= 2
+        else:
+            node.split_share[name] = 0.5
+    return node
+
+
+PUSHED_OUT = [
+    # (what, node, GB to load, models pushed out)
+    ("9 of 10 GB used, 4 to load: the smallest until 4 are free", node_holding(10), 4, ["a:latest", "b:latest"]),
+    ("1 GB to load into 1 GB free: none", node_holding(10), 1, []),
+    ("no budget, all in VRAM: none", node_holding(None), 4, []),
+    ("no budget, one split with RAM: that one (it fills the VRAM)", node_holding(None, ["b:latest"]), 4, ["b:latest"]),
+    ("a model seen split here before loads alone: all of them", node_holding(None, ["new:latest"]), 4,
+     ["a:latest", "b:latest", "c:latest"]),
+]
+
+
+@pytest.mark.parametrize("what, node, gb, expected", PUSHED_OUT, ids=[r[0] for r in PUSHED_OUT])
+def test_pushed_out(what, node, gb, expected):
+    node.models["new:latest"]["size"] = int(gb * GB)
+    assert herd.pushed_out(node, "new:latest") == expected
+
+
+def test_unmeasured_priors_decode_like_the_slowest_node_and_load_like_the_median_one():
     fast = make_node(decode_speed=900.0, load_cost=(0.5, 0.2))
-    slow = make_node(decode_speed=200.0, load_cost=(1.5, 0.3))
+    middle = make_node(decode_speed=400.0, load_cost=(0.8, 0.25))
+    slow = make_node(decode_speed=200.0, load_cost=(1.5, 1.0))  # a spinning disk
     fresh = make_node()
-    assert herd.unmeasured_priors([fast, slow, fresh]) == herd.Priors(200.0, 1.5, 0.3)
+    assert herd.unmeasured_priors([fast, middle, slow, fresh]) == herd.Priors(200.0, 0.8, 0.25)
+    assert herd.unmeasured_priors([fast, slow]) == herd.Priors(200.0, 1.0, 0.6)  # median of two: the mean
     assert herd.unmeasured_priors([fresh]) == herd.Priors(300.0, 1.0, 0.5)
 
 
@@ -204,11 +275,12 @@ def test_protect_context_leaves_openai_requests_alone():
     assert call.options() == {"num_ctx": 2048} and not call.events
 
 
-def context_node(reported=None, seen=None, loaded_ctx=()):
+def context_node(reported=None, seen=None, loaded_ctx=(), sent_ctx=None):
     node = make_node({f"m{i}:latest": 1.0 for i in range(4)}, default_context_length=reported)
     node.default_ctx = dict(seen or {})
     node.loaded = {f"m{i}:latest": {"name": f"m{i}:latest", "size": GB, "context_length": ctx}
                    for i, ctx in enumerate(loaded_ctx)}
+    node.load_options = {name: {"num_ctx": ctx} for name, ctx in (sent_ctx or {}).items()}
     return node
 
 
@@ -222,6 +294,8 @@ CONTEXT_DEFAULTS = [
      loaded_ctx=(2048, 32768, 32768)), "m3:latest", 32768),
     ("the largest seen default beats a smaller common context", context_node(seen={"m0:latest": 32768},
      loaded_ctx=(32768, 4096, 4096)), "m3:latest", 32768),
+    ("contexts herd loaded with a client's num_ctx are not the default", context_node(
+     loaded_ctx=(16384, 16384, 4096), sent_ctx={"m0:latest": 16384, "m1:latest": 16384}), "m3:latest", 4096),
 ]
 
 
@@ -363,3 +437,23 @@ def test_a_prefix_two_prompts_continue_differently_counts_as_shared():
     assert herd.shared_prefix_chars(branches, chat_prefix(SYSTEM, ("user", "b"))) == 5000  # the system prompt
     follow_up = chat_prefix(SYSTEM, ("user", "a"), ("assistant", "x"), ("user", "c"))
     assert herd.shared_prefix_chars(branches, follow_up) == 5000  # its own history is not shared
+
+
+def ps_report(*loaded):
+    """A heartbeat whose /api/ps shows `loaded` (name, GB, GB in VRAM)."""
+    return {"ollama": {"reachable": True, "models": [{"name": name, "size": int(gb * GB)} for name, gb, _ in loaded],
+                       "loaded": [{"name": name, "size": int(gb * GB), "size_vram": int(vram * GB),
+                                   "context_length": 4096} for name, gb, vram in loaded]}}
+
+
+def test_beside_a_split_model_requests_wait_unloaded():
+    # herd sent small requests while big was loading; /api/ps now shows big split with system RAM
+    # and small gone: small's requests are waiting for big, not running, so small is cold here
+    node = make_node({"small:latest": 1.0, "big:latest": 20.0}, loaded=["small:latest"])
+    node.hold(herd.Lease(node_id="n", url="", model="small:latest", score=0, breakdown={}, started=time.monotonic()))
+    node.apply_report(ps_report(("big:latest", 20.0, 12.0)))
+    assert set(node.loaded) == {"big:latest"} and node.split("big:latest")
+    node.apply_report(ps_report(("small:latest", 1.0, 1.0)))  # big left; herd remembers it splits here
+    assert node.split("big:latest") and herd.pushed_out(node, "big:latest") == ["small:latest"]
+    node.apply_report(ps_report(("mid:latest", 8.0, 8.0)))  # not split: busy small is taken as still there
+    assert node.loaded.keys() == {"small:latest", "mid:latest"}
