@@ -1,6 +1,7 @@
 """What the benchmarks share: loopback ports, the processes they start, percentiles, and the
 simulated home labs that bench_routing.py and bench_routing_floor.py replay (the classic one, and
-generated ones drawn from a seed), their workloads, their capacity and their lower bounds.
+generated ones drawn from a seed), their workloads (single requests; with --conversations also
+conversations and agent loops that resend their history), their capacity and their lower bounds.
 
 Every benchmark runs its fake nodes and routers in processes of their own on 127.0.0.1, as a home
 lab runs them on machines of their own; the client runs in the benchmark's process.
@@ -25,7 +26,7 @@ from typing import NamedTuple
 
 import urllib3
 
-from sim_ollama import DEFAULT_CTX, KV_SHARE_PER_4K, Physics, SimNode
+from sim_ollama import DEFAULT_CTX, KV_SHARE_PER_4K, REPLY_WORDS, Physics, SimNode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,6 +159,7 @@ class Machine:
     gpu: bool = True
     offload_gb: float = 0.0  # system RAM that takes the layers of a model larger than the VRAM...
     cpu_gbs: float = 60.0  # ...and streams them this fast
+    prefill_factor: float | None = None  # its own prompt rate over decode (None: the lab's physics')
 
     @property
     def budget_gb(self):
@@ -202,6 +204,10 @@ class HomeLab:
     traffic: Traffic
     physics: Physics = field(default_factory=Physics)
     load: float | None = None  # offered load: the arrival rate over the fleet's capacity
+    # the nodes keep Ollama's per-slot prompt caches and stream a reply's first token at once
+    # (the conversations benchmark; see tests/sim_ollama.py)
+    prompt_caches: bool = False
+    multiuser_cache: bool = False  # ...choosing slots as Ollama does with OLLAMA_MULTIUSER_CACHE=1
 
     def describe(self):
         traffic = self.traffic
@@ -211,6 +217,11 @@ class HomeLab:
         rate = f"{traffic.rate:.2f}/s" + (" bursty" if traffic.phases else " Poisson")
         load = f" (load {self.load:.2f} of capacity)" if self.load else ""
         offload = ", CPU offload" if any(m.offload_gb for m in self.machines.values()) else ""
+        if any(m.prefill_factor for m in self.machines.values()):
+            offload += ", prompt rates " + " ".join(f"{name} {m.prefill_factor:g}x" for name, m in self.machines.items()
+                                                    if m.prefill_factor)
+        if self.prompt_caches:
+            offload += ", per-slot prompt caches" + (" (OLLAMA_MULTIUSER_CACHE)" if self.multiuser_cache else "")
         return [f"nodes: {nodes}", f"models: {mix}",
                 (f"traffic: {rate}{load} for {traffic.duration_s:g} s, streaming {traffic.stream_share:.0%}, "
                  f"OpenAI {traffic.openai_share:.0%}, num_ctx {traffic.num_ctx_share():.1%} (long {traffic.ctx_large})"),
@@ -233,7 +244,9 @@ def sim_node(name, loaded=None, lab=None):
     return SimNode(name, machine.memory_gb, machine.bandwidth_gbs, {m: lab.models[m] for m in machine.installed},
                    machine.loaded if loaded is None else loaded, num_parallel=machine.slots,
                    load_gbs=machine.load_gbs, scale=SCALE, gpu=machine.gpu, default_ctx=machine.default_ctx,
-                   physics=lab.physics, offload_gb=machine.offload_gb, cpu_gbs=machine.cpu_gbs).start()
+                   physics=lab.physics, offload_gb=machine.offload_gb, cpu_gbs=machine.cpu_gbs,
+                   prefill_factor=machine.prefill_factor, prompt_cache=lab.prompt_caches,
+                   multiuser_cache=lab.multiuser_cache, first_token_alone=lab.prompt_caches).start()
 
 
 class Request(NamedTuple):
@@ -434,6 +447,132 @@ def draw_phases(rng, duration):
         kind = "burst" if roll < burst else "idle" if roll < burst + idle else "steady"
     mean = sum((end - start) * m for start, end, m in phases) / duration
     return tuple((start, end, m / mean) for start, end, m in phases)
+
+
+# -- conversations and agent loops (bench_routing --conversations) ------------------------------
+#
+# A chat client resends the whole conversation with every turn, and an agent its fixed prompt and
+# everything its tools returned: cheap only on the node whose slot cache still holds that history
+# (the prompt caches in tests/sim_ollama.py). Drawn per lab and seed, beside the lab's own single
+# requests over the same window:
+# - conversations (2.5 per machine): 3-30 turns (log-uniform, so most are short), each a user
+#   message of 20-400 tokens and a reply of 50-500, 5-60 s of thinking after each reply
+#   (log-uniform); half open with one of two system prompts of 2-8k tokens that the lab's
+#   conversations share (an app's preset), the others with a short one of their own (20-300);
+# - agent loops (0.75 per machine): a fixed prompt of 3-10k tokens (instructions, tools, a
+#   repository map), a task of 20-200 tokens, then 5-20 steps 1-5 s apart, each adding the
+#   model's reply (30-200 tokens) and a tool's output (50-1500 tokens).
+# Each keeps one model (drawn by the lab's chat shares) and one API (by the lab's OpenAI share),
+# streams, and never sets num_ctx. Each is planned to end within 70% of the window: think times
+# that would not fit are shortened, never below their minimum, and the start is drawn in what is
+# left. Every text is made of 4-character words, one token each, so messages end on token
+# boundaries. The nodes keep Ollama's per-slot prompt caches, send a reply's first token at once,
+# and evaluate prompts at a rate of their own by kind of machine (relative to their decode speed:
+# a GPU box 30-60x, an Apple-style machine 8-16x, a CPU-only one 4-8x; the classic lab's rtx 40x,
+# studio and laptop 10x, mini 5x).
+
+CONVERSATION_WINDOW_S = 300.0  # simulated seconds of single requests, and of planned conversations
+PLANNED_SHARE = 0.7  # conversations and loops are planned to end within this share of the window
+CONVERSATIONS_PER_MACHINE = 2.5
+AGENTS_PER_MACHINE = 0.75
+TURNS = (3, 30)
+THINK_S = (5.0, 60.0)
+USER_TOKENS = (20, 400)
+REPLY_TOKENS = (50, 500)
+SHARED_SYSTEMS = 2  # system prompts the conversations of a lab share...
+SHARED_SYSTEM_TOKENS = (2000, 8000)
+SHARED_SYSTEM_SHARE = 0.5  # ...and the share of conversations that open with one
+OWN_SYSTEM_TOKENS = (20, 300)
+AGENT_PROMPT_TOKENS = (3000, 10000)
+AGENT_TASK_TOKENS = (20, 200)
+AGENT_STEPS = (5, 20)
+AGENT_GAP_S = (1.0, 5.0)
+AGENT_REPLY_TOKENS = (30, 200)
+TOOL_TOKENS = (50, 1500)
+PREFILL_BY_KIND = {"gpu": (30, 60), "mac": (8, 16), "cpu": (4, 8)}  # prompt rate over decode speed
+CLASSIC_PREFILL = {"studio": 10, "rtx": 40, "mini": 5, "laptop": 10}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A client that talks to one model over several requests, each sending the whole history:
+    system prompt, then per request the message it adds and the reply it got (see replay in
+    bench_routing.py)."""
+
+    index: int
+    kind: str  # chat (a person) | agent (a tool loop)
+    model: str
+    openai: bool
+    start: float  # simulated seconds from the start of the run
+    system: str
+    shared: int | None  # which of the lab's shared system prompts it opens with, if any
+    said: tuple  # per request, the message added before it: (role, text)
+    outs: tuple  # per request, the reply's tokens (num_predict / max_tokens)
+    gaps: tuple  # per request after the first, simulated seconds after the previous reply
+
+
+def words(rng, tokens):
+    """Text of `tokens` tokens: 4-character words drawn from `rng`."""
+    return "".join(rng.choices(REPLY_WORDS, k=tokens))
+
+
+def log_uniform(rng, low, high):
+    return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+
+def fit_gaps(gaps, budget, low):
+    """`gaps` shortened (each at least `low`, in proportion to what it has above it) to sum to at most `budget`."""
+    excess = sum(gaps) - budget
+    if excess <= 0:
+        return gaps
+    room = sum(g - low for g in gaps)
+    return [low + (g - low) * max(0.0, room - excess) / room for g in gaps]
+
+
+def conversation_lab(lab, seed, multiuser_cache=False):
+    """`lab` as the conversations benchmark runs it: per-slot prompt caches (choosing slots as
+    OLLAMA_MULTIUSER_CACHE=1 does, if asked), a prompt rate per machine, and its single requests
+    (numbered, so no two share a prefix) over the window."""
+    rng = random.Random(f"prompt-rates-{seed}")
+    machines = {}
+    for name, machine in lab.machines.items():
+        kind = name.rstrip("0123456789")
+        factor = CLASSIC_PREFILL[name] if name in CLASSIC_PREFILL else round(rng.uniform(*PREFILL_BY_KIND[kind]))
+        machines[name] = replace(machine, prefill_factor=factor)
+    traffic = replace(lab.traffic, duration_s=CONVERSATION_WINDOW_S, numbered=True)
+    if traffic.phases:
+        traffic = replace(traffic, phases=draw_phases(rng, CONVERSATION_WINDOW_S))
+    return replace(lab, machines=machines, traffic=traffic, prompt_caches=True, multiuser_cache=multiuser_cache)
+
+
+def conversations(seed, lab):
+    """The seeded conversations and agent loops of `lab`'s clients (see above)."""
+    rng = random.Random(f"conversations-{seed}")
+    chats = [(model, share) for model, share, _, out in lab.traffic.mix if out[1]]
+    models, weights = [m for m, _ in chats], [w for _, w in chats]
+    budget = PLANNED_SHARE * lab.traffic.duration_s
+    shared = [words(rng, rng.randint(*SHARED_SYSTEM_TOKENS)) for _ in range(SHARED_SYSTEMS)]
+    plan = []
+    for _ in range(round(CONVERSATIONS_PER_MACHINE * len(lab.machines))):
+        turns = round(log_uniform(rng, *TURNS))
+        gaps = fit_gaps([log_uniform(rng, *THINK_S) for _ in range(turns - 1)], budget, THINK_S[0])
+        which = rng.randrange(SHARED_SYSTEMS) if rng.random() < SHARED_SYSTEM_SHARE else None
+        system = shared[which] if which is not None else words(rng, rng.randint(*OWN_SYSTEM_TOKENS))
+        plan.append(Conversation(
+            len(plan), "chat", rng.choices(models, weights)[0], rng.random() < lab.traffic.openai_share,
+            rng.uniform(0, budget - sum(gaps)), system, which,
+            tuple(("user", words(rng, rng.randint(*USER_TOKENS))) for _ in range(turns)),
+            tuple(rng.randint(*REPLY_TOKENS) for _ in range(turns)), tuple(gaps)))
+    for _ in range(round(AGENTS_PER_MACHINE * len(lab.machines))):
+        steps = rng.randint(*AGENT_STEPS)
+        gaps = fit_gaps([rng.uniform(*AGENT_GAP_S) for _ in range(steps - 1)], budget, AGENT_GAP_S[0])
+        said = [("user", words(rng, rng.randint(*AGENT_TASK_TOKENS)))]
+        said += [("tool", words(rng, rng.randint(*TOOL_TOKENS))) for _ in range(steps - 1)]
+        plan.append(Conversation(
+            len(plan), "agent", rng.choices(models, weights)[0], rng.random() < lab.traffic.openai_share,
+            rng.uniform(0, budget - sum(gaps)), words(rng, rng.randint(*AGENT_PROMPT_TOKENS)), None, tuple(said),
+            tuple(rng.randint(*AGENT_REPLY_TOKENS) for _ in range(steps)), tuple(gaps)))
+    return plan
 
 
 # -- what the fleet could do: capacity and lower bounds ----------------------------------------

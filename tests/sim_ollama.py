@@ -21,10 +21,31 @@ durations divided by `scale` so that runs stay short:
   `fluid` physics changes every stream's speed the moment another starts or ends, so a node never
   serves faster than the formulas allow (the generated benchmark's lower bound relies on it).
 - /api/ps and /api/tags tell the truth; /sim/stats returns counters: loads (cold), reloads,
-  evictions, reloads caused by a request whose num_ctx was at or below the loaded context, and
-  requests that started while another model was running. `records` holds, per inference request,
-  where its time went at the node (see `Record`).
+  evictions, reloads caused by a request whose num_ctx was at or below the loaded context,
+  requests that started while another model was running, and prompt tokens (all, and found in a
+  slot's cache). `records` holds, per inference request, where its time went at the node (see
+  `Record`); `emptied` when each model was loaded, reloaded or evicted.
 - gpu=False makes a CPU-only machine: /api/ps says size_vram 0, as Ollama does.
+- prompt rate: `prefill_factor` (default: the physics') sets this node's own: prompt tokens go
+  that many times faster than decode here (a GPU box evaluates prompts far faster, relative to its
+  bandwidth, than an Apple chip or a CPU).
+- prompt caches (`prompt_cache=True`), as Ollama's runner keeps them (runner/ollamarunner/cache.go):
+  one input cache per parallel slot of a loaded model. A request takes the free slot whose cache
+  shares the longest token prefix with its prompt (`findLongestCacheSlot`: the first such slot in
+  slot order, so a new conversation takes the lowest free slot, whatever it held; with
+  `multiuser_cache`, as OLLAMA_MULTIUSER_CACHE, `findBestCacheSlot`: see choose_slot) and
+  evaluates only the rest, at least one token; the slot then holds the prompt plus the generated
+  reply. A load, reload or eviction empties every slot of the model. Embeddings evaluate their whole
+  input. A prompt is tokenised from its text, every 4 characters a token (see `prompt_text`), so
+  prefixes compare by tokens; prompts are never truncated to the context (a slot holds any length).
+  `prompt_eval_count` (and /v1 `usage.prompt_tokens`) count the tokens evaluated, not the cached
+  ones, and `prompt_eval_duration` their time, as Ollama reports them. Without it every prompt is
+  evaluated whole (the classic and generated benchmarks).
+- replies: the text of a reply is drawn from its request (its prompt's text and length seeded, 4
+  characters a token), so a client that sends a conversation's history back sends exactly what
+  the node generated, and the same conversation has the same text behind every router.
+- `first_token_alone=True` sends a stream's first token as soon as it is produced (Ollama sends it
+  at the end of prefill) instead of with the first 40 ms chunk: time to first token is measured.
 
 Final Ollama chunks carry load_duration, prompt_eval_duration and eval_duration (real time, ns),
 prompt_eval_count and eval_count, as measured while the request ran under its physics; streamed
@@ -33,7 +54,9 @@ prompt_eval_count and eval_count, as measured while the request ran under its ph
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
 import threading
 import time
@@ -49,6 +72,9 @@ PREFILL_FACTOR = 20  # prefill processes this many times more tokens per second 
 KV_SHARE_PER_4K = 0.08  # KV cache memory per 4k of context, as a share of the model's size
 CHUNK_REAL_S = 0.04  # tokens produced within this much real time go out in one chunk
 REQUEST_TAG = re.compile(r"#(\d+) ")  # a benchmark numbers its requests at the start of the prompt
+CHARS_PER_TOKEN = 4  # how prompts and replies are tokenised: every 4 characters of text a token
+# reply tokens: a consonant, a vowel, a consonant and a space (4 characters, so one token each)
+REPLY_WORDS = [a + b + c + " " for a in "bcdfghklmnprstvz" for b in "aeiou" for c in "bdgklmnprst"]
 
 
 @dataclass(frozen=True)
@@ -81,10 +107,21 @@ class Instance:
         self.waiting = 0
         self.last_used = time.monotonic()
         self.reloading = False
+        self.slots = []  # prompt caches (SlotCache), one per parallel slot, when the node keeps them
 
     @property
     def ram(self):
         return self.memory - self.vram
+
+
+class SlotCache:
+    """One parallel slot's input cache: the text whose tokens it holds, whether a request uses it,
+    and when a request last took it (time.monotonic(); 0: never)."""
+
+    def __init__(self):
+        self.text = ""
+        self.in_use = False
+        self.used = 0.0
 
 
 class Stream:
@@ -110,12 +147,15 @@ class Record:
     service: float = 0.0  # prefill and decode as they ran
     alone: float = 0.0  # prefill and decode alone on this node (service - alone: the sharing slowdown)
     ended: float = 0.0
+    prompt_tokens: int = 0  # the prompt's tokens...
+    cached_tokens: int = 0  # ...of which a slot's cache held these (prompt caches only)
 
 
 class SimNode:
     def __init__(self, name, memory_gb, bandwidth_gbs, models, loaded=(), num_parallel=1, load_gbs=2.0,
                  scale=10.0, capabilities=None, port=0, gpu=True, default_ctx=DEFAULT_CTX, physics=Physics(),
-                 offload_gb=0.0, cpu_gbs=60.0):
+                 offload_gb=0.0, cpu_gbs=60.0, prefill_factor=None, prompt_cache=False, multiuser_cache=False,
+                 first_token_alone=False):
         self.name = name
         self.gpu = gpu  # False: a CPU-only machine, whose /api/ps says size_vram 0 as Ollama's does
         self.memory_gb = memory_gb
@@ -129,6 +169,10 @@ class SimNode:
         self.load_gbs = load_gbs
         self.scale = scale
         self.physics = physics
+        self.prefill_factor = prefill_factor or physics.prefill_factor  # prompt tokens/s over decode tokens/s here
+        self.prompt_cache = prompt_cache  # keep Ollama's per-slot prompt caches...
+        self.multiuser_cache = multiuser_cache  # ...choosing slots as with OLLAMA_MULTIUSER_CACHE
+        self.first_token_alone = first_token_alone
         self.port = port
         self.cond = threading.Condition()
         self.instances = {}
@@ -136,8 +180,9 @@ class SimNode:
         self.streams_marked = time.monotonic()  # when their progress was last brought up to date
         self.load_lock = threading.Lock()
         self.stats = {"loads": 0, "reloads": 0, "evictions": 0, "needless_reloads": 0, "requests": 0,
-                      "side_by_side": 0}
+                      "side_by_side": 0, "prompt_tokens": 0, "cached_tokens": 0}
         self.records = []
+        self.emptied = []  # (time.monotonic(), model, load | reload | eviction): its slots' caches emptied
         for model in loaded:
             name = full_name(model)
             self.instances[name] = Instance(name, default_ctx, self.footprint(name, default_ctx))
@@ -220,6 +265,7 @@ class SimNode:
                     self.cond.wait()  # only busy models stand in the way: wait for them
                     continue
                 reload = inst is not None
+                self.emptied.append((time.monotonic(), name, "reload" if reload else "load"))
                 if reload:
                     self.stats["reloads"] += 1
                     if asked_ctx is not None and asked_ctx <= inst.ctx:
@@ -233,6 +279,7 @@ class SimNode:
                         break
                     del self.instances[victim.name]
                     self.stats["evictions"] += 1
+                    self.emptied.append((time.monotonic(), victim.name, "eviction"))
                 placeholder = Instance(name, ctx, need_vram + need_ram, need_vram)
                 placeholder.reloading = True
                 self.instances[name] = placeholder
@@ -264,6 +311,26 @@ class SimNode:
                 inst.running -= 1
                 inst.last_used = time.monotonic()
             self.cond.notify_all()
+
+    # -- prompt caches: one per parallel slot, as Ollama's runner keeps them ---------------------
+
+    def take_slot(self, name, text):
+        """A request holding a slot of `name` (acquire) starts on a slot's cache chosen as Ollama's
+        runner chooses it (choose_slot); returns (that cache, tokens of the prompt it already holds)."""
+        with self.cond:
+            inst = self.instances[name]  # it holds a slot, so the model stays loaded
+            if not inst.slots:
+                inst.slots = [SlotCache() for _ in range(self.num_parallel)]
+            cache, common = choose_slot(inst.slots, text, self.multiuser_cache)
+            cached = min(common, prompt_tokens(text) - 1)  # the last token is evaluated again, to sample from
+            cache.text = text[:cached * CHARS_PER_TOKEN]  # the rest of what it held is overwritten
+            cache.in_use, cache.used = True, time.monotonic()
+            return cache, cached
+
+    def leave_slot(self, cache, text):
+        """The request on `cache` is done: the slot holds `text` (its prompt and reply)."""
+        with self.cond:
+            cache.text, cache.in_use = text, False
 
     # -- fluid pacing: every stream's speed follows the streams running beside it -------------
 
@@ -339,17 +406,18 @@ class ChunkPace:
 
     def prefill(self):
         node = self.node
-        node.sleep(self.prompt_tokens / (node.decode_tps(self.name) * node.physics.prefill_factor))
+        node.sleep(self.prompt_tokens / (node.decode_tps(self.name) * node.prefill_factor))
 
     def decode(self):
-        """Yield the tokens produced, a chunk's worth at a time."""
+        """Yield the tokens produced, a chunk's worth at a time (the first alone if the node says so)."""
         node, out_tokens = self.node, self.out_tokens
         produced = 0.0
         emitted = 0
         while emitted < out_tokens:
             rate = node.scale * node.decode_tps(self.name)  # tokens per real second
             tick = time.monotonic()
-            time.sleep(min(CHUNK_REAL_S, (out_tokens - produced) / rate))
+            first = node.first_token_alone and not emitted
+            time.sleep(min(1 / rate if first else CHUNK_REAL_S, (out_tokens - produced) / rate))
             produced += (time.monotonic() - tick) * rate
             batch = min(out_tokens, int(produced)) - emitted
             if batch > 0:
@@ -365,7 +433,7 @@ class FluidPace:
 
     def __init__(self, node, name, prompt_tokens, out_tokens):
         self.node, self.out_tokens = node, out_tokens
-        self.prefill_work = prompt_tokens / node.physics.prefill_factor
+        self.prefill_work = prompt_tokens / node.prefill_factor
         self.stream = node.begin_stream(name, self.prefill_work + out_tokens)
         self.closed = False
 
@@ -374,6 +442,10 @@ class FluidPace:
 
     def decode(self):
         emitted = 0
+        if self.node.first_token_alone and self.out_tokens:
+            self.node.progress(self.stream, self.prefill_work + 1)
+            emitted = 1
+            yield 1
         while emitted < self.out_tokens:
             done = self.node.progress(self.stream, self.stream.work, CHUNK_REAL_S)
             finished = done >= self.stream.work - 1e-6
@@ -388,12 +460,78 @@ class FluidPace:
             self.node.end_stream(self.stream)
 
 
-def prompt_chars(body):
+def prompt_text(body):
+    """The text a request's prompt is tokenised from: a generation's system and prompt, an
+    embedding's inputs, a chat's message contents, in order (the template's markers left out)."""
     text = body.get("prompt") or body.get("input") or ""
-    total = len(text) if isinstance(text, str) else sum(len(t) for t in text)
-    for message in body.get("messages") or ():
-        total += len(message.get("content") or "")
-    return total
+    parts = [body.get("system") or "", text] if isinstance(text, str) else [body.get("system") or "", *text]
+    parts += [message.get("content") or "" for message in body.get("messages") or ()]
+    return "".join(parts)
+
+
+def prompt_tokens(text):
+    return max(1, len(text) // CHARS_PER_TOKEN)
+
+
+def common_prefix_chars(a, b):
+    """How many leading characters two texts share (compared in C, by halves)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n  # a[:low] == b[:low] and a[:high] != b[:high]
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def common_tokens(held, text):
+    return common_prefix_chars(held, text) // CHARS_PER_TOKEN
+
+
+def choose_slot(slots, text, multiuser=False):
+    """The slot cache a prompt `text` starts on, and how many of its tokens it finds there
+    (runner/ollamarunner/cache.go). findLongestCacheSlot (the default): the free slot sharing the
+    longest prefix, the first in slot order among equals, so an unrelated prompt takes the lowest
+    free slot whatever it held. findBestCacheSlot (OLLAMA_MULTIUSER_CACHE): the slot sharing the
+    longest prefix when it is free and all it holds is that prefix; else the free slot used
+    longest ago, into which the longest prefix, wherever it is, is copied first."""
+    if not multiuser:
+        best, longest = None, -1
+        for cache in slots:
+            if not cache.in_use:
+                common = common_tokens(cache.text, text)
+                if common > longest:
+                    best, longest = cache, common
+        return best, longest
+    best, longest, oldest = None, -1, None
+    for cache in slots:
+        common = common_tokens(cache.text, text)
+        if common > longest:
+            best, longest = cache, common
+        if not cache.in_use and (oldest is None or cache.used < oldest.used):
+            oldest = cache
+    if longest == len(best.text) // CHARS_PER_TOKEN and not best.in_use:
+        return best, longest
+    if longest > 0 and best is not oldest:
+        oldest.text = best.text[:longest * CHARS_PER_TOKEN]
+    return oldest, longest
+
+
+def cached_tokens(held, text):
+    """Tokens of the prompt `text` that a slot holding `held` spares: their common prefix in
+    whole tokens, leaving at least one to evaluate (Ollama's runner evaluates the last one again
+    when the whole prompt is cached, to sample from it)."""
+    return min(common_tokens(held, text), prompt_tokens(text) - 1)
+
+
+def reply_tokens(text, count):
+    """The `count` tokens a node generates for the prompt `text`: the same on every node."""
+    rng = random.Random(hashlib.blake2b(f"{count}:{text}".encode(), digest_size=8).digest())
+    return rng.choices(REPLY_WORDS, k=count)
 
 
 def request_tag(body):
@@ -447,7 +585,8 @@ class SimHandler(FakeHandler):
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         asked_ctx = None if openai else options.get("num_ctx")
         ctx = asked_ctx or node.default_ctx
-        prompt_tokens = max(1, prompt_chars(body) // 4)
+        text = prompt_text(body)
+        tokens = prompt_tokens(text)
         out_tokens = int(body.get("max_tokens") or options.get("num_predict") or 100)
         node.stats["requests"] += 1
         record = Record(request_tag(body), name, time.monotonic())
@@ -462,9 +601,15 @@ class SimHandler(FakeHandler):
         embedding = "embed" in self.path
         if embedding:
             out_tokens = 0
+        cache, cached = (node.take_slot(name, text) if node.prompt_cache and not embedding else (None, 0))
+        evaluated = tokens - cached  # what the node evaluates, and reports as prompt_eval_count
+        record.prompt_tokens, record.cached_tokens = tokens, cached
+        node.stats["prompt_tokens"] += tokens
+        node.stats["cached_tokens"] += cached
+        reply = reply_tokens(text, out_tokens)
         alone = node.alone_tps(name) * node.scale
-        record.alone = (prompt_tokens / node.physics.prefill_factor + out_tokens) / alone
-        pace = (FluidPace if node.physics.fluid else ChunkPace)(node, name, prompt_tokens, out_tokens)
+        record.alone = (evaluated / node.prefill_factor + out_tokens) / alone
+        pace = (FluidPace if node.physics.fluid else ChunkPace)(node, name, evaluated, out_tokens)
         try:
             started = time.monotonic()
             pace.prefill()
@@ -472,12 +617,13 @@ class SimHandler(FakeHandler):
             if embedding:
                 pace.close()
                 record.service = prefill_real
-                return self.embed(name, body, prompt_tokens, load_real, prefill_real)
+                return self.embed(name, body, evaluated, load_real, prefill_real)
             stream = body.get("stream", not openai)
-            self.generate(name, body, openai, bool(stream), pace, prompt_tokens, out_tokens, load_real,
-                          prefill_real, record)
+            self.generate(name, body, openai, bool(stream), pace, evaluated, reply, load_real, prefill_real, record)
         finally:
             pace.close()
+            if cache is not None:
+                node.leave_slot(cache, text + "".join(reply))
             node.release(name)
             record.ended = time.monotonic()
             node.records.append(record)
@@ -492,8 +638,10 @@ class SimHandler(FakeHandler):
                              "load_duration": int(load_real * 1e9), "total_duration": int((load_real + prefill_real) * 1e9),
                              "prompt_eval_duration": int(prefill_real * 1e9)})
 
-    def generate(self, name, body, openai, stream, pace, prompt_tokens, out_tokens, load_real, prefill_real, record):
+    def generate(self, name, body, openai, stream, pace, prompt_tokens, reply, load_real, prefill_real, record):
         chat = "chat" in self.path
+        out_tokens = len(reply)
+        emitted = 0
         if stream:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream" if openai else "application/x-ndjson")
@@ -502,7 +650,8 @@ class SimHandler(FakeHandler):
         decode_started = time.monotonic()
         for batch in pace.decode():
             if stream:
-                text = "x " * batch
+                text = "".join(reply[emitted:emitted + batch])
+                emitted += batch
                 if openai:
                     delta = {"content": text} if chat else None
                     choice = {"index": 0, "delta": delta, "finish_reason": None} if chat else {"index": 0, "text": text}
@@ -532,10 +681,10 @@ class SimHandler(FakeHandler):
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         elif openai:
-            message = {"role": "assistant", "content": "x " * out_tokens}
+            message = {"role": "assistant", "content": "".join(reply)}
             self.send_json(200, {"object": "chat.completion", "model": name, "usage": usage,
                                  "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
         else:
-            final.update({"message": {"role": "assistant", "content": "x " * out_tokens}} if chat
-                         else {"response": "x " * out_tokens})
+            final.update({"message": {"role": "assistant", "content": "".join(reply)}} if chat
+                         else {"response": "".join(reply)})
             self.send_json(200, final)
