@@ -100,7 +100,7 @@ class Config:
     connect_timeout: float = 3.0  # TCP connect to a node
     first_byte_timeout: float = 300.0  # a cold load of a big model can be silent for minutes
     idle_timeout: float = 120.0  # longest silence between chunks of a running stream
-    context_protection: str = "strip"
+    context_protection: str | None = None  # None: the stored runtime setting (strip at first)
     retention_days: float = 30.0
     max_body_mb: float = 64.0
     max_retries: int = 2  # further nodes tried at once when one fails before the first byte
@@ -343,7 +343,7 @@ def read_text(value, field_name, max_chars=MAX_NAME_CHARS, optional=False):
     if not isinstance(value, str) or not value.strip():
         raise BadInput(field_name, "a non-empty string", value)
     if len(value) > max_chars:
-        raise BadInput(field_name, f"at most {max_chars} characters", f"{len(value)} characters")
+        raise BadInput(field_name, f"at most {max_chars} characters long (it has {len(value)})")
     if not is_clean_text(value):
         raise BadInput(field_name, "printable text (no control or bidi characters, no lone surrogates)", value)
     return value
@@ -600,6 +600,11 @@ def read_tags(body, headers, api):
     return tags[:MAX_TAGS]
 
 
+def read_user_agent(value):
+    """A client's User-Agent as herd keeps it (traces, the Apps view): printable ASCII, cut short."""
+    return "".join(c if " " <= c <= "~" else "?" for c in (value or "")[:200])
+
+
 def parse_call(api, endpoint, raw, headers, client_ip, request_id):
     """Read a proxied request at the door into a Call; raises HerdError(400) naming the field."""
     started = time.perf_counter()
@@ -630,7 +635,7 @@ def parse_call(api, endpoint, raw, headers, client_ip, request_id):
                 client_options=dict(options) if isinstance(options, dict) else None,
                 request_id=request_id, started=started, prompt_chars=prompt_chars,
                 prefix=prompt_prefix(body, endpoint), asked_name=asked,
-                edited=edited, user_agent=(headers.get("User-Agent") or "")[:200])
+                edited=edited, user_agent=read_user_agent(headers.get("User-Agent")))
 
 
 def read_management(raw, verb):
@@ -1995,7 +2000,7 @@ class Fleet:
         self.usual_output = {}  # model -> their median
         self.demand = {}  # model -> times of its recent requests
         self.preloading = set()  # node ids with a preload under way
-        self.context_policy = config.context_protection
+        self.context_policy = config.context_protection or RUNTIME_SETTINGS["context_protection"]
         self.priors = None  # for unmeasured nodes: from the slowest measured (None: work them out again)
         self.branches = collections.OrderedDict()  # prompt block -> the block that followed it, or SHARED
 
@@ -3228,12 +3233,12 @@ class Proxy:
             exchange.finish("failed", f"herd hit an internal error ({type(exc).__name__})")
             raise
 
-    def refuse(self, api, endpoint, client_ip, request_id, message, outcome="failed"):
+    def refuse(self, api, endpoint, client_ip, request_id, message, outcome="failed", user_agent=""):
         """Trace a request answered without being served (refused at the door, no such route):
         every client request has a row."""
         call = Call(api=api, endpoint=endpoint, body={}, raw=b"", model="", stream=False,
                     fallback_models=[], tags=[], client_ip=client_ip, request_id=request_id,
-                    started=time.perf_counter())
+                    started=time.perf_counter(), user_agent=user_agent)
         Exchange(call, self).finish(outcome, message)
 
     def drop(self, exchange):
@@ -4440,7 +4445,7 @@ class Herd:
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)
         self.traces = TraceStore(Path(config.data_dir) / "latency.db", config.retention_days)
         self.settings = self.traces.load_settings()
-        if config.context_protection != RUNTIME_SETTINGS["context_protection"]:
+        if config.context_protection is not None:
             self.settings["context_protection"] = config.context_protection  # an explicit flag wins
         config.context_protection = self.settings["context_protection"]
         self.fleet = Fleet(config)
@@ -4516,10 +4521,11 @@ class Herd:
         log.info("deleted %s from %s (dashboard)", model, node_id)
         return {"deleted": True, "model": model, "node_id": node_id}
 
-    def trace_answer(self, api, endpoint, client_ip, status, message):
+    def trace_answer(self, api, endpoint, client_ip, status, message, request_id=None, user_agent=""):
         """The trace row of an error answer that no exchange served (see HTTP routes)."""
         outcome = "cancelled" if status == 499 else "failed"
-        self.proxy.refuse(api, endpoint, client_ip, self.request_id(), message or f"answered {status}", outcome)
+        self.proxy.refuse(api, endpoint, client_ip, request_id or self.request_id(),
+                          message or f"answered {status}", outcome, user_agent)
 
     def heartbeat_refused(self, address, reason):
         if (address, reason) not in self.refused_beats and len(self.refused_beats) < 1000:
@@ -4566,6 +4572,7 @@ UNTRACED_PREFIXES = ("/dashboard", "/static/", "/heartbeat", "/metrics")
 # for the key and sends it with every API call)
 OPEN_PATHS = ("/", "/dashboard", "/dashboard/")
 TRACED = "herd.traced"  # set in a request's WSGI environ once its trace row is taken care of
+REQUEST_ID = "herd.request_id"  # the id a request read at the door got, for its row if it is refused
 
 
 def version_key(version):
@@ -4644,7 +4651,8 @@ def add_gates(app, herd):
                 or environ.get("HTTP_X_HERD_DASHBOARD") or request.path.startswith(UNTRACED_PREFIXES)):
             return response  # served and traced already, a read, or the dashboard's own
         herd.trace_answer(api_of(request.path), request.path, request.remote_addr, response.status_code,
-                          answer_message(response))
+                          answer_message(response), environ.get(REQUEST_ID),
+                          read_user_agent(environ.get("HTTP_USER_AGENT")))
         return response
 
 
@@ -4655,8 +4663,9 @@ def add_proxied_routes(app, herd):
         def view():
             environ = request.environ
             headers = {"X-Herd-Tags": environ.get("HTTP_X_HERD_TAGS"), "User-Agent": environ.get("HTTP_USER_AGENT")}
+            environ[REQUEST_ID] = herd.request_id()  # the row's, should the call be refused at the door
             call = parse_call(api, path, request.get_data(cache=False), headers, environ.get("REMOTE_ADDR"),
-                              herd.request_id())
+                              environ[REQUEST_ID])
             call.client_gone = request.environ.get("waitress.client_disconnected", call.client_gone)
             request.environ[TRACED] = True  # serve() writes the row, however it ends
             return herd.proxy.serve(call, admit=(path != "/api/show"))
@@ -5056,7 +5065,8 @@ def stop_on_signals(herd):
               envvar="FLEET_MAX_QUEUE", help="Requests that may wait for a slot at once.")
 @click.option("--stall-timeout", default=Config.stall_timeout, show_default=True, type=click.FloatRange(1),
               envvar="FLEET_STALL_TIMEOUT", help="Seconds without a byte before a request is reaped.")
-@click.option("--context-protection", default=Config.context_protection, show_default=True,
+@click.option("--context-protection", default=Config.context_protection,
+              show_default="the stored setting, strip at first",
               envvar="FLEET_CONTEXT_PROTECTION", type=click.Choice(CONTEXT_POLICIES),
               help="What to do with num_ctx that would force a reload.")
 @click.option("--connect-timeout", default=Config.connect_timeout, show_default=True, type=click.FloatRange(0.1),
@@ -5163,6 +5173,27 @@ def table(rows, header):
             for line in [header, *rows]]
 
 
+def expiry_text(expires_at):
+    """When Ollama unloads a model, for people: ', until 14:05' (local time), ', kept loaded' (a
+    keep_alive of -1 shows a date centuries away), or nothing when unknown or past."""
+    if not isinstance(expires_at, str):
+        return ""
+    text = re.sub(r"(\.\d{6})\d+", r"\1", expires_at.replace("Z", "+00:00"))  # Go writes nanoseconds
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return ""
+    if when.tzinfo is None:
+        when = when.astimezone()
+    seconds = when.timestamp() - time.time()
+    if seconds > 365 * 86400:
+        return ", kept loaded"
+    if seconds <= 0:
+        return ""
+    local = when.astimezone()
+    return f", until {local:%H:%M}" if seconds < 86400 else f", until {local:%Y-%m-%d %H:%M}"
+
+
 @main.command(name="status")
 @reader
 def status_command(router_url, api_key, as_json):
@@ -5174,7 +5205,7 @@ def status_command(router_url, api_key, as_json):
     rows = []
     for node in data["nodes"]:
         loaded = ", ".join(f"{m['name']} ({m['context_length'] or '?'} ctx, {m['requests_active']} running"
-                           f"{', until ' + m['expires_at'][11:16] if m.get('expires_at') else ''})"
+                           f"{expiry_text(m.get('expires_at'))})"
                            for m in node["models_loaded"]) or "-"
         rows.append([node["node_id"], node["status"], node["requests_active"], ago(node["last_seen"]), loaded])
     show(data, as_json, lines + table(rows, ["NODE", "STATUS", "RUNNING", "SEEN", "LOADED"]))

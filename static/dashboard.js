@@ -1189,7 +1189,7 @@ async function recommendations() {
 }
 
 // =============================================================================================
-// Settings (#settings): the five runtime settings, and model management with pulls
+// Settings (#settings): the six runtime settings, and model management with pulls
 // =============================================================================================
 
 async function settings() {

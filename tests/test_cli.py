@@ -1,6 +1,7 @@
 """The router's command line: summary line, clear errors, clean shutdown."""
 
 import concurrent.futures
+import datetime
 import json
 import signal
 import socket
@@ -9,8 +10,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
 
+import herd
 from conftest import ROOT, wait_for
 
 
@@ -177,7 +180,7 @@ def test_terminal_views_read_a_running_router(make_fake, make_router):
     router.traces()
     status = run_cli("status", "--router-url", router.url)
     assert status.exit_code == 0 and "1 of 1 nodes online" in status.output
-    assert "box" in status.output and "llama3.2:latest (4096 ctx, 0 running, until 00:00)" in status.output
+    assert "box" in status.output and "llama3.2:latest (4096 ctx, 0 running, kept loaded)" in status.output
     models = run_cli("models", "--router-url", router.url)
     assert models.exit_code == 0 and "llama3.2:latest" in models.output and " 3 " in models.output
     health = run_cli("health", "--router-url", router.url)
@@ -196,3 +199,23 @@ def test_terminal_views_say_what_to_do_when_they_cannot_read(make_router):
     locked = run_cli("models", "--router-url", router.url)
     assert locked.exit_code == 1 and "--api-key" in locked.output
     assert run_cli("models", "--router-url", router.url, "--api-key", "k").exit_code == 0
+
+
+EXPIRIES = [
+    # (expires_at as Ollama's /api/ps writes it, seconds from now or None, what herd status shows)
+    ("a keep_alive of -1: a date centuries away", "2318-01-01T00:00:00Z", None, ", kept loaded"),
+    ("five minutes from now, with Go's nanoseconds", None, 300, ", until {local:%H:%M}"),
+    ("two days from now", None, 2 * 86400, ", until {local:%Y-%m-%d %H:%M}"),
+    ("already past", "2020-01-01T00:00:00Z", None, ""),
+    ("not a time", "soon", None, ""),
+]
+
+
+@pytest.mark.parametrize("what, text, ahead, shown", EXPIRIES, ids=[e[0] for e in EXPIRIES])
+def test_expiry_text(what, text, ahead, shown):
+    local = None
+    if ahead is not None:
+        when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=ahead)
+        text = when.strftime("%Y-%m-%dT%H:%M:%S.") + "123456789+00:00"
+        local = when.astimezone()
+    assert herd.expiry_text(text) == shown.format(local=local)
