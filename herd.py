@@ -555,7 +555,6 @@ class Call:
     started: float  # perf_counter at the door
     prompt_chars: int = 0
     prefix: Prefix = Prefix()  # the prompt as the node's cache would hold it
-    shared_chars: int = 0  # of it, what other conversations share (a system prompt): cached everywhere, in effect
     asked_name: str | None = None  # the model name exactly as the client wrote it
     edited: bool = False  # body must be re-serialised before forwarding (see body_for)
     client_options: dict | None = None  # the options as the client sent them (each attempt starts from them)
@@ -801,21 +800,28 @@ class Recent:
     """The last RECENT_SAMPLES values, also kept in order of size, so that a quantile of them is a
     lookup rather than a sort (every reply adds one; every decision reads one)."""
 
-    __slots__ = ("arrivals", "ordered")
+    __slots__ = ("arrivals", "ordered", "size")
 
-    def __init__(self):
+    def __init__(self, size=RECENT_SAMPLES):
         self.arrivals = collections.deque()
         self.ordered = []
+        self.size = size
 
     def add(self, value):
         self.arrivals.append(value)
         bisect.insort(self.ordered, value)
-        if len(self.arrivals) > RECENT_SAMPLES:
+        if len(self.arrivals) > self.size:
             del self.ordered[bisect.bisect_left(self.ordered, self.arrivals.popleft())]
 
     def quantile(self, q):
         """The value q of the way up (0.25: the lower quartile), or None without any."""
         return self.ordered[int(len(self.ordered) * q)] if self.ordered else None
+
+    def share_above(self, value):
+        """The share of the values larger than `value`, or None without any."""
+        if not self.ordered:
+            return None
+        return (len(self.ordered) - bisect.bisect_right(self.ordered, value)) / len(self.ordered)
 
     def __len__(self):
         return len(self.ordered)
@@ -857,6 +863,7 @@ class Lease:
     queued_ms: float = 0.0
     held: bool = True  # False for reads that take no slot
     released: bool = False
+    prompt_slot: SlotCache | None = None  # the slot's cache its prompt went into there (see take_slot)
 
 
 @dataclass(slots=True)
@@ -905,15 +912,20 @@ class Running:
 
 # -- prompt caches: what each parallel slot of a loaded model most likely holds -----------------
 #
-# Ollama's runner keeps one input cache per parallel slot of a loaded model and starts a request
-# from the slot whose cache shares the longest prefix with its prompt; only the rest is
-# evaluated. A reload or an eviction empties them all. herd remembers, per node and model, the
-# prompt each slot last took (as a Prefix: hashes, not text), at most the node's slots of them.
+# Ollama's runner keeps one input cache per parallel slot of a loaded model. A request takes, of
+# the slots no request is using, the one whose cache shares the longest prefix with its prompt
+# (the first in slot order among equals, so an unrelated prompt takes the lowest free slot,
+# whatever it held) and evaluates only the rest; the slot then holds the prompt and the reply
+# generated there. A reload or an eviction empties them all. herd keeps the same slots per node
+# and model (as Prefixes: hashes, not text), takes one as the runner would for every request it
+# sends and frees it when the reply ends, so it knows what each request will find cached, and
+# what it will overwrite.
 
 @dataclass(slots=True)
 class SlotCache:
-    prefix: Prefix
-    used: float  # time.monotonic() of the request that left it
+    prefix: Prefix = Prefix()
+    used: float = 0.0  # time.monotonic() when its last request ended (0: never used)
+    busy: bool = False  # a request herd sent runs in it now
 
 
 def common_blocks(held, wanted):
@@ -940,33 +952,106 @@ def cached_blocks(slot, prefix):
     return shared
 
 
-SHARED = 0  # in Fleet.branches: a block that different prompts continue differently
-MAX_BRANCHES = 20_000  # blocks remembered fleet-wide (about 2 MB)
+def choose_slot(caches, prefix):
+    """(the slot Ollama's runner starts `prefix` on, blocks of it cached there): of the free slots,
+    the one sharing the most, the first among equals; (None, 0) when every slot is in use."""
+    best, longest = None, -1
+    for slot in caches:
+        if not slot.busy:
+            blocks = cached_blocks(slot, prefix)
+            if blocks > longest:
+                best, longest = slot, blocks
+    return best, max(longest, 0)
 
 
-def shared_prefix_chars(branches, prefix):
-    """Characters of `prefix` that other prompts share (a system prompt many conversations start
-    with), noting this prompt's blocks in `branches` ({block: the block that followed it, or
-    SHARED once two prompts continued it differently}). Such a prefix soon sits in every node's
-    cache, so routing counts it as cached everywhere: it must not pin traffic to the node that
-    happened to see it first. A conversation's own history is followed one way only: it keeps
-    its node."""
-    shared = 0
-    hashes = prefix.hashes
-    for index in range(len(hashes) - 1):
-        block, following = hashes[index], hashes[index + 1]
-        seen = branches.get(block)
-        if seen is None:
-            branches[block] = following
-            if len(branches) > MAX_BRANCHES:
-                branches.popitem(last=False)
-        else:
-            branches.move_to_end(block)
-            if seen != following and seen != SHARED:
-                branches[block] = seen = SHARED
-        if seen == SHARED:
-            shared = index + 1
-    return prefix.ends[shared - 1] if shared else 0
+def overwritten_chars(caches, slot, blocks):
+    """Characters of what `slot` holds that a prompt sharing `blocks` of them overwrites, less what
+    another slot of the model also holds (a system prompt two conversations share)."""
+    held = slot.prefix
+    if not held.hashes:
+        return 0
+    kept = min(blocks, len(held.hashes))
+    for other in caches:
+        if other is not slot and kept < len(held.hashes):
+            kept = max(kept, common_blocks(other.prefix.hashes, held.hashes))
+    return held.ends[-1] - (held.ends[kept - 1] if kept else 0)
+
+
+# How likely a slot's cache is to be continued, learnt from the traffic. Every prompt herd sends
+# is remembered by its last block when its reply ends; a later prompt that holds it followed by a
+# reply continues it, wherever it goes: the gap between the two is noted, and the prompt counted
+# as continued. One not continued within twice the usual gap (the 95th percentile of those seen)
+# counts as not continued. Prompts that already continue a conversation (they hold a reply) and
+# prompts that do not (a one-off request, or a first turn) are counted apart: a script's requests
+# never come back, a chat's later turns mostly do. Overwriting a cache costs the conversation it
+# holds its prompt evaluated again, times the chance that it comes back.
+FOLLOW_UP_SAMPLES = 200  # outcomes and gaps remembered for these figures
+MAX_ENDED = 20_000  # prompts remembered while they may still be continued (about 2 MB)
+PRIOR_FOLLOW_UP_SHARE = 0.5  # before 5 outcomes of a kind: chat front-ends come back, scripts do not
+PRIOR_FOLLOW_UP_S = 300.0  # before 5 gaps are seen, a cache counts until Ollama's default keep_alive
+MIN_SAMPLES = 5
+
+
+def previous_prompt_end(prefix):
+    """The index of the last block of the prompt that `prefix` continues (the blocks before its
+    last assistant reply), or None when it holds no reply."""
+    replies = prefix.replies
+    index = len(replies) - 1
+    while index >= 0 and not replies[index]:
+        index -= 1
+    while index >= 0 and replies[index]:
+        index -= 1
+    return index if index >= 0 and any(replies) else None
+
+
+class FollowUps:
+    """What herd saw of conversations coming back (see above)."""
+
+    def __init__(self):
+        self.ended = collections.OrderedDict()  # last block of a prompt -> (time.monotonic() of its end, held a reply)
+        self.gaps = Recent(FOLLOW_UP_SAMPLES)  # seconds from a reply to the request continuing it
+        self.outcomes = {False: Recent(FOLLOW_UP_SAMPLES), True: Recent(FOLLOW_UP_SAMPLES)}  # 1.0: continued
+
+    def horizon(self):
+        return 2 * self.gaps.quantile(0.95) if len(self.gaps) >= MIN_SAMPLES else PRIOR_FOLLOW_UP_S
+
+    def started(self, prefix, now):
+        """A request with `prefix` is sent: note whether it continues a prompt that ended before."""
+        self.expire(now)
+        index = previous_prompt_end(prefix)
+        entry = self.ended.pop(prefix.hashes[index], None) if index is not None else None
+        if entry is not None:
+            self.gaps.add(now - entry[0])
+            self.outcomes[entry[1]].add(1.0)
+
+    def finished(self, prefix, now):
+        """The reply to `prefix` ended: it may be continued from now on."""
+        key = prefix.hashes[-1]
+        self.ended[key] = (now, any(prefix.replies))
+        self.ended.move_to_end(key)
+        if len(self.ended) > MAX_ENDED:
+            self.ended.popitem(last=False)
+
+    def expire(self, now):
+        horizon = self.horizon()
+        while self.ended:
+            ended, held_reply = next(iter(self.ended.values()))
+            if now - ended < horizon:
+                break
+            self.ended.popitem(last=False)
+            self.outcomes[held_reply].add(0.0)
+
+    def chance(self, age, held_reply):
+        """The chance that a cache last used `age` seconds ago (by a prompt that held a reply, or
+        not) is still to be continued: of such prompts, those continued (share p), and of those,
+        the ones continued later than that (share S of the gaps seen), among all not continued
+        yet: p S / (1 - p + p S)."""
+        outcomes = self.outcomes[held_reply]
+        share = outcomes.share_above(0.5) if len(outcomes) >= MIN_SAMPLES else PRIOR_FOLLOW_UP_SHARE
+        later = (self.gaps.share_above(age) if len(self.gaps) >= MIN_SAMPLES
+                 else float(age < PRIOR_FOLLOW_UP_S))
+        still = share * later
+        return still / (1 - share + still) if still else 0.0
 
 
 @dataclass(slots=True)
@@ -998,7 +1083,7 @@ class Node:
     # model -> (context, monotonic time the load should be done): herd sent a request that (re)loads
     # the model at that context, so it runs with it from then on, whatever reports made before say
     switching: dict = field(default_factory=dict)
-    prompts: dict = field(default_factory=dict)  # model -> [SlotCache] (see the prompt caches below)
+    prompts: dict = field(default_factory=dict)  # model -> [SlotCache], one per slot (see the prompt caches above)
     last_seen: float = 0.0  # time.time() of the last good report
     in_flight: int = 0
     running: dict = field(default_factory=dict)  # model -> Running
@@ -1115,24 +1200,27 @@ class Node:
                 del self.loaded[other]
                 self.unloaded_at[other] = time.monotonic()
 
-    def cached_chars(self, model, prefix):
-        """Characters of `prefix` that a slot of `model` here most likely holds already."""
-        best = max((cached_blocks(slot, prefix) for slot in self.prompts.get(model, ())), default=0)
-        return prefix.ends[best - 1] if best else 0
+    def slot_caches(self, model, slots):
+        """The caches of `model`'s `slots` parallel slots here, in the runner's order."""
+        caches = self.prompts.get(model)
+        if caches is None or len(caches) != slots:
+            caches = (caches or [])[:slots]
+            caches += [SlotCache() for _ in range(slots - len(caches))]
+            self.prompts[model] = caches
+        return caches
 
-    def note_prompt(self, model, prefix, slots):
-        """A request with `prefix` goes to `model` here: the slot sharing the most with it takes it
-        (a new conversation takes a free slot, else the one used longest ago)."""
+    def take_slot(self, model, prefix, slots):
+        """A request with `prefix` goes to `model` here: it takes the slot the runner would give it,
+        which holds its prompt from now on. Returns that slot (None for a prompt with nothing to
+        cache)."""
         if not prefix.hashes:
-            return
-        held = self.prompts.setdefault(model, [])
-        best = max(held, key=lambda slot: cached_blocks(slot, prefix), default=None)
-        if best is None or cached_blocks(best, prefix) == 0:
-            if len(held) < slots:
-                held.append(SlotCache(prefix, time.monotonic()))
-                return
-            best = min(held, key=lambda slot: slot.used)
-        best.prefix, best.used = prefix, time.monotonic()
+            return None
+        caches = self.slot_caches(model, slots)
+        slot, _ = choose_slot(caches, prefix)
+        if slot is None:  # herd thinks every slot busy (the node runs more than it reported): the oldest
+            slot = min(caches, key=lambda c: c.used)
+        slot.prefix, slot.busy = prefix, True
+        return slot
 
     # -- the requests running here --------------------------------------------------------------
 
@@ -1324,7 +1412,8 @@ def protect_context(call, lease, policy):
 #   load       a cold load or a context reload: the node's fixed start-up + weights GB x its
 #              seconds per GB (both learned from its loads); half when the model left memory in
 #              the last 10 minutes (page cache)
-#   service    prompt tokens / prefill speed + expected output tokens / decode speed, where speed
+#   service    prompt tokens (less what the slot the runner would give it holds) / prefill speed
+#              + expected output tokens / decode speed, where speed
 #              = the node's GB/s (25th percentile: its p75 time per token) / weights GB / sharing;
 #              sharing = (streams of this model) ^ 0.3 x (models running): parallel slots of one
 #              model batch well, while different models take turns at the memory bandwidth. It is
@@ -1332,7 +1421,9 @@ def protect_context(call, lease, policy):
 #   slowdown   what this request adds to the streams already running there: they slow down too,
 #              for as long as the two overlap
 #   eviction   the load time of hot models a cold load would push out of memory (beyond the
-#              node's budget; without one, the models split with system RAM), half of it
+#              node's budget; without one, the models split with system RAM), half of it; and the
+#              prompt evaluation a conversation loses when this request takes the slot its cache
+#              is in, times the chance that it comes back (FollowUps)
 #   risk       a node that failed recently may fail again: failures x 25% x its time
 # Deferring: when waiting for a node's other models to finish and then running alone there is
 # sooner (counting the slowdown avoided) than sharing it now, the wait is the estimate and, if
@@ -1521,13 +1612,14 @@ def pushed_out(node, model):
     return out
 
 
-def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, admit, now):
+def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, admit, now, follow_ups=None):
     """Seconds this request would spend on `node`, by cause (see the table above).
 
     slots: the node's parallel requests per model; policy: context protection; usual_output:
     tokens the model's replies usually have; ahead: requests queued before this one for the
     model; priors: for what the node has not measured yet; admit: the request takes a slot (not
-    a read); now: time.monotonic()."""
+    a read); now: time.monotonic(); follow_ups: how often conversations come back (FollowUps),
+    to price a prompt cache this request would overwrite (None: not priced)."""
     size_gb = max(node.model_bytes(model) / GB, 0.05)  # memory it takes
     weights = node.weights_gb(model)
     decode_gbs = model_speed(node, model, priors)
@@ -1564,10 +1656,21 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
             wait = max(wait, node.running[name].longest_remaining(now))
         eviction += 0.5 * (load_fixed + entry_bytes(node.loaded[name]) / GB * load_per_gb)
 
-    # what the node's slot caches already hold of the prompt is not evaluated again
-    held = node.cached_chars(model, call.prefix) if loaded is not None and not reload else 0
-    cached_tokens = max(held, call.shared_chars) / CHARS_PER_TOKEN
+    # what the slot the runner would give it already holds of the prompt is not evaluated again;
+    # what that slot held beyond it is lost to the conversation it belonged to, should it come back
+    held = displaced = 0
+    caches = node.prompts.get(model) if loaded is not None and not reload and call.prefix.hashes else None
+    if caches:
+        slot, blocks = choose_slot(caches, call.prefix)
+        if slot is None:  # it waits for a slot: it may find the best of them
+            blocks = max(cached_blocks(c, call.prefix) for c in caches)
+        elif follow_ups is not None and slot.used:
+            lost = overwritten_chars(caches, slot, blocks) / CHARS_PER_TOKEN * weights / prefill_gbs
+            displaced = lost * follow_ups.chance(now - slot.used, any(slot.prefix.replies))
+        held = call.prefix.ends[blocks - 1] if blocks else 0
+    cached_tokens = held / CHARS_PER_TOKEN
     prompt_s = max(0.0, call.prompt_chars / CHARS_PER_TOKEN - cached_tokens) * weights / prefill_gbs
+    eviction += displaced
     work = prompt_s  # seconds alone on the node
     if "embed" not in call.endpoint:
         work += expected_output(call, usual_output) * weights / decode_gbs
@@ -1590,7 +1693,7 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
     risk = min(1.0, FAILURE_RISK * node.failures) * eta
     return {"wait": wait, "cold_load": load + reload, "reload": reload, "service": service,
             "slowdown": slowdown, "eviction": eviction, "risk": risk, "eta": eta, "defer": defer,
-            "prompt": prompt_s, "cached_tokens": cached_tokens}
+            "prompt": prompt_s, "cached_tokens": cached_tokens, "displaced": displaced}
 
 
 def exchange_rate(causes):
@@ -1685,7 +1788,8 @@ def servable_models(nodes, call, now):
                        f"`ollama pull {call.model}` on a node", "model_not_found")
 
 
-def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit=True, priors=None):
+def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit=True, priors=None,
+           follow_ups=None):
     """(best slot, None) or (None, why to wait: 'busy' | 'defer' | 'failing').
 
     Every healthy node with the model is scored by its expected completion time, busy ones
@@ -1694,7 +1798,7 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
     nodes are all failing gives way to the next, and is waited for only when none is healthy.
     `queued` counts, per model, the requests queued before this one; `usual_output` the tokens
     each model's replies usually have; `priors` (else worked out from `nodes`) stand in for what a
-    node has not measured yet.
+    node has not measured yet; `follow_ups` (FollowUps) how often conversations come back.
     """
     now, now_mono = time.time(), time.monotonic()
     failing = False
@@ -1714,7 +1818,7 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
         ahead = queued.get(model, 0)
         estimates = [(node, estimate(node, model, call, slots=slots(node, parallel), policy=policy,
                                      usual_output=usual, ahead=ahead, priors=priors, admit=admit,
-                                     now=now_mono))
+                                     now=now_mono, follow_ups=follow_ups if admit else None))
                      for node in healthy]
         scored = score_candidates(estimates)
         best = pick(scored, exchange_rate([e for _, e in estimates]))
@@ -1966,7 +2070,7 @@ def node_view(node, now, parallel):
         "models_loaded": [{"name": name, "size_vram": entry.get("size_vram", entry.get("size")),
                            "size": entry.get("size"), "context_length": entry.get("context_length"),
                            "expires_at": entry.get("expires_at"), "requests_active": node.running_count(name),
-                           "conversations": len(node.prompts.get(name, ()))}
+                           "conversations": sum(1 for c in node.prompts.get(name, ()) if c.prefix.hashes)}
                           for name, entry in node.loaded.items()],
         "requests_active": node.in_flight, "last_seen": node.last_seen,
         "decode_gbs": round(speed, 1) if speed else None,
@@ -2002,7 +2106,7 @@ class Fleet:
         self.preloading = set()  # node ids with a preload under way
         self.context_policy = config.context_protection or RUNTIME_SETTINGS["context_protection"]
         self.priors = None  # for unmeasured nodes: from the slowest measured (None: work them out again)
-        self.branches = collections.OrderedDict()  # prompt block -> the block that followed it, or SHARED
+        self.follow_ups = FollowUps()  # how often conversations come back to their prompt caches
 
     # -- reports from agents and polls ------------------------------------------------------
 
@@ -2226,8 +2330,6 @@ class Fleet:
         """
         deadline = deadline or (time.monotonic() + self.config.queue_timeout)
         with self.lock:
-            if call.prefix.hashes:
-                call.shared_chars = shared_prefix_chars(self.branches, call.prefix)
             lease, wait = self._choose(call, call.candidate_models(), self.queued, admit)
             if lease is not None:
                 if admit:
@@ -2269,6 +2371,10 @@ class Fleet:
             if lease.released or not lease.held:
                 return
             lease.released = True
+            if lease.prompt_slot is not None:  # the reply ended: the slot holds prompt and reply
+                lease.prompt_slot.busy, lease.prompt_slot.used = False, time.monotonic()
+                if served:
+                    self.follow_ups.finished(lease.prompt_slot.prefix, lease.prompt_slot.used)
             node = self.nodes.get(lease.node_id)
             if node is not None:
                 if served and timings:
@@ -2307,7 +2413,11 @@ class Fleet:
             if (entry is None or (entry.get("context_length") or node.context_default(lease.model)) != ctx
                     or any(held.get(k) != options.get(k) for k in RELOAD_OPTIONS)):
                 node.note_switch(lease.model, ctx, options, lease.load_s)
-            node.note_prompt(lease.model, prefix, slots(node, self.config.parallel))
+            if lease.prompt_slot is not None:  # a retry on the same lease: the last attempt's slot is free
+                lease.prompt_slot.busy = False
+            lease.prompt_slot = node.take_slot(lease.model, prefix, slots(node, self.config.parallel))
+            if lease.prompt_slot is not None:
+                self.follow_ups.started(prefix, time.monotonic())
 
     def _candidates(self, call):
         if call.only_node is None:
@@ -2318,7 +2428,8 @@ class Fleet:
         if self.priors is None:  # worked out again after anything was learnt
             self.priors = unmeasured_priors(self.nodes.values())
         return choose(self._candidates(call), call, models, parallel=self.config.parallel, priors=self.priors,
-                      policy=self.context_policy, usual_output=self.usual_output, queued=queued, admit=admit)
+                      policy=self.context_policy, usual_output=self.usual_output, queued=queued, admit=admit,
+                      follow_ups=self.follow_ups)
 
     def _hold(self, lease):
         node = self.nodes[lease.node_id]

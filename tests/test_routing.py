@@ -329,11 +329,20 @@ def test_follow_up_turns_go_where_their_conversation_is_cached(make_fake, make_r
 
 
 def test_a_shared_system_prompt_alone_does_not_pin_traffic_to_one_node(make_fake, make_router):
+    # one-turn conversations that share only their system prompt, three at a time: the node
+    # holding the prompt is busy, so the others take some and hold the prompt from then on
     fakes = slow_fakes(make_fake, 3)
+    for fake in fakes:
+        fake.token_delay = 0.1  # 5 tokens: about half a second, so the three of a wave overlap
     router = make_router(nodes=[(f"n{i}", f.url) for i, f in enumerate(fakes)])
     counts = collections.Counter()
-    for user in range(30):  # thirty one-turn conversations that share only their system prompt
+
+    def ask(user):
         body = conversation(1)
         body["messages"][1]["content"] = f"user {user} asks something else entirely " * 30
-        counts[chat(router, body).headers["X-Herd-Node"]] += 1
+        return chat(router, body).headers["X-Herd-Node"]
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        for wave in range(10):
+            counts.update(pool.map(ask, range(wave * 3, wave * 3 + 3)))
     assert set(counts) == {"n0", "n1", "n2"} and min(counts.values()) >= 5, counts

@@ -5,7 +5,6 @@ Scoring section (priors: 300 GB/s decode, prefill 20x decode, loads 1 s + 0.5 s/
 a token; 250 output tokens unless measured).
 """
 
-import collections
 import time
 
 import pytest
@@ -42,9 +41,9 @@ def run(node, model, started, eta):
                          eta_s=eta, started=started))
 
 
-def estimate(node, call=None, slots=1, ahead=0, usual=250, policy="strip", priors=herd.Priors()):
+def estimate(node, call=None, slots=1, ahead=0, usual=250, policy="strip", priors=herd.Priors(), follow_ups=None):
     return herd.estimate(node, "m:latest", call or make_call(), slots=slots, policy=policy, usual_output=usual,
-                         ahead=ahead, priors=priors, admit=True, now=NOW)
+                         ahead=ahead, priors=priors, admit=True, now=NOW, follow_ups=follow_ups)
 
 
 # work on an unmeasured node for a 4 GB model, 100 prompt tokens, 250 output tokens:
@@ -384,35 +383,51 @@ def test_a_prompt_is_a_chain_of_blocks_message_by_message():
     assert herd.prompt_prefix({"input": "x"}, "/api/embed") == herd.Prefix()
 
 
+def serve(node, *prompts, slots=4, at=NOW - 10):
+    """`prompts` run at once on node's m:latest (each takes the slot the runner gives it), and end
+    at `at`."""
+    taken = [node.take_slot("m:latest", chat_prefix(*prompt), slots) for prompt in prompts]
+    for slot in taken:
+        slot.busy, slot.used = False, at
+    return taken
+
+
 CACHED = [
-    # (what, prompts the slots took, the new prompt, characters cached)
+    # (what, prompts run one after another (a tuple: at once), the new prompt, characters cached)
     ("nothing held", [], [SYSTEM, ("user", "hi")], 0),
     ("the same system prompt", [[SYSTEM, ("user", "a")]], [SYSTEM, ("user", "b")], 5000),
     # the slot took [system, u1] and generated a1; the follow-up [system, u1, a1, u2] finds all
     # but u2 cached: 5000 + 2 + 3 characters
     ("a follow-up turn finds its history and the reply generated there",
      [[SYSTEM, ("user", "u1")]], [SYSTEM, ("user", "u1"), ("assistant", "a1!"), ("user", "u2")], 5005),
-    ("the longest of several slots", [[("user", "x")], [SYSTEM, ("user", "u1")]], [SYSTEM, ("user", "u1")], 5002),
+    ("the longest of two slots that ran at once", [([("user", "x")], [SYSTEM, ("user", "u1")])],
+     [SYSTEM, ("user", "u1")], 5002),
+    # one after another, an unrelated prompt takes the lowest free slot: the first is overwritten
+    ("an unrelated prompt overwrites the lowest free slot", [[SYSTEM, ("user", "u1")], [("user", "x")]],
+     [SYSTEM, ("user", "u1")], 0),
 ]
 
 
 @pytest.mark.parametrize("what, held, wanted, chars", CACHED, ids=[c[0] for c in CACHED])
 def test_cached_characters(what, held, wanted, chars):
     node = make_node(loaded=["m:latest"])
-    for prompt in held:
-        node.note_prompt("m:latest", chat_prefix(*prompt), slots=4)
-    assert node.cached_chars("m:latest", chat_prefix(*wanted)) == chars
+    for prompts in held:
+        serve(node, *(prompts if isinstance(prompts, tuple) else [prompts]))
+    body = {"model": "m", "messages": [{"role": r, "content": c} for r, c in wanted]}
+    call = make_call(body, prompt_chars=sum(len(c) for _, c in wanted))
+    call.prefix = herd.prompt_prefix(body, "/api/chat")
+    assert estimate(node, call, slots=4)["cached_tokens"] * herd.CHARS_PER_TOKEN == chars
 
 
-def test_slots_hold_at_most_num_parallel_prompts_and_a_reload_forgets_them():
+def test_slots_follow_the_runner_and_a_reload_forgets_them():
     node = make_node(loaded=["m:latest"])
-    for i in range(3):
-        node.note_prompt("m:latest", chat_prefix(("user", f"conversation {i}")), slots=2)
-    assert len(node.prompts["m:latest"]) == 2  # the oldest gave its slot up
-    assert node.cached_chars("m:latest", chat_prefix(("user", "conversation 0"))) == 0
-    assert node.cached_chars("m:latest", chat_prefix(("user", "conversation 2"))) == 14
+    first, second = serve(node, [("user", "conversation 0")], [("user", "conversation 1")], slots=2)
+    assert node.prompts["m:latest"] == [first, second]  # two at once: one slot each, in order
+    slot = node.take_slot("m:latest", chat_prefix(("user", "conversation 1"), ("assistant", "r"), ("user", "more")), 2)
+    assert slot is second  # its own slot
+    assert node.take_slot("m:latest", chat_prefix(("user", "conversation 2")), 2) is first  # the only free one
     node.note_switch("m:latest", 8192, {}, 1.0)
-    assert node.cached_chars("m:latest", chat_prefix(("user", "conversation 2"))) == 0
+    assert "m:latest" not in node.prompts
 
 
 def test_cached_prompt_tokens_are_not_priced_again():
@@ -420,7 +435,7 @@ def test_cached_prompt_tokens_are_not_priced_again():
     # characters (100 tokens) are evaluated: 100 x 4 GB / 6000 GB/s = 0.0667 s against 6.67 s
     history = [("user", "h" * 40_000)]
     node = make_node(loaded=["m:latest"])
-    node.note_prompt("m:latest", chat_prefix(*history), slots=1)
+    serve(node, history, slots=1)
     body = {"model": "m", "messages": [{"role": r, "content": c} for r, c in history + [("user", "n" * 400)]]}
     call = make_call(body, prompt_chars=40_400)
     call.prefix = herd.prompt_prefix(body, "/api/chat")
@@ -430,13 +445,61 @@ def test_cached_prompt_tokens_are_not_priced_again():
     assert cold["cached_tokens"] == 0 and cold["prompt"] == pytest.approx(6.7333, abs=1e-3)
 
 
-def test_a_prefix_two_prompts_continue_differently_counts_as_shared():
-    branches = collections.OrderedDict()
-    first = chat_prefix(SYSTEM, ("user", "a"))
-    assert herd.shared_prefix_chars(branches, first) == 0  # seen once: nobody shares it yet
-    assert herd.shared_prefix_chars(branches, chat_prefix(SYSTEM, ("user", "b"))) == 5000  # the system prompt
-    follow_up = chat_prefix(SYSTEM, ("user", "a"), ("assistant", "x"), ("user", "c"))
-    assert herd.shared_prefix_chars(branches, follow_up) == 5000  # its own history is not shared
+def test_overwriting_a_conversation_costs_its_prompt_times_the_chance_it_comes_back():
+    # one slot holds a 40,000-character conversation (10,000 tokens, evaluated again at
+    # 4 GB / 6000 GB/s a token: 6.667 s) that ended 10 s ago; before any traffic, half the
+    # requests continue a conversation and they come back within 300 s: chance 0.5 / (0.5 + 0.5)
+    # = 0.5, so an unrelated prompt that would take that slot costs 3.333 s more; the follow-up
+    # itself costs nothing; without follow_ups nothing is priced
+    node = make_node(loaded=["m:latest"])
+    serve(node, [("user", "h" * 40_000)], slots=1)
+    other = make_call({"model": "m", "messages": [{"role": "user", "content": "x"}]}, prompt_chars=1)
+    other.prefix = chat_prefix(("user", "x"))
+    follow = make_call(prompt_chars=40_010)
+    follow.prefix = chat_prefix(("user", "h" * 40_000), ("assistant", "r" * 5), ("user", "y" * 5))
+    base = estimate(node, other)["eviction"]
+    assert base == 0.0
+    assert estimate(node, other, follow_ups=herd.FollowUps())["displaced"] == pytest.approx(3.3333, abs=1e-3)
+    assert estimate(node, other, follow_ups=herd.FollowUps())["eviction"] == pytest.approx(3.3333, abs=1e-3)
+    assert estimate(node, follow, follow_ups=herd.FollowUps())["displaced"] == 0.0
+
+
+FOLLOW_UP_CHANCES = [
+    # (outcomes seen for the cache's kind: 1 continued, 0 not; gaps seen; age of the cache; chance)
+    ((), (), 10, 0.5),  # priors: half, within 300 s
+    ((), (), 400, 0.0),
+    ((0, 0, 0, 0, 0), (), 10, 0.0),  # nothing of this kind is ever continued: a script's requests
+    # 3 of 4 continued (fewer than 5: the prior half) and 3 of 5 gaps longer than 25 s:
+    # 0.5 x 0.6 / (0.5 + 0.3) = 0.375
+    ((1, 1, 1, 0), (10, 20, 30, 40, 50), 25, 0.375),
+    # 4 of 5 continued: 0.8 x 0.6 / (0.2 + 0.48) = 0.705882
+    ((1, 1, 1, 1, 0), (10, 20, 30, 40, 50), 25, 0.705882),
+    ((1, 1, 1, 1, 0), (10, 20, 30, 40, 50), 60, 0.0),
+    ((1, 1, 1, 1, 1), (10, 20, 30), 10, 1.0),  # fewer than 5 gaps: the 300 s prior
+]
+
+
+@pytest.mark.parametrize("outcomes, gaps, age, chance", FOLLOW_UP_CHANCES)
+def test_follow_up_chance(outcomes, gaps, age, chance):
+    follow_ups = herd.FollowUps()
+    for outcome in outcomes:
+        follow_ups.outcomes[True].add(float(outcome))
+    for gap in gaps:
+        follow_ups.gaps.add(float(gap))
+    assert follow_ups.chance(age, True) == pytest.approx(chance, abs=1e-6)
+
+
+def test_follow_ups_are_learnt_from_prompts_continued_wherever_they_go():
+    follow_ups = herd.FollowUps()
+    first = chat_prefix(SYSTEM, ("user", "u1"))
+    follow_ups.finished(first, 100.0)
+    follow_ups.finished(chat_prefix(("user", "a one-off request")), 100.0)
+    follow_up = chat_prefix(SYSTEM, ("user", "u1"), ("assistant", "a1"), ("user", "u2"))
+    follow_ups.started(follow_up, 112.0)  # 12 s after the reply it continues
+    assert list(follow_ups.gaps.ordered) == [12.0] and list(follow_ups.outcomes[False].ordered) == [1.0]
+    follow_ups.started(chat_prefix(("user", "another")), 500.0)  # 400 s on: past the 300 s prior
+    assert sorted(follow_ups.outcomes[False].ordered) == [0.0, 1.0]  # the one-off expired, not continued
+    assert not follow_ups.ended
 
 
 def ps_report(*loaded):
