@@ -519,6 +519,8 @@ def prompt_prefix(body, endpoint):
     else:
         prompt = body.get("prompt")
         text = "".join(p for p in prompt if isinstance(p, str)) if isinstance(prompt, list) else prompt or ""
+        if not text:
+            return Prefix()  # an empty prompt only loads the model: the runner takes no slot
         parts = [("system", body.get("system") or ""), ("user", text)]
     hashes, ends, replies, chain, total = [], [], [], 0, 0
     for role, text in parts:
@@ -863,7 +865,8 @@ class Lease:
     queued_ms: float = 0.0
     held: bool = True  # False for reads that take no slot
     released: bool = False
-    prompt_slot: SlotCache | None = None  # the slot's cache its prompt went into there (see take_slot)
+    prompt_slot: SlotCache | None = None  # the slot whose cache its prompt went into (see take_slot)...
+    slot_before: tuple | None = None  # ...and what that slot held before, should the attempt fail
 
 
 @dataclass(slots=True)
@@ -913,9 +916,10 @@ class Running:
 # -- prompt caches: what each parallel slot of a loaded model most likely holds -----------------
 #
 # Ollama's runner keeps one input cache per parallel slot of a loaded model. A request takes, of
-# the slots no request is using, the one whose cache shares the longest prefix with its prompt
-# (the first in slot order among equals, so an unrelated prompt takes the lowest free slot,
-# whatever it held) and evaluates only the rest; the slot then holds the prompt and the reply
+# the slots no request is using, the one whose cache shares the longest prefix with its prompt, in
+# tokens, and evaluates only the rest. Every used slot shares at least the template's first
+# tokens with any prompt, so an unrelated prompt overwrites the lowest free slot that was used
+# before it takes an empty one; the slot then holds the prompt and the reply
 # generated there. A reload or an eviction empties them all. herd keeps the same slots per node
 # and model (as Prefixes: hashes, not text), takes one as the runner would for every request it
 # sends and frees it when the reply ends, so it knows what each request will find cached, and
@@ -954,14 +958,15 @@ def cached_blocks(slot, prefix):
 
 def choose_slot(caches, prefix):
     """(the slot Ollama's runner starts `prefix` on, blocks of it cached there): of the free slots,
-    the one sharing the most, the first among equals; (None, 0) when every slot is in use."""
-    best, longest = None, -1
+    the one sharing the most, a used one before an empty one (it shares the template's first
+    tokens), the first among equals; (None, 0) when every slot is in use."""
+    best, rank = None, (-1, False)
     for slot in caches:
         if not slot.busy:
-            blocks = cached_blocks(slot, prefix)
-            if blocks > longest:
-                best, longest = slot, blocks
-    return best, max(longest, 0)
+            mine = (cached_blocks(slot, prefix) if slot.prefix.hashes else 0, bool(slot.prefix.hashes))
+            if mine > rank:
+                best, rank = slot, mine
+    return best, max(rank[0], 0)
 
 
 def overwritten_chars(caches, slot, blocks):
@@ -977,6 +982,8 @@ def overwritten_chars(caches, slot, blocks):
     return held.ends[-1] - (held.ends[kept - 1] if kept else 0)
 
 
+# -- follow-ups: how often conversations come back to a cache ----------------------------------
+#
 # How likely a slot's cache is to be continued, learnt from the traffic. Every prompt herd sends
 # is remembered by its last block when its reply ends; a later prompt that holds it followed by a
 # reply continues it, wherever it goes: the gap between the two is noted, and the prompt counted
@@ -987,9 +994,12 @@ def overwritten_chars(caches, slot, blocks):
 # holds its prompt evaluated again, times the chance that it comes back.
 FOLLOW_UP_SAMPLES = 200  # outcomes and gaps remembered for these figures
 MAX_ENDED = 20_000  # prompts remembered while they may still be continued (about 2 MB)
-PRIOR_FOLLOW_UP_SHARE = 0.5  # before 5 outcomes of a kind: chat front-ends come back, scripts do not
-PRIOR_FOLLOW_UP_S = 300.0  # before 5 gaps are seen, a cache counts until Ollama's default keep_alive
-MIN_SAMPLES = 5
+MIN_FOLLOW_UP_SAMPLES = 5  # outcomes of a kind, or gaps, before they replace the priors below
+PRIOR_FOLLOW_UP_SHARE = 0.5  # chat front-ends come back, scripts do not
+# a cache counts until Ollama's default keep_alive (5 minutes) before gaps are seen, and a prompt is
+# waited for at least that long before it counts as not continued: a horizon learnt from quick
+# agent loops alone would write off every human who takes a minute to answer
+PRIOR_FOLLOW_UP_S = 300.0
 
 
 def previous_prompt_end(prefix):
@@ -999,9 +1009,11 @@ def previous_prompt_end(prefix):
     index = len(replies) - 1
     while index >= 0 and not replies[index]:
         index -= 1
+    if index < 0 or len(replies) >= MAX_PREFIX_BLOCKS:
+        return None
     while index >= 0 and replies[index]:
         index -= 1
-    return index if index >= 0 and any(replies) else None
+    return index if index >= 0 else None
 
 
 class FollowUps:
@@ -1013,7 +1025,11 @@ class FollowUps:
         self.outcomes = {False: Recent(FOLLOW_UP_SAMPLES), True: Recent(FOLLOW_UP_SAMPLES)}  # 1.0: continued
 
     def horizon(self):
-        return 2 * self.gaps.quantile(0.95) if len(self.gaps) >= MIN_SAMPLES else PRIOR_FOLLOW_UP_S
+        """Seconds after its reply a prompt is still waited for: twice the 95th percentile of the
+        gaps seen, and at least PRIOR_FOLLOW_UP_S."""
+        if len(self.gaps) < MIN_FOLLOW_UP_SAMPLES:
+            return PRIOR_FOLLOW_UP_S
+        return max(PRIOR_FOLLOW_UP_S, 2 * self.gaps.quantile(0.95))
 
     def started(self, prefix, now):
         """A request with `prefix` is sent: note whether it continues a prompt that ended before."""
@@ -1025,14 +1041,19 @@ class FollowUps:
             self.outcomes[entry[1]].add(1.0)
 
     def finished(self, prefix, now):
-        """The reply to `prefix` ended: it may be continued from now on."""
+        """The reply to `prefix` ended: it may be continued from now on (a prompt too long to
+        follow whole is left out: its next turn could not be told from it)."""
+        if len(prefix.hashes) >= MAX_PREFIX_BLOCKS:
+            return
         key = prefix.hashes[-1]
         self.ended[key] = (now, any(prefix.replies))
         self.ended.move_to_end(key)
         if len(self.ended) > MAX_ENDED:
-            self.ended.popitem(last=False)
+            _, held_reply = self.ended.popitem(last=False)[1]
+            self.outcomes[held_reply].add(0.0)
 
     def expire(self, now):
+        """Prompts not continued within the horizon count as not continued."""
         horizon = self.horizon()
         while self.ended:
             ended, held_reply = next(iter(self.ended.values()))
@@ -1047,8 +1068,8 @@ class FollowUps:
         the ones continued later than that (share S of the gaps seen), among all not continued
         yet: p S / (1 - p + p S)."""
         outcomes = self.outcomes[held_reply]
-        share = outcomes.share_above(0.5) if len(outcomes) >= MIN_SAMPLES else PRIOR_FOLLOW_UP_SHARE
-        later = (self.gaps.share_above(age) if len(self.gaps) >= MIN_SAMPLES
+        share = outcomes.share_above(0.5) if len(outcomes) >= MIN_FOLLOW_UP_SAMPLES else PRIOR_FOLLOW_UP_SHARE
+        later = (self.gaps.share_above(age) if len(self.gaps) >= MIN_FOLLOW_UP_SAMPLES
                  else float(age < PRIOR_FOLLOW_UP_S))
         still = share * later
         return still / (1 - share + still) if still else 0.0
@@ -1201,26 +1222,25 @@ class Node:
                 self.unloaded_at[other] = time.monotonic()
 
     def slot_caches(self, model, slots):
-        """The caches of `model`'s `slots` parallel slots here, in the runner's order."""
+        """The caches of `model`'s `slots` parallel slots here, in the runner's order (empty ones
+        when the count changed: a new num_parallel means Ollama started again)."""
         caches = self.prompts.get(model)
         if caches is None or len(caches) != slots:
-            caches = (caches or [])[:slots]
-            caches += [SlotCache() for _ in range(slots - len(caches))]
-            self.prompts[model] = caches
+            caches = self.prompts[model] = [SlotCache() for _ in range(slots)]
         return caches
 
     def take_slot(self, model, prefix, slots):
         """A request with `prefix` goes to `model` here: it takes the slot the runner would give it,
-        which holds its prompt from now on. Returns that slot (None for a prompt with nothing to
-        cache)."""
+        which holds its prompt from now on. Returns (that slot, what it held before: prefix and when
+        last used), or (None, None) for a prompt with nothing to cache."""
         if not prefix.hashes:
-            return None
-        caches = self.slot_caches(model, slots)
-        slot, _ = choose_slot(caches, prefix)
-        if slot is None:  # herd thinks every slot busy (the node runs more than it reported): the oldest
-            slot = min(caches, key=lambda c: c.used)
+            return None, None
+        slot, _ = choose_slot(self.slot_caches(model, slots), prefix)
+        if slot is None:  # every slot busy: the node runs more than it reported
+            return None, None
+        before = (slot.prefix, slot.used)
         slot.prefix, slot.busy = prefix, True
-        return slot
+        return slot, before
 
     # -- the requests running here --------------------------------------------------------------
 
@@ -1660,9 +1680,9 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
     # what that slot held beyond it is lost to the conversation it belonged to, should it come back
     held = displaced = 0
     caches = node.prompts.get(model) if loaded is not None and not reload and call.prefix.hashes else None
-    if caches:
+    if caches and len(caches) == slots:
         slot, blocks = choose_slot(caches, call.prefix)
-        if slot is None:  # it waits for a slot: it may find the best of them
+        if slot is None:  # it waits for a slot; as a guess, the one holding the most of its prompt
             blocks = max(cached_blocks(c, call.prefix) for c in caches)
         elif follow_ups is not None and slot.used:
             lost = overwritten_chars(caches, slot, blocks) / CHARS_PER_TOKEN * weights / prefill_gbs
@@ -2371,10 +2391,14 @@ class Fleet:
             if lease.released or not lease.held:
                 return
             lease.released = True
-            if lease.prompt_slot is not None:  # the reply ended: the slot holds prompt and reply
-                lease.prompt_slot.busy, lease.prompt_slot.used = False, time.monotonic()
-                if served:
-                    self.follow_ups.finished(lease.prompt_slot.prefix, lease.prompt_slot.used)
+            slot = lease.prompt_slot
+            if slot is not None:
+                slot.busy = False
+                if served:  # the reply ended: the slot holds prompt and reply
+                    slot.used = time.monotonic()
+                    self.follow_ups.finished(slot.prefix, slot.used)
+                else:  # as far as herd knows, the attempt left the slot as it was
+                    slot.prefix, slot.used = lease.slot_before
             node = self.nodes.get(lease.node_id)
             if node is not None:
                 if served and timings:
@@ -2413,9 +2437,8 @@ class Fleet:
             if (entry is None or (entry.get("context_length") or node.context_default(lease.model)) != ctx
                     or any(held.get(k) != options.get(k) for k in RELOAD_OPTIONS)):
                 node.note_switch(lease.model, ctx, options, lease.load_s)
-            if lease.prompt_slot is not None:  # a retry on the same lease: the last attempt's slot is free
-                lease.prompt_slot.busy = False
-            lease.prompt_slot = node.take_slot(lease.model, prefix, slots(node, self.config.parallel))
+            lease.prompt_slot, lease.slot_before = node.take_slot(lease.model, prefix,
+                                                                  slots(node, self.config.parallel))
             if lease.prompt_slot is not None:
                 self.follow_ups.started(prefix, time.monotonic())
 

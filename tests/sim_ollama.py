@@ -32,7 +32,8 @@ durations divided by `scale` so that runs stay short:
 - prompt caches (`prompt_cache=True`), as Ollama's runner keeps them (runner/ollamarunner/cache.go):
   one input cache per parallel slot of a loaded model. A request takes the free slot whose cache
   shares the longest token prefix with its prompt (`findLongestCacheSlot`: the first such slot in
-  slot order, so a new conversation takes the lowest free slot, whatever it held; with
+  slot order, a used one before an empty one, so a new conversation overwrites the lowest free
+  slot that was used; with
   `multiuser_cache`, as OLLAMA_MULTIUSER_CACHE, `findBestCacheSlot`: see choose_slot) and
   evaluates only the rest, at least one token; the slot then holds the prompt plus the generated
   reply. A load, reload or eviction empties every slot of the model. Embeddings evaluate their whole
@@ -495,18 +496,19 @@ def common_tokens(held, text):
 def choose_slot(slots, text, multiuser=False):
     """The slot cache a prompt `text` starts on, and how many of its tokens it finds there
     (runner/ollamarunner/cache.go). findLongestCacheSlot (the default): the free slot sharing the
-    longest prefix, the first in slot order among equals, so an unrelated prompt takes the lowest
-    free slot whatever it held. findBestCacheSlot (OLLAMA_MULTIUSER_CACHE): the slot sharing the
-    longest prefix when it is free and all it holds is that prefix; else the free slot used
+    longest prefix, the first in slot order among equals; a used slot shares at least the chat
+    template's first tokens with any prompt (this simulator's prompts have no template), so an
+    unrelated prompt takes the lowest free slot that was used before an empty one.
+    findBestCacheSlot (OLLAMA_MULTIUSER_CACHE): the slot sharing the longest prefix when it is free and all it holds is that prefix; else the free slot used
     longest ago, into which the longest prefix, wherever it is, is copied first."""
     if not multiuser:
-        best, longest = None, -1
+        best, rank = None, (-1, False)
         for cache in slots:
             if not cache.in_use:
-                common = common_tokens(cache.text, text)
-                if common > longest:
-                    best, longest = cache, common
-        return best, longest
+                mine = (common_tokens(cache.text, text), bool(cache.text))
+                if mine > rank:
+                    best, rank = cache, mine
+        return best, rank[0]
     best, longest, oldest = None, -1, None
     for cache in slots:
         common = common_tokens(cache.text, text)

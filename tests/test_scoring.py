@@ -386,7 +386,7 @@ def test_a_prompt_is_a_chain_of_blocks_message_by_message():
 def serve(node, *prompts, slots=4, at=NOW - 10):
     """`prompts` run at once on node's m:latest (each takes the slot the runner gives it), and end
     at `at`."""
-    taken = [node.take_slot("m:latest", chat_prefix(*prompt), slots) for prompt in prompts]
+    taken = [node.take_slot("m:latest", chat_prefix(*prompt), slots)[0] for prompt in prompts]
     for slot in taken:
         slot.busy, slot.used = False, at
     return taken
@@ -402,8 +402,8 @@ CACHED = [
      [[SYSTEM, ("user", "u1")]], [SYSTEM, ("user", "u1"), ("assistant", "a1!"), ("user", "u2")], 5005),
     ("the longest of two slots that ran at once", [([("user", "x")], [SYSTEM, ("user", "u1")])],
      [SYSTEM, ("user", "u1")], 5002),
-    # one after another, an unrelated prompt takes the lowest free slot: the first is overwritten
-    ("an unrelated prompt overwrites the lowest free slot", [[SYSTEM, ("user", "u1")], [("user", "x")]],
+    # one after another, an unrelated prompt overwrites the used slot rather than take an empty one
+    ("an unrelated prompt overwrites the lowest used free slot", [[SYSTEM, ("user", "u1")], [("user", "x")]],
      [SYSTEM, ("user", "u1")], 0),
 ]
 
@@ -423,9 +423,13 @@ def test_slots_follow_the_runner_and_a_reload_forgets_them():
     node = make_node(loaded=["m:latest"])
     first, second = serve(node, [("user", "conversation 0")], [("user", "conversation 1")], slots=2)
     assert node.prompts["m:latest"] == [first, second]  # two at once: one slot each, in order
-    slot = node.take_slot("m:latest", chat_prefix(("user", "conversation 1"), ("assistant", "r"), ("user", "more")), 2)
-    assert slot is second  # its own slot
-    assert node.take_slot("m:latest", chat_prefix(("user", "conversation 2")), 2) is first  # the only free one
+    slot, before = node.take_slot("m:latest", chat_prefix(("user", "conversation 1"), ("assistant", "r"),
+                                                          ("user", "more")), 2)
+    assert slot is second and before == (chat_prefix(("user", "conversation 1")), NOW - 10)  # its own slot
+    assert node.take_slot("m:latest", chat_prefix(("user", "conversation 1")), 2)[0] is first  # the only free one
+    assert node.take_slot("m:latest", chat_prefix(("user", "x")), 2) == (None, None)  # none free
+    assert node.take_slot("m:latest", chat_prefix(("user", "x")), 3)[0] is not None  # 3 slots: Ollama restarted
+    assert all(not c.prefix.hashes for c in node.prompts["m:latest"][1:])
     node.note_switch("m:latest", 8192, {}, 1.0)
     assert "m:latest" not in node.prompts
 
@@ -464,6 +468,23 @@ def test_overwriting_a_conversation_costs_its_prompt_times_the_chance_it_comes_b
     assert estimate(node, follow, follow_ups=herd.FollowUps())["displaced"] == 0.0
 
 
+def test_what_another_slot_also_holds_is_not_lost():
+    # two slots, both opened with the 5000-character system prompt, then 4000 characters each of
+    # their own: an unrelated prompt takes the first, losing 4000 characters only (the system
+    # prompt is in the other): 1000 tokens x 4 GB / 6000 GB/s x 0.5 = 0.3333 s
+    node = make_node(loaded=["m:latest"])
+    serve(node, [SYSTEM, ("user", "a" * 4000)], [SYSTEM, ("user", "b" * 4000)], slots=2)
+    other = make_call({"model": "m", "messages": [{"role": "user", "content": "x"}]}, prompt_chars=1)
+    other.prefix = chat_prefix(("user", "x"))
+    assert estimate(node, other, slots=2, follow_ups=herd.FollowUps())["displaced"] == pytest.approx(0.3333, abs=1e-3)
+
+
+def test_an_empty_slot_is_taken_after_a_used_one():
+    node = make_node(loaded=["m:latest"])
+    first, _ = serve(node, [("user", "a")], [("user", "b")], slots=3)
+    assert node.take_slot("m:latest", chat_prefix(("user", "c")), 3)[0] is first
+    assert herd.prompt_prefix({"model": "m", "prompt": ""}, "/api/generate") == herd.Prefix()  # a load only
+
 FOLLOW_UP_CHANCES = [
     # (outcomes seen for the cache's kind: 1 continued, 0 not; gaps seen; age of the cache; chance)
     ((), (), 10, 0.5),  # priors: half, within 300 s
@@ -481,12 +502,14 @@ FOLLOW_UP_CHANCES = [
 
 @pytest.mark.parametrize("outcomes, gaps, age, chance", FOLLOW_UP_CHANCES)
 def test_follow_up_chance(outcomes, gaps, age, chance):
-    follow_ups = herd.FollowUps()
-    for outcome in outcomes:
-        follow_ups.outcomes[True].add(float(outcome))
-    for gap in gaps:
-        follow_ups.gaps.add(float(gap))
-    assert follow_ups.chance(age, True) == pytest.approx(chance, abs=1e-6)
+    for held_reply in (True, False):  # each kind reads its own outcomes
+        follow_ups = herd.FollowUps()
+        for outcome in outcomes:
+            follow_ups.outcomes[held_reply].add(float(outcome))
+        follow_ups.outcomes[not held_reply].add(1.0)  # one outcome of the other kind: not enough to count
+        for gap in gaps:
+            follow_ups.gaps.add(float(gap))
+        assert follow_ups.chance(age, held_reply) == pytest.approx(chance, abs=1e-6)
 
 
 def test_follow_ups_are_learnt_from_prompts_continued_wherever_they_go():
@@ -497,9 +520,16 @@ def test_follow_ups_are_learnt_from_prompts_continued_wherever_they_go():
     follow_up = chat_prefix(SYSTEM, ("user", "u1"), ("assistant", "a1"), ("user", "u2"))
     follow_ups.started(follow_up, 112.0)  # 12 s after the reply it continues
     assert list(follow_ups.gaps.ordered) == [12.0] and list(follow_ups.outcomes[False].ordered) == [1.0]
-    follow_ups.started(chat_prefix(("user", "another")), 500.0)  # 400 s on: past the 300 s prior
+    follow_ups.started(chat_prefix(("user", "another")), 500.0)  # 400 s on: past the 300 s horizon
     assert sorted(follow_ups.outcomes[False].ordered) == [0.0, 1.0]  # the one-off expired, not continued
     assert not follow_ups.ended
+    for gap in (1, 1, 1, 1, 200):  # quick agent steps and one slow human: 2 x p95 = 400 s
+        follow_ups.gaps.add(gap)
+    assert follow_ups.horizon() == 400
+    follow_ups.gaps = herd.Recent()
+    for _ in range(5):
+        follow_ups.gaps.add(1)  # quick steps alone would make it 2 s: it stays at 300 s
+    assert follow_ups.horizon() == herd.PRIOR_FOLLOW_UP_S
 
 
 def ps_report(*loaded):
