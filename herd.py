@@ -984,22 +984,19 @@ def overwritten_chars(caches, slot, blocks):
 
 # -- follow-ups: how often conversations come back to a cache ----------------------------------
 #
-# How likely a slot's cache is to be continued, learnt from the traffic. Every prompt herd sends
-# is remembered by its last block when its reply ends; a later prompt that holds it followed by a
-# reply continues it, wherever it goes: the gap between the two is noted, and the prompt counted
-# as continued. One not continued within twice the usual gap (the 95th percentile of those seen)
-# counts as not continued. Prompts that already continue a conversation (they hold a reply) and
-# prompts that do not (a one-off request, or a first turn) are counted apart: a script's requests
-# never come back, a chat's later turns mostly do. Overwriting a cache costs the conversation it
+# How likely a slot's cache is to be continued, learnt from the traffic. A prompt that holds an
+# assistant's reply continues the prompt before that reply, wherever it went: herd counts, apart
+# for prompts that hold a reply (a conversation's later turns) and prompts that do not (one-off
+# requests and first turns), how many it sent and how many a later prompt continued. A script's
+# one-off requests so teach herd that their caches are worth nothing, and a chat's turns that
+# theirs mostly are. Every prompt is also remembered by its last block when its reply ends, so
+# that the gap until its continuation is seen. Overwriting a cache costs the conversation it
 # holds its prompt evaluated again, times the chance that it comes back.
-FOLLOW_UP_SAMPLES = 200  # outcomes and gaps remembered for these figures
-MAX_ENDED = 20_000  # prompts remembered while they may still be continued (about 2 MB)
-MIN_FOLLOW_UP_SAMPLES = 5  # outcomes of a kind, or gaps, before they replace the priors below
+FOLLOW_UP_SAMPLES = 200  # gaps remembered; and prompts of a kind counted before older ones count half
+MAX_ENDED = 20_000  # prompts remembered until they are continued (about 2 MB)
+MIN_FOLLOW_UP_SAMPLES = 5  # prompts of a kind, or gaps, before they replace the priors below
 PRIOR_FOLLOW_UP_SHARE = 0.5  # chat front-ends come back, scripts do not
-# a cache counts until Ollama's default keep_alive (5 minutes) before gaps are seen, and a prompt is
-# waited for at least that long before it counts as not continued: a horizon learnt from quick
-# agent loops alone would write off every human who takes a minute to answer
-PRIOR_FOLLOW_UP_S = 300.0
+PRIOR_FOLLOW_UP_S = 300.0  # before gaps are seen, a cache counts until Ollama's default keep_alive
 
 
 def previous_prompt_end(prefix):
@@ -1020,25 +1017,25 @@ class FollowUps:
     """What herd saw of conversations coming back (see above)."""
 
     def __init__(self):
-        self.ended = collections.OrderedDict()  # last block of a prompt -> (time.monotonic() of its end, held a reply)
+        self.sent = {False: 0.0, True: 0.0}  # prompts sent, by whether they held a reply...
+        self.continued = {False: 0.0, True: 0.0}  # ...and how many of them a later prompt continued
+        self.ended = collections.OrderedDict()  # last block of a prompt -> time.monotonic() its reply ended
         self.gaps = Recent(FOLLOW_UP_SAMPLES)  # seconds from a reply to the request continuing it
-        self.outcomes = {False: Recent(FOLLOW_UP_SAMPLES), True: Recent(FOLLOW_UP_SAMPLES)}  # 1.0: continued
-
-    def horizon(self):
-        """Seconds after its reply a prompt is still waited for: twice the 95th percentile of the
-        gaps seen, and at least PRIOR_FOLLOW_UP_S."""
-        if len(self.gaps) < MIN_FOLLOW_UP_SAMPLES:
-            return PRIOR_FOLLOW_UP_S
-        return max(PRIOR_FOLLOW_UP_S, 2 * self.gaps.quantile(0.95))
 
     def started(self, prefix, now):
-        """A request with `prefix` is sent: note whether it continues a prompt that ended before."""
-        self.expire(now)
+        """A request with `prefix` is sent: count it, and the prompt it continues, if any."""
+        held_reply = any(prefix.replies)
+        self.sent[held_reply] += 1
+        if self.sent[held_reply] > FOLLOW_UP_SAMPLES:  # recent traffic counts more
+            self.sent[held_reply] /= 2
+            self.continued[held_reply] /= 2
         index = previous_prompt_end(prefix)
-        entry = self.ended.pop(prefix.hashes[index], None) if index is not None else None
-        if entry is not None:
-            self.gaps.add(now - entry[0])
-            self.outcomes[entry[1]].add(1.0)
+        if index is None:
+            return
+        self.continued[any(prefix.replies[:index + 1])] += 1
+        ended = self.ended.pop(prefix.hashes[index], None)
+        if ended is not None:
+            self.gaps.add(now - ended)
 
     def finished(self, prefix, now):
         """The reply to `prefix` ended: it may be continued from now on (a prompt too long to
@@ -1046,29 +1043,19 @@ class FollowUps:
         if len(prefix.hashes) >= MAX_PREFIX_BLOCKS:
             return
         key = prefix.hashes[-1]
-        self.ended[key] = (now, any(prefix.replies))
+        self.ended[key] = now
         self.ended.move_to_end(key)
         if len(self.ended) > MAX_ENDED:
-            _, held_reply = self.ended.popitem(last=False)[1]
-            self.outcomes[held_reply].add(0.0)
-
-    def expire(self, now):
-        """Prompts not continued within the horizon count as not continued."""
-        horizon = self.horizon()
-        while self.ended:
-            ended, held_reply = next(iter(self.ended.values()))
-            if now - ended < horizon:
-                break
             self.ended.popitem(last=False)
-            self.outcomes[held_reply].add(0.0)
 
     def chance(self, age, held_reply):
         """The chance that a cache last used `age` seconds ago (by a prompt that held a reply, or
         not) is still to be continued: of such prompts, those continued (share p), and of those,
         the ones continued later than that (share S of the gaps seen), among all not continued
         yet: p S / (1 - p + p S)."""
-        outcomes = self.outcomes[held_reply]
-        share = outcomes.share_above(0.5) if len(outcomes) >= MIN_FOLLOW_UP_SAMPLES else PRIOR_FOLLOW_UP_SHARE
+        sent = self.sent[held_reply]
+        share = (min(1.0, self.continued[held_reply] / sent) if sent >= MIN_FOLLOW_UP_SAMPLES
+                 else PRIOR_FOLLOW_UP_SHARE)
         later = (self.gaps.share_above(age) if len(self.gaps) >= MIN_FOLLOW_UP_SAMPLES
                  else float(age < PRIOR_FOLLOW_UP_S))
         still = share * later

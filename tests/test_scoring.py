@@ -486,27 +486,26 @@ def test_an_empty_slot_is_taken_after_a_used_one():
     assert herd.prompt_prefix({"model": "m", "prompt": ""}, "/api/generate") == herd.Prefix()  # a load only
 
 FOLLOW_UP_CHANCES = [
-    # (outcomes seen for the cache's kind: 1 continued, 0 not; gaps seen; age of the cache; chance)
-    ((), (), 10, 0.5),  # priors: half, within 300 s
-    ((), (), 400, 0.0),
-    ((0, 0, 0, 0, 0), (), 10, 0.0),  # nothing of this kind is ever continued: a script's requests
-    # 3 of 4 continued (fewer than 5: the prior half) and 3 of 5 gaps longer than 25 s:
+    # (prompts of the cache's kind sent, and continued; gaps seen; age of the cache; chance)
+    ((0, 0), (), 10, 0.5),  # priors: half, within 300 s
+    ((0, 0), (), 400, 0.0),
+    ((5, 0), (), 10, 0.0),  # nothing of this kind is ever continued: a script's requests
+    # 3 of 4 continued (fewer than 5 sent: the prior half) and 3 of 5 gaps longer than 25 s:
     # 0.5 x 0.6 / (0.5 + 0.3) = 0.375
-    ((1, 1, 1, 0), (10, 20, 30, 40, 50), 25, 0.375),
+    ((4, 3), (10, 20, 30, 40, 50), 25, 0.375),
     # 4 of 5 continued: 0.8 x 0.6 / (0.2 + 0.48) = 0.705882
-    ((1, 1, 1, 1, 0), (10, 20, 30, 40, 50), 25, 0.705882),
-    ((1, 1, 1, 1, 0), (10, 20, 30, 40, 50), 60, 0.0),
-    ((1, 1, 1, 1, 1), (10, 20, 30), 10, 1.0),  # fewer than 5 gaps: the 300 s prior
+    ((5, 4), (10, 20, 30, 40, 50), 25, 0.705882),
+    ((5, 4), (10, 20, 30, 40, 50), 60, 0.0),
+    ((5, 5), (10, 20, 30), 10, 1.0),  # fewer than 5 gaps: the 300 s prior
 ]
 
 
-@pytest.mark.parametrize("outcomes, gaps, age, chance", FOLLOW_UP_CHANCES)
-def test_follow_up_chance(outcomes, gaps, age, chance):
-    for held_reply in (True, False):  # each kind reads its own outcomes
+@pytest.mark.parametrize("counts, gaps, age, chance", FOLLOW_UP_CHANCES)
+def test_follow_up_chance(counts, gaps, age, chance):
+    for held_reply in (True, False):  # each kind reads its own counts
         follow_ups = herd.FollowUps()
-        for outcome in outcomes:
-            follow_ups.outcomes[held_reply].add(float(outcome))
-        follow_ups.outcomes[not held_reply].add(1.0)  # one outcome of the other kind: not enough to count
+        follow_ups.sent[held_reply], follow_ups.continued[held_reply] = counts
+        follow_ups.sent[not held_reply] = follow_ups.continued[not held_reply] = 4  # not enough to count
         for gap in gaps:
             follow_ups.gaps.add(float(gap))
         assert follow_ups.chance(age, held_reply) == pytest.approx(chance, abs=1e-6)
@@ -515,21 +514,17 @@ def test_follow_up_chance(outcomes, gaps, age, chance):
 def test_follow_ups_are_learnt_from_prompts_continued_wherever_they_go():
     follow_ups = herd.FollowUps()
     first = chat_prefix(SYSTEM, ("user", "u1"))
-    follow_ups.finished(first, 100.0)
-    follow_ups.finished(chat_prefix(("user", "a one-off request")), 100.0)
-    follow_up = chat_prefix(SYSTEM, ("user", "u1"), ("assistant", "a1"), ("user", "u2"))
-    follow_ups.started(follow_up, 112.0)  # 12 s after the reply it continues
-    assert list(follow_ups.gaps.ordered) == [12.0] and list(follow_ups.outcomes[False].ordered) == [1.0]
-    follow_ups.started(chat_prefix(("user", "another")), 500.0)  # 400 s on: past the 300 s horizon
-    assert sorted(follow_ups.outcomes[False].ordered) == [0.0, 1.0]  # the one-off expired, not continued
-    assert not follow_ups.ended
-    for gap in (1, 1, 1, 1, 200):  # quick agent steps and one slow human: 2 x p95 = 400 s
-        follow_ups.gaps.add(gap)
-    assert follow_ups.horizon() == 400
-    follow_ups.gaps = herd.Recent()
-    for _ in range(5):
-        follow_ups.gaps.add(1)  # quick steps alone would make it 2 s: it stays at 300 s
-    assert follow_ups.horizon() == herd.PRIOR_FOLLOW_UP_S
+    one_off = chat_prefix(("user", "a one-off request"))
+    for prefix in (first, one_off):
+        follow_ups.started(prefix, 90.0)
+        follow_ups.finished(prefix, 100.0)
+    second = chat_prefix(SYSTEM, ("user", "u1"), ("assistant", "a1"), ("user", "u2"))
+    follow_ups.started(second, 112.0)  # 12 s after the reply it continues
+    third = chat_prefix(SYSTEM, ("user", "u1"), ("assistant", "a1"), ("user", "u2"), ("assistant", "a2"),
+                        ("user", "u3"))
+    follow_ups.started(third, 130.0)  # herd never saw the second's reply end: no gap
+    assert follow_ups.sent == {False: 2, True: 2} and follow_ups.continued == {False: 1, True: 1}
+    assert list(follow_ups.gaps.ordered) == [12.0] and list(follow_ups.ended) == [one_off.hashes[-1]]
 
 
 def ps_report(*loaded):
