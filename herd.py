@@ -919,8 +919,8 @@ class Running:
 # the slots no request is using, the one whose cache shares the longest prefix with its prompt, in
 # tokens, and evaluates only the rest. Every used slot shares at least the template's first
 # tokens with any prompt, so an unrelated prompt overwrites the lowest free slot that was used
-# before it takes an empty one; the slot then holds the prompt and the reply
-# generated there. A reload or an eviction empties them all. herd keeps the same slots per node
+# before it takes an empty one; the slot then holds the prompt and the reply generated there. A
+# reload or an eviction empties them all. herd keeps the same slots per node
 # and model (as Prefixes: hashes, not text), takes one as the runner would for every request it
 # sends and frees it when the reply ends, so it knows what each request will find cached, and
 # what it will overwrite.
@@ -1420,11 +1420,11 @@ def protect_context(call, lease, policy):
 #              seconds per GB (both learned from its loads); half when the model left memory in
 #              the last 10 minutes (page cache)
 #   service    prompt tokens (less what the slot the runner would give it holds) / prefill speed
-#              + expected output tokens / decode speed, where speed
-#              = the node's GB/s (25th percentile: its p75 time per token) / weights GB / sharing;
-#              sharing = (streams of this model) ^ 0.3 x (models running): parallel slots of one
-#              model batch well, while different models take turns at the memory bandwidth. It is
-#              integrated over time: each model running there speeds this one up when it ends
+#              + expected output tokens / decode speed, where speed = the node's GB/s (25th
+#              percentile: its p75 time per token) / weights GB / sharing; sharing = (streams
+#              of this model) ^ 0.3 x (models running): parallel slots of one model batch well,
+#              while different models take turns at the memory bandwidth. It is integrated over
+#              time: each model running there speeds this one up when it ends
 #   slowdown   what this request adds to the streams already running there: they slow down too,
 #              for as long as the two overlap
 #   eviction   the load time of hot models a cold load would push out of memory (beyond the

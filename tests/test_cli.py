@@ -168,7 +168,6 @@ def test_kill_9_loses_no_committed_row_and_herd_starts_again_on_the_same_databas
 def run_cli(*args):
     from click.testing import CliRunner
 
-    import herd
     return CliRunner().invoke(herd.main, list(args))
 
 

@@ -349,8 +349,8 @@ def test_a_shared_system_prompt_alone_does_not_pin_traffic_to_one_node(make_fake
 
 
 def test_a_failed_attempt_leaves_the_slot_as_it_was(make_fake, make_router):
-    # n0 answers 500 once: herd retries on n1. Its slot on n0 is not taken by the failed attempt,
-    # so n0 holds no conversation and n1 holds the one that was served
+    # each node answers 500 once, so the request is served on its third attempt: the two failed
+    # attempts leave their slots as they were, and only the node that served it holds the prompt
     fakes = slow_fakes(make_fake, 2)
     router = make_router(nodes=[(f"n{i}", f.url) for i, f in enumerate(fakes)])
     fakes[0].fail_next(1, status=500)
@@ -360,4 +360,3 @@ def test_a_failed_attempt_leaves_the_slot_as_it_was(make_fake, make_router):
     held = {node["node_id"]: sum(m["conversations"] for m in node["models_loaded"])
             for node in requests.get(router.url + "/fleet/status", timeout=5).json()["nodes"]}
     assert sorted(held.values()) == [0, 1] and held[served.headers["X-Herd-Node"]] == 1, held
-
