@@ -499,8 +499,9 @@ def choose_slot(slots, text, multiuser=False):
     longest prefix, the first in slot order among equals; a used slot shares at least the chat
     template's first tokens with any prompt (this simulator's prompts have no template), so an
     unrelated prompt takes the lowest free slot that was used before an empty one.
-    findBestCacheSlot (OLLAMA_MULTIUSER_CACHE): the slot sharing the longest prefix when it is free and all it holds is that prefix; else the free slot used
-    longest ago, into which the longest prefix, wherever it is, is copied first."""
+    findBestCacheSlot (OLLAMA_MULTIUSER_CACHE): the slot sharing the longest prefix when it is free
+    and all it holds is that prefix; else the free slot used longest ago, into which the longest
+    prefix, wherever it is, is copied first."""
     if not multiuser:
         best, rank = None, (-1, False)
         for cache in slots:
