@@ -99,6 +99,22 @@ def test_bad_client_requests_get_400_naming_the_field(fleet, what, path, body, n
     assert router.traces("SELECT COUNT(*) FROM request_traces") == [(2,)]
 
 
+def test_a_refused_request_keeps_its_client_and_its_one_request_id(fleet):
+    # the row of a request refused at the door names its client as a served one's does (the
+    # User-Agent, a character beyond ASCII shown as '?'), and uses the id it was read under: the next
+    # request's id is the one after it
+    _, router = fleet
+    agent = {"User-Agent": "\xe9vil-script/1.0 (test)"}
+    assert post(router, "/api/chat", {"model": "llama3.2", "messages": 5}, headers=agent).status_code == 400
+    assert post(router, "/api/chat", CHAT, headers=agent).status_code == 200
+    rows = router.traces("SELECT request_id, status, user_agent, apps FROM request_traces ORDER BY timestamp")
+    assert [(status, user_agent) for _, status, user_agent, _ in rows] == [
+        ("failed", "?vil-script/1.0 (test)"), ("completed", "?vil-script/1.0 (test)")]
+    assert rows[0][3] == rows[1][3] == json.dumps(["?vil-script/1.0 from 127.0.0.1"])
+    (boot, first), (_, second) = (row[0].rsplit("-", 1) for row in rows)
+    assert int(second) == int(first) + 1
+
+
 def test_fields_herd_does_not_read_pass_through_untouched(fleet):
     fake, router = fleet
     router.herd.change_settings({"context_protection": "passthrough"})  # herd's one edit, off
