@@ -930,6 +930,33 @@ class SlotCache:
     prefix: Prefix = Prefix()
     used: float = 0.0  # time.monotonic() when its last request ended (0: never used)
     busy: bool = False  # a request herd sent runs in it now
+    index: int = 0  # its place in the runner's order
+
+
+class ModelSlots:
+    """One loaded model's parallel slots on a node. The runner fills them lowest first and takes a
+    used one before an empty one, so the slots that were ever taken are the lowest: `held`, in
+    order; the rest (up to `count`) are empty. `free` are the held ones no request uses, in order,
+    so that choosing looks at those only, however many slots the node has."""
+
+    __slots__ = ("count", "held", "free")
+
+    def __init__(self, count):
+        self.count, self.held, self.free = count, [], []
+
+    def take(self, slot, prefix):
+        """A request with `prefix` starts in `slot` (from choose_slot): it holds that prompt now."""
+        if slot.index == len(self.held):  # the next empty one
+            self.held.append(slot)
+        else:
+            self.free.remove(slot)
+        slot.prefix, slot.busy = prefix, True
+
+    def give_back(self, slot):
+        """The request in `slot` ended. (A slot of the model's previous load is not kept.)"""
+        slot.busy = False
+        if slot.index < len(self.held) and self.held[slot.index] is slot:
+            bisect.insort(self.free, slot, key=lambda s: s.index)
 
 
 def common_blocks(held, wanted):
@@ -956,27 +983,30 @@ def cached_blocks(slot, prefix):
     return shared
 
 
-def choose_slot(caches, prefix):
+def choose_slot(slots, prefix):
     """(the slot Ollama's runner starts `prefix` on, blocks of it cached there): of the free slots,
     the one sharing the most, a used one before an empty one (it shares the template's first
     tokens), the first among equals; (None, 0) when every slot is in use."""
     best, rank = None, (-1, False)
-    for slot in caches:
-        if not slot.busy:
-            mine = (cached_blocks(slot, prefix) if slot.prefix.hashes else 0, bool(slot.prefix.hashes))
-            if mine > rank:
-                best, rank = slot, mine
+    for slot in slots.free:
+        mine = (cached_blocks(slot, prefix) if slot.prefix.hashes else 0, bool(slot.prefix.hashes))
+        if mine > rank:
+            best, rank = slot, mine
+            if mine[0] >= len(prefix.hashes):  # all of it: no later slot does better
+                break
+    if best is None and len(slots.held) < slots.count:
+        return SlotCache(index=len(slots.held)), 0
     return best, max(rank[0], 0)
 
 
-def overwritten_chars(caches, slot, blocks):
+def overwritten_chars(slots, slot, blocks):
     """Characters of what `slot` holds that a prompt sharing `blocks` of them overwrites, less what
     another slot of the model also holds (a system prompt two conversations share)."""
     held = slot.prefix
-    if not held.hashes:
-        return 0
     kept = min(blocks, len(held.hashes))
-    for other in caches:
+    if kept == len(held.hashes):
+        return 0
+    for other in slots.held:
         if other is not slot and kept < len(held.hashes):
             kept = max(kept, common_blocks(other.prefix.hashes, held.hashes))
     return held.ends[-1] - (held.ends[kept - 1] if kept else 0)
@@ -1091,7 +1121,7 @@ class Node:
     # model -> (context, monotonic time the load should be done): herd sent a request that (re)loads
     # the model at that context, so it runs with it from then on, whatever reports made before say
     switching: dict = field(default_factory=dict)
-    prompts: dict = field(default_factory=dict)  # model -> [SlotCache], one per slot (see the prompt caches above)
+    prompts: dict = field(default_factory=dict)  # model -> ModelSlots (see the prompt caches above)
     last_seen: float = 0.0  # time.time() of the last good report
     in_flight: int = 0
     running: dict = field(default_factory=dict)  # model -> Running
@@ -1209,11 +1239,11 @@ class Node:
                 self.unloaded_at[other] = time.monotonic()
 
     def slot_caches(self, model, slots):
-        """The caches of `model`'s `slots` parallel slots here, in the runner's order (empty ones
-        when the count changed: a new num_parallel means Ollama started again)."""
+        """The ModelSlots of `model`'s `slots` parallel slots here (empty ones when the count
+        changed: a new num_parallel means Ollama started again)."""
         caches = self.prompts.get(model)
-        if caches is None or len(caches) != slots:
-            caches = self.prompts[model] = [SlotCache() for _ in range(slots)]
+        if caches is None or caches.count != slots:
+            caches = self.prompts[model] = ModelSlots(slots)
         return caches
 
     def take_slot(self, model, prefix, slots):
@@ -1222,11 +1252,12 @@ class Node:
         last used), or (None, None) for a prompt with nothing to cache."""
         if not prefix.hashes:
             return None, None
-        slot, _ = choose_slot(self.slot_caches(model, slots), prefix)
+        caches = self.slot_caches(model, slots)
+        slot, _ = choose_slot(caches, prefix)
         if slot is None:  # every slot busy: the node runs more than it reported
             return None, None
         before = (slot.prefix, slot.used)
-        slot.prefix, slot.busy = prefix, True
+        caches.take(slot, prefix)
         return slot, before
 
     # -- the requests running here --------------------------------------------------------------
@@ -1667,10 +1698,10 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
     # what that slot held beyond it is lost to the conversation it belonged to, should it come back
     held = displaced = 0
     caches = node.prompts.get(model) if loaded is not None and not reload and call.prefix.hashes else None
-    if caches and len(caches) == slots:
+    if caches and caches.count == slots:
         slot, blocks = choose_slot(caches, call.prefix)
         if slot is None:  # it waits for a slot; as a guess, the one holding the most of its prompt
-            blocks = max(cached_blocks(c, call.prefix) for c in caches)
+            blocks = max(cached_blocks(c, call.prefix) for c in caches.held)
         elif follow_ups is not None and slot.used:
             lost = overwritten_chars(caches, slot, blocks) / CHARS_PER_TOKEN * weights / prefill_gbs
             displaced = lost * follow_ups.chance(now - slot.used, any(slot.prefix.replies))
@@ -2077,7 +2108,8 @@ def node_view(node, now, parallel):
         "models_loaded": [{"name": name, "size_vram": entry.get("size_vram", entry.get("size")),
                            "size": entry.get("size"), "context_length": entry.get("context_length"),
                            "expires_at": entry.get("expires_at"), "requests_active": node.running_count(name),
-                           "conversations": sum(1 for c in node.prompts.get(name, ()) if c.prefix.hashes)}
+                           "conversations": sum(1 for c in node.prompts[name].held if c.prefix.hashes)
+                                            if name in node.prompts else 0}
                           for name, entry in node.loaded.items()],
         "requests_active": node.in_flight, "last_seen": node.last_seen,
         "decode_gbs": round(speed, 1) if speed else None,
@@ -2378,15 +2410,18 @@ class Fleet:
             if lease.released or not lease.held:
                 return
             lease.released = True
+            node = self.nodes.get(lease.node_id)
             slot = lease.prompt_slot
             if slot is not None:
-                slot.busy = False
                 if served:  # the reply ended: the slot holds prompt and reply
                     slot.used = time.monotonic()
                     self.follow_ups.finished(slot.prefix, slot.used)
                 else:  # as far as herd knows, the attempt left the slot as it was
                     slot.prefix, slot.used = lease.slot_before
-            node = self.nodes.get(lease.node_id)
+                caches = node.prompts.get(lease.model) if node is not None else None
+                if caches is not None:
+                    caches.give_back(slot)
+                slot.busy = False
             if node is not None:
                 if served and timings:
                     learn_from_reply(node, lease, timings)

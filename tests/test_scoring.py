@@ -388,7 +388,8 @@ def serve(node, *prompts, slots=4, at=NOW - 10):
     at `at`."""
     taken = [node.take_slot("m:latest", chat_prefix(*prompt), slots)[0] for prompt in prompts]
     for slot in taken:
-        slot.busy, slot.used = False, at
+        slot.used = at
+        node.prompts["m:latest"].give_back(slot)
     return taken
 
 
@@ -422,14 +423,14 @@ def test_cached_characters(what, held, wanted, chars):
 def test_slots_follow_the_runner_and_a_reload_forgets_them():
     node = make_node(loaded=["m:latest"])
     first, second = serve(node, [("user", "conversation 0")], [("user", "conversation 1")], slots=2)
-    assert node.prompts["m:latest"] == [first, second]  # two at once: one slot each, in order
+    assert node.prompts["m:latest"].held == [first, second]  # two at once: one slot each, in order
     slot, before = node.take_slot("m:latest", chat_prefix(("user", "conversation 1"), ("assistant", "r"),
                                                           ("user", "more")), 2)
     assert slot is second and before == (chat_prefix(("user", "conversation 1")), NOW - 10)  # its own slot
     assert node.take_slot("m:latest", chat_prefix(("user", "conversation 1")), 2)[0] is first  # the only free one
     assert node.take_slot("m:latest", chat_prefix(("user", "x")), 2) == (None, None)  # none free
-    assert node.take_slot("m:latest", chat_prefix(("user", "x")), 3)[0] is not None  # 3 slots: Ollama restarted
-    assert all(not c.prefix.hashes for c in node.prompts["m:latest"][1:])
+    restarted = node.take_slot("m:latest", chat_prefix(("user", "x")), 3)[0]  # 3 slots: Ollama restarted
+    assert node.prompts["m:latest"].held == [restarted] and restarted not in (first, second)
     node.note_switch("m:latest", 8192, {}, 1.0)
     assert "m:latest" not in node.prompts
 
@@ -477,6 +478,21 @@ def test_what_another_slot_also_holds_is_not_lost():
     other = make_call({"model": "m", "messages": [{"role": "user", "content": "x"}]}, prompt_chars=1)
     other.prefix = chat_prefix(("user", "x"))
     assert estimate(node, other, slots=2, follow_ups=herd.FollowUps())["displaced"] == pytest.approx(0.3333, abs=1e-3)
+
+
+def test_slots_freed_in_any_order_are_chosen_lowest_first_and_an_old_load_keeps_none():
+    node = make_node(loaded=["m:latest"])
+    taken = [node.take_slot("m:latest", chat_prefix(("user", p)), 4096)[0] for p in "abc"]
+    caches = node.prompts["m:latest"]
+    assert [slot.index for slot in taken] == [0, 1, 2] and caches.free == []  # 4093 never taken: empty
+    for slot in (taken[2], taken[0], taken[1]):
+        caches.give_back(slot)
+    assert caches.free == taken
+    assert node.take_slot("m:latest", chat_prefix(("user", "d")), 4096)[0] is taken[0]  # first among equals
+    assert caches.free == taken[1:]
+    node.note_switch("m:latest", 8192, {}, 1.0)  # a reload: slot 0's request ends in the old load
+    node.slot_caches("m:latest", 4096).give_back(taken[0])
+    assert node.prompts["m:latest"].free == [] and not taken[0].busy
 
 
 def test_an_empty_slot_is_taken_after_a_used_one():
