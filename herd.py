@@ -603,7 +603,10 @@ def read_tags(body, headers, api):
 
 def read_user_agent(value):
     """A client's User-Agent as herd keeps it (traces, the Apps view): printable ASCII, cut short."""
-    return "".join(c if " " <= c <= "~" else "?" for c in (value or "")[:200])
+    value = (value or "")[:200]
+    if value.isascii() and value.isprintable():
+        return value
+    return "".join(c if " " <= c <= "~" else "?" for c in value)
 
 
 def parse_call(api, endpoint, raw, headers, client_ip, request_id):
@@ -1573,6 +1576,9 @@ def load_costs(loads):
     return fixed, statistics.median((seconds - fixed) / gb for gb, seconds in loads)
 
 
+PRIORS_EVERY_S = 1.0  # how often the priors follow the measured nodes' speeds as they move
+
+
 @dataclass(frozen=True)
 class Priors:
     """What to assume for a node herd has not measured yet."""
@@ -1746,7 +1752,8 @@ def exchange_rate(causes):
 
 
 def score_candidates(estimates):
-    """[(node, seconds by cause)] -> [(node, total points, breakdown, eta)] at one exchange rate."""
+    """[(node, seconds by cause)] -> ([(node, total points, breakdown, eta)], the exchange rate
+    they were scored at)."""
     causes = [e for _, e in estimates]
     fastest = min(e["service"] for e in causes)
     for e in causes:
@@ -1757,7 +1764,7 @@ def score_candidates(estimates):
         breakdown = {name: (SIGNAL_RANGES[name] - rate * e[cause] if sign > 0 else 0.0 - rate * e[cause])
                      for name, (cause, sign) in SIGNAL_SECONDS.items()}
         scored.append((node, sum(breakdown.values()), breakdown, e["eta"]))
-    return scored
+    return scored, rate
 
 
 def pick(scored, rate):
@@ -1858,8 +1865,8 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
                                      usual_output=usual, ahead=ahead, priors=priors, admit=admit,
                                      now=now_mono, follow_ups=follow_ups if admit else None))
                      for node in healthy]
-        scored = score_candidates(estimates)
-        best = pick(scored, exchange_rate([e for _, e in estimates]))
+        scored, rate = score_candidates(estimates)
+        best = pick(scored, rate)
         node, total, breakdown, eta = scored[best]
         chosen = estimates[best][1]
         if log.isEnabledFor(logging.DEBUG):
@@ -2145,6 +2152,7 @@ class Fleet:
         self.preloading = set()  # node ids with a preload under way
         self.context_policy = config.context_protection or RUNTIME_SETTINGS["context_protection"]
         self.priors = None  # for unmeasured nodes: from the slowest measured (None: work them out again)
+        self.priors_at = 0.0  # time.monotonic() when they were worked out
         self.follow_ups = FollowUps()  # how often conversations come back to their prompt caches
 
     # -- reports from agents and polls ------------------------------------------------------
@@ -2424,8 +2432,12 @@ class Fleet:
                 slot.busy = False
             if node is not None:
                 if served and timings:
+                    measured = (node.decode_speed, node.load_cost)
                     learn_from_reply(node, lease, timings)
-                    self.priors = None
+                    # a node's first measurement changes the priors at once; later ones move them
+                    # a little, so every PRIORS_EVERY_S is often enough
+                    if None in measured and measured != (node.decode_speed, node.load_cost):
+                        self.priors = None
                 node.drop(lease)
                 if served:
                     node.served += 1
@@ -2470,8 +2482,9 @@ class Fleet:
         return [node for node in self.nodes.values() if node.node_id == call.only_node]
 
     def _choose(self, call, models, queued, admit=True):
-        if self.priors is None:  # worked out again after anything was learnt
-            self.priors = unmeasured_priors(self.nodes.values())
+        now = time.monotonic()
+        if self.priors is None or now - self.priors_at > PRIORS_EVERY_S:
+            self.priors, self.priors_at = unmeasured_priors(self.nodes.values()), now
         return choose(self._candidates(call), call, models, parallel=self.config.parallel, priors=self.priors,
                       policy=self.context_policy, usual_output=self.usual_output, queued=queued, admit=admit,
                       follow_ups=self.follow_ups)

@@ -210,7 +210,7 @@ def test_score_candidates_prices_every_signal_at_one_rate():
                  (b, {"wait": 1.0, "cold_load": 5.0, "reload": 0.0, "service": 3.0, "slowdown": 0.0,
                       "eviction": 0.0, "risk": 0.0, "eta": 9.0})]
     # rate = min(50 / 5 s of load, 30 / 1 s of wait, 25 / 1 s slower) = 10 points a second
-    (_, total_a, breakdown_a, _), (_, total_b, breakdown_b, _) = herd.score_candidates(estimates)
+    (_, total_a, breakdown_a, _), (_, total_b, breakdown_b, _) = herd.score_candidates(estimates)[0]
     assert breakdown_a == {"thermal": 50, "memory_fit": 20, "queue_depth": 0, "latency_history": 0,
                            "role_affinity": 15, "availability_trend": 10, "context_fit": 15}
     assert total_a == 110
