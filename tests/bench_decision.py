@@ -3,10 +3,13 @@
     python tests/bench_decision.py
 
 Builds fleets of 4 and 16 nodes in memory (herd.Node, no servers), puts 1, 100 and 1,000
-requests running on them (three models, spread over the nodes), and times herd.choose, the
-scoring herd runs under the fleet's lock for every request, for a chat that every node could
-serve. A decision should not grow with the requests in flight: herd keeps each node's running
-requests per model as sums and sorted end times.
+requests running on them (three models, spread over the nodes, 1,024 parallel slots per model;
+each request a conversation of its own behind one shared system prompt, in the slot the runner
+would give it, with as many finished conversations in slots beside them), and times
+herd.choose, the scoring herd runs under the fleet's lock for every request, for the next turn
+of a finished conversation, which every node could serve. A decision should not grow with the
+requests in flight: herd keeps each node's running requests per model as sums and sorted end
+times, and looks only at the free slots that hold a prompt.
 """
 
 from __future__ import annotations
@@ -22,6 +25,14 @@ import herd  # noqa: E402
 GB = herd.GB
 MODELS = {"llama3.2:latest": 2.0, "qwen2.5:7b": 4.7, "llama3.1:8b": 4.9}
 DECISIONS = 3000
+SYSTEM = "You are a helpful assistant. " * 150  # about 4,000 characters, shared by every conversation
+
+
+def conversation(index, *turns):
+    """The body of conversation `index` after `turns` (user, assistant, user, ...)."""
+    roles = ("user", "assistant")
+    return {"messages": [{"role": "system", "content": SYSTEM}] +
+            [{"role": roles[i % 2], "content": f"conversation {index}: {text}"} for i, text in enumerate(turns)]}
 
 
 def fleet(nodes, running):
@@ -38,21 +49,30 @@ def fleet(nodes, running):
                        for name, gb in MODELS.items()}
         built.append(node)
     names = list(MODELS)
-    for index in range(running):
+    for index in range(2 * running):  # the first half finished, the second half running
         node, model = built[index % nodes], names[index % len(names)]
-        node.hold(herd.Lease(node_id=node.node_id, url=node.url, model=model, score=0, breakdown={},
-                             eta_s=1.0 + index % 17, started=now - index % 5))
+        slot, _ = node.take_slot(model, herd.prompt_prefix(conversation(index, "a question"), "/api/chat"), 1024)
+        if index < running:
+            slot.used = now - index % 30
+            node.prompts[model].give_back(slot)
+        else:
+            node.hold(herd.Lease(node_id=node.node_id, url=node.url, model=model, score=0, breakdown={},
+                                 eta_s=1.0 + index % 17, started=now - index % 5))
     return built
 
 
 def time_decisions(nodes):
-    call = herd.Call(api="ollama", endpoint="/api/chat", body={"model": "llama3.2"}, raw=b"", model="llama3.2:latest",
+    body = dict(conversation(0, "a question", "an answer", "the next question"), model="llama3.2")
+    call = herd.Call(api="ollama", endpoint="/api/chat", body=body, raw=b"", model="llama3.2:latest",
                      stream=True, fallback_models=[], tags=[], client_ip="127.0.0.1", request_id="bench",
-                     started=time.perf_counter(), prompt_chars=2000)
+                     started=time.perf_counter(), prompt_chars=sum(len(m["content"]) for m in body["messages"]),
+                     prefix=herd.prompt_prefix(body, "/api/chat"))
+    follow_ups = herd.FollowUps()
     times = []
     for _ in range(DECISIONS):
         started = time.perf_counter()
-        herd.choose(nodes, call, ["llama3.2:latest"], parallel=1, policy="strip", usual_output={}, queued={})
+        herd.choose(nodes, call, ["llama3.2:latest"], parallel=1, policy="strip", usual_output={}, queued={},
+                    follow_ups=follow_ups)
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1e6
 
