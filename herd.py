@@ -2512,22 +2512,31 @@ class Fleet:
         if not self.waiters:
             return
         ahead = collections.Counter()  # model -> waiters still queued before the one being looked at
-        full = set()
+        full = set()  # models with no free slot on any node (granting slots only adds to it)
+        seen_free = set()  # models found with a free slot since the last grant
         for waiter in list(self.waiters):
             if waiter.cancelled:
                 continue
-            lease, wait = None, "busy"
-            if not all(model in full for model in waiter.models):
-                lease, wait = self._choose(waiter.call, waiter.models, ahead)
+            for model in waiter.models:  # each model's nodes looked at once, not once per waiter
+                if model in full or model in seen_free:
+                    continue
+                if self._free_slot(model):
+                    seen_free.add(model)
+                else:
+                    full.add(model)
+            if all(model in full for model in waiter.models):
+                waiter.deferred = False
+                continue  # no slot anywhere for it: it keeps its place, unscored
+            lease, wait = self._choose(waiter.call, waiter.models, ahead)
             waiter.deferred = wait == "defer"
-            if lease is not None:
-                self._hold(lease)
-                waiter.lease = lease
-                self._dequeue(waiter)
-                waiter.event.set()
+            if lease is None:
+                ahead.update(waiter.models)
                 continue
-            ahead.update(waiter.models)
-            full.update(model for model in waiter.models if not self._free_slot(model))
+            self._hold(lease)
+            waiter.lease = lease
+            self._dequeue(waiter)
+            waiter.event.set()
+            seen_free.clear()  # it may have taken some model's last free slot
 
     def _free_slot(self, model):
         now = time.time()

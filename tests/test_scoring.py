@@ -561,3 +561,26 @@ def test_beside_a_split_model_requests_wait_unloaded():
     assert node.split("big:latest") and herd.pushed_out(node, "big:latest") == ["small:latest"]
     node.apply_report(ps_report(("mid:latest", 8.0, 8.0)))  # not split: busy small is taken as still there
     assert node.loaded.keys() == {"small:latest", "mid:latest"}
+
+
+def test_a_slot_freed_under_a_long_queue_is_granted_without_looking_at_every_waiter(monkeypatch):
+    # 30 one-slot nodes, all busy, and 200 queued requests: when one slot frees, the oldest waiter
+    # takes it and the other 199 are passed over once the model has no free slot left; each
+    # model's nodes are looked at once per grant, not once per waiter (that was 200 x 30 checks)
+    fleet = herd.Fleet(herd.Config())
+    entry = {"name": "m:latest", "model": "m:latest", "size": 2 * GB}
+    for k in range(30):
+        fleet.report(f"n{k}", f"http://127.0.0.1:{1000 + k}", "agent", 3600.0,
+                     {"num_parallel": 1, "ollama": {"reachable": True, "models": [entry],
+                                                    "loaded": [dict(entry, size_vram=2 * GB, context_length=4096)]}})
+    leases = [fleet.acquire(make_call()) for _ in range(30)]
+    waiters = [herd.Waiter(call=make_call(), models=["m:latest"], enqueued=time.perf_counter()) for _ in range(200)]
+    fleet.waiters.extend(waiters)
+    fleet.queued.update({"m:latest": 200})
+    looked = []
+    monkeypatch.setattr(herd, "eligibility", lambda node, model, now, real=herd.eligibility: looked.append(node)
+                        or real(node, model, now))
+    fleet.release(leases[7], served=True)
+    assert waiters[0].lease is not None and waiters[0].lease.node_id == leases[7].node_id
+    assert all(w.lease is None for w in waiters[1:]) and len(fleet.waiters) == 199
+    assert len(looked) <= 3 * 30
