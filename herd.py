@@ -936,11 +936,16 @@ class SlotCache:
     index: int = 0  # its place in the runner's order
 
 
+MAX_TRACKED_SLOTS = 32  # slots followed per node x model: a node run with OLLAMA_NUM_PARALLEL in the
+# hundreds would otherwise make every choice walk that many caches after one burst
+
+
 class ModelSlots:
     """One loaded model's parallel slots on a node. The runner fills them lowest first and takes a
     used one before an empty one, so the slots that were ever taken are the lowest: `held`, in
-    order; the rest (up to `count`) are empty. `free` are the held ones no request uses, in order,
-    so that choosing looks at those only, however many slots the node has."""
+    order, at most MAX_TRACKED_SLOTS of them; the rest (up to `count`) are empty, or hold what
+    herd no longer follows. `free` are the held ones no request uses, in order, so that choosing
+    looks at those only."""
 
     __slots__ = ("count", "held", "free")
 
@@ -949,8 +954,9 @@ class ModelSlots:
 
     def take(self, slot, prefix):
         """A request with `prefix` starts in `slot` (from choose_slot): it holds that prompt now."""
-        if slot.index == len(self.held):  # the next empty one
-            self.held.append(slot)
+        if slot.index >= len(self.held):  # the next empty one: followed while there is room
+            if len(self.held) < MAX_TRACKED_SLOTS:
+                self.held.append(slot)
         else:
             self.free.remove(slot)
         slot.prefix, slot.busy = prefix, True
@@ -964,6 +970,8 @@ class ModelSlots:
 
 def common_blocks(held, wanted):
     """How many leading blocks two prefixes share."""
+    if not held or not wanted or held[0] != wanted[0]:
+        return 0  # most slots hold another conversation: said at the first block
     if wanted[:len(held)] == held:
         return len(held)
     low, high = 0, min(len(held), len(wanted))  # the longest equal prefix, by halves

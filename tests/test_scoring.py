@@ -495,6 +495,20 @@ def test_slots_freed_in_any_order_are_chosen_lowest_first_and_an_old_load_keeps_
     assert node.prompts["m:latest"].free == [] and not taken[0].busy
 
 
+def test_a_burst_on_a_node_with_hundreds_of_slots_leaves_at_most_32_followed():
+    # 700 requests at once on a model with 4096 slots: herd follows the lowest 32, so that every
+    # later choice looks at 32 caches at most (it looked at all 700 for good)
+    node = make_node(loaded=["m:latest"])
+    taken = [node.take_slot("m:latest", chat_prefix(("user", f"burst {i}")), 4096)[0] for i in range(700)]
+    caches = node.prompts["m:latest"]
+    assert caches.held == taken[:herd.MAX_TRACKED_SLOTS] == taken[:32]
+    for slot in taken:
+        caches.give_back(slot)
+    assert caches.free == taken[:32]
+    assert node.take_slot("m:latest", chat_prefix(("user", "burst 5"), ("assistant", "r"), ("user", "more")),
+                          4096)[0] is taken[5]  # a followed conversation still finds its slot
+
+
 def test_an_empty_slot_is_taken_after_a_used_one():
     node = make_node(loaded=["m:latest"])
     first, _ = serve(node, [("user", "a")], [("user", "b")], slots=3)
