@@ -1813,6 +1813,9 @@ def why_excluded(node, model, now):
     return f"resting after {node.failures} failure(s): {node.last_failure or ''}".strip()
 
 
+MODELS_LISTED = 20  # models a "not on any node" error names (the message and its trace row stay short)
+
+
 def servable_models(nodes, call, now):
     """The asked model and its fallbacks that some node could serve; raises RoutingError with
     what the client should hear when none can."""
@@ -1836,9 +1839,11 @@ def servable_models(nodes, call, now):
         raise RoutingError(503, f"model {call.model} is only on nodes that are offline now "
                            f"({', '.join(offline_with)})", "nodes_offline", retry_after=5)
     installed = sorted({m for n in online for m in n.models})
-    raise RoutingError(404, f"model {call.model} is not on any node; the fleet has: "
-                       f"{', '.join(installed) or 'no models'}. Pull it with "
-                       f"`ollama pull {call.model}` on a node", "model_not_found")
+    listed = ", ".join(installed[:MODELS_LISTED]) or "no models"
+    if len(installed) > MODELS_LISTED:
+        listed += f" and {len(installed) - MODELS_LISTED} more (GET /api/tags lists them)"
+    raise RoutingError(404, f"model {call.model} is not on any node; the fleet has: {listed}. Pull it "
+                       f"with `ollama pull {call.model}` on a node", "model_not_found")
 
 
 def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit=True, priors=None,
@@ -3814,10 +3819,12 @@ class Analytics:
             if group is not None:
                 groups[group].add_rollup(row)
 
-    def last_used(self, node_id, model):
-        row = self.rows(f"SELECT MAX(timestamp) FROM request_traces WHERE node_id = ? AND model = ? AND {ANALYZED}",
-                        (node_id, model))
-        return row[0][0] if row else None
+    def last_used(self, pairs):
+        """{(node_id, model): when it last served a client request, or None} for each pair, on one
+        connection (a node with thousands of models asks thousands of times)."""
+        sql = f"SELECT MAX(timestamp) FROM request_traces WHERE node_id = ? AND model = ? AND {ANALYZED}"
+        with contextlib.closing(self.store.connect_readonly()) as db:
+            return {pair: db.execute(sql, pair).fetchone()[0] for pair in pairs}
 
     def longest_gap_before_load(self, node_id, model, span):
         """The longest idle time before a request that had to load `model` on `node_id`: the
@@ -4432,12 +4439,13 @@ def model_management(herd, args):
     by_node = herd.analytics.tallies(span["since"], span["until"],
                                      grouped(lambda t, model, node, app, api: (node, model) if model and node else None))
     nodes = herd.fleet.management()
+    last_used = herd.analytics.last_used([(node["node_id"], model["name"]) for node in nodes for model in node["models"]])
     for node in nodes:
         node["disk_used_gb"] = round(sum(m["size_gb"] for m in node["models"]), 2)
         for model in node["models"]:
             tally = by_node.get((node["node_id"], model["name"]))
             model["requests"] = tally.counts["requests"] if tally else 0
-            model["last_used"] = herd.analytics.last_used(node["node_id"], model["name"])
+            model["last_used"] = last_used[(node["node_id"], model["name"])]
     return {"range": span, "nodes": nodes, "pulls": herd.pulls.snapshot()}
 
 

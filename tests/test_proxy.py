@@ -132,6 +132,15 @@ def test_unknown_model_is_404_naming_the_fleet_models(make_fake, make_router):
     assert openai.json()["error"]["code"] == "model_not_found"
 
 
+def test_a_404_names_the_first_20_models_of_a_large_fleet(make_fake, make_router):
+    fake = make_fake(models={f"model-{i:02d}": 1.0 for i in range(30)})
+    router = make_router(nodes=[("a", fake.url)])
+    router.herd.change_settings({"auto_pull": False})
+    message = chat(router, dict(CHAT, model="mistral")).json()["error"]
+    assert "model-19:latest and 10 more (GET /api/tags lists them)" in message and "model-20" not in message
+    assert router.traces("SELECT error_message FROM request_traces") == [(message,)]
+
+
 def test_malformed_json_is_400_in_each_api_shape(make_fake, make_router):
     router = make_router(nodes=[("a", make_fake().url)])
     ollama = requests.post(router.url + "/api/generate", data=b'{"model": "llama3.2",', timeout=5)
