@@ -1343,7 +1343,9 @@ class Node:
                 self.context_probe.discard(name)
         self.loaded = loaded
         self.guessed_ctx = None
-        if self.failure_kind == "unreachable":  # it answers again: end its rest now
+        # herd's own poll reached it: it answers again, so its rest ends now. An agent reaching
+        # its Ollama locally does not say herd can (an Ollama listening on loopback only)
+        if self.failure_kind == "unreachable" and self.source != "agent":
             self.failures, self.failure_kind, self.cooldown_until = 0, None, 0.0
 
 

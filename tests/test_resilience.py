@@ -448,3 +448,32 @@ def test_num_ctx_written_as_a_float_is_protected_too(make_fake, make_router):
     router = make_router(nodes=[("a", fake.url)])
     chat(router, dict(CHAT, options={"num_ctx": 2048.0}))
     assert fake.received[-1][1]["options"]["num_ctx"] == 8192
+
+
+def test_an_agent_saying_its_ollama_answers_does_not_end_the_rest_herd_gave_it(make_fake, make_router):
+    # The agent reaches its Ollama on loopback; herd's connections are refused (Ollama listens on
+    # 127.0.0.1 only, here: a port nobody listens on). Heartbeats every 0.1 s used to end the
+    # node's rest each time, so a request waiting 3 s for its model was tried there ~30 times;
+    # the rests now grow (1 s, 2 s): at most 3 tries, then the queue timeout's answer
+    fake = make_fake(models={"only-here": 2.0}, loaded=["only-here"])
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    router = make_router(queue_timeout=3.0)
+    assert heartbeat(router, "lo", fake, ollama_url=refused_url).status_code == 200
+    done = []
+
+    def keep_beating():
+        while not done:
+            heartbeat(router, "lo", fake, ollama_url=refused_url)
+            time.sleep(0.1)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as beats:
+        beats.submit(keep_beating)
+        try:
+            answer = chat(router, dict(CHAT, model="only-here"))
+        finally:
+            done.append(True)
+    assert answer.status_code in (502, 503) and "refused" in answer.json()["error"]
+    (retries,), = router.traces("SELECT retry_count FROM request_traces")
+    assert retries <= 2
