@@ -584,6 +584,17 @@ class Call:
         return options if isinstance(options, dict) else {}
 
 
+def header_text(value):
+    """A request header as the client wrote it: WSGI hands over its bytes as Latin-1, and clients
+    send UTF-8 (a tag "café" arrives as "cafÃ©")."""
+    if not value or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value  # not UTF-8: Latin-1 it was
+
+
 def read_tags(body, headers, api):
     """Tags for per-app analytics: metadata.tags, the X-Herd-Tags header, OpenAI's user."""
     tags = []
@@ -630,7 +641,9 @@ def parse_call(api, endpoint, raw, headers, client_ip, request_id):
     for key in ("max_tokens", "max_completion_tokens"):
         read_whole(body.get(key), key, 1, MAX_CONTEXT, optional=True)
     prompt_chars = read_prompt_chars(body, endpoint)
-    edited = "fallback_models" in body or "metadata" in body
+    # herd's own fields are not for the node; a body not in plain UTF-8 (UTF-16, a BOM) is sent
+    # re-encoded, as Ollama reads UTF-8 only
+    edited = "fallback_models" in body or "metadata" in body or json.detect_encoding(raw) != "utf-8"
     body.pop("fallback_models", None)  # herd's own fields are not for the node
     body.pop("metadata", None)
     return Call(api=api, endpoint=endpoint, body=body, raw=raw, model=normalize_model(asked),
@@ -682,22 +695,26 @@ def read_model_entry(entry, where, loaded):
     name = entry.get("name") or entry.get("model")
     clean = {"name": read_text(name, f"{where}.name"), "model": read_text(entry.get("model") or name, f"{where}.model"),
              "size": read_whole(entry.get("size") or 0, f"{where}.size", 0, MAX_MODEL_BYTES)}
-    for key in ("digest", "modified_at", "expires_at"):
-        if entry.get(key) is not None:
-            clean[key] = read_text(entry[key], f"{where}.{key}", 128)
+    for key in ("digest", "modified_at", "expires_at"):  # shown only: an odd one is left out
+        if is_detail(entry.get(key)):
+            clean[key] = entry[key]
     if loaded:
         if entry.get("size_vram") is not None:
             clean["size_vram"] = read_whole(entry["size_vram"], f"{where}.size_vram", 0, MAX_MODEL_BYTES)
         if entry.get("context_length") is not None:
             clean["context_length"] = read_whole(entry["context_length"], f"{where}.context_length", 1, MAX_CONTEXT)
     details = read_object(entry.get("details"), f"{where}.details", optional=True)
-    if details is not None:
-        clean["details"] = {key: read_text(value, f"{where}.details.{key}", 128) for key, value in details.items()
-                            if isinstance(value, str) and value}
+    if details is not None:  # shown, never routed on: an odd value is left out, not the node
+        clean["details"] = {key: value for key, value in details.items() if is_detail(key) and is_detail(value)}
         families = details.get("families")
         if isinstance(families, list):
-            clean["details"]["families"] = [read_text(f, f"{where}.details.families", 128) for f in families[:16]]
+            clean["details"]["families"] = [f for f in families[:16] if is_detail(f)]
     return clean
+
+
+def is_detail(value):
+    """A model detail herd keeps to show (family, quantization...): short printable text."""
+    return isinstance(value, str) and 0 < len(value) <= 128 and is_clean_text(value)
 
 
 def read_ollama_block(ollama, where="ollama"):
@@ -4858,7 +4875,8 @@ def add_proxied_routes(app, herd):
     def proxied(path, api):
         def view():
             environ = request.environ
-            headers = {"X-Herd-Tags": environ.get("HTTP_X_HERD_TAGS"), "User-Agent": environ.get("HTTP_USER_AGENT")}
+            headers = {"X-Herd-Tags": header_text(environ.get("HTTP_X_HERD_TAGS")),
+                       "User-Agent": environ.get("HTTP_USER_AGENT")}
             environ[REQUEST_ID] = herd.request_id()  # the row's, should the call be refused at the door
             call = parse_call(api, path, request.get_data(cache=False), headers, environ.get("REMOTE_ADDR"),
                               environ[REQUEST_ID])

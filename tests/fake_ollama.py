@@ -173,8 +173,8 @@ class FakeHandler(BaseHTTPRequestHandler):
     def read_body(self):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
-        try:
-            return json.loads(raw) if raw else {}
+        try:  # UTF-8 only, no BOM, as Ollama (Go's encoding/json) reads it
+            return json.loads(raw.decode("utf-8")) if raw else {}
         except ValueError:
             return None
 

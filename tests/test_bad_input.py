@@ -304,3 +304,30 @@ def test_bad_management_bodies_get_4xx_naming_the_field(fleet, what, path, body,
     assert 400 <= response.status_code < 500 and names in error_text(response, "ollama"), response.text
     assert router.herd.settings["auto_pull"] is True
     assert router.herd.pulls.snapshot() == []
+
+
+def test_a_model_with_odd_descriptions_is_kept_without_them(make_fake, make_router):
+    # what a model entry only shows (digest, dates, details) never costs the node its report: a
+    # 300-character digest and a family with a newline are left out, the model is served
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    router = make_router()
+    odd = dict(fake.tag_entry("llama3.2:latest"), digest="d" * 300,
+               details={"family": "ll\nama", "format": "gguf", "x" * 200: "y", "families": ["llama", "f" * 129]})
+    answer = heartbeat(router, "odd", fake, ollama={"reachable": True, "version": "0.12.0", "models": [odd],
+                                                    "loaded": [fake.ps_entry("llama3.2:latest")]})
+    assert answer.status_code == 200
+    assert chat(router).status_code == 200
+    (entry,) = [m for m in router.herd.fleet.nodes["odd"].models.values()]
+    assert "digest" not in entry and entry["details"] == {"format": "gguf", "families": ["llama"]}
+
+
+def test_a_utf16_body_and_utf8_tags_reach_the_node_and_the_trace_as_sent(make_fake, make_router):
+    # a body in UTF-16 (or UTF-8 with a BOM) is valid JSON that Ollama refuses: herd forwards it
+    # re-encoded in UTF-8; a tag header in UTF-8 is read as UTF-8, not as Latin-1 ("cafÃ©")
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    router = make_router(nodes=[("a", fake.url)])
+    for encoded in (json.dumps(CHAT).encode("utf-16"), b"\xef\xbb\xbf" + json.dumps(CHAT).encode()):
+        answer = post(router, "/api/chat", raw=encoded, headers={"X-Herd-Tags": "café, ✓".encode()})
+        assert answer.status_code == 200, answer.text
+    assert fake.received[-1][1]["messages"] == CHAT["messages"]
+    assert [json.loads(tags) for tags, in router.traces("SELECT tags FROM request_traces")] == [["café", "✓"]] * 2
