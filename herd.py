@@ -301,15 +301,19 @@ def finite_float(text):
 
 
 def too_deep(value):
-    """Is `value` nested deeper than MAX_JSON_DEPTH? (no recursion: it is what is being checked)"""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            return True
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return False
+    """Is `value` nested deeper than MAX_JSON_DEPTH? Level by level, without recursion (it is what
+    is being checked): each container is looked at once."""
+    level = [value]
+    for _ in range(MAX_JSON_DEPTH):
+        deeper = []
+        for item in level:
+            for child in (item.values() if type(item) is dict else item):
+                if type(child) is dict or type(child) is list:
+                    deeper.append(child)
+        if not deeper:
+            return False
+        level = deeper
+    return True
 
 
 STRICT_JSON = json.JSONDecoder(parse_constant=reject_constant, parse_float=finite_float)  # built once: it is not cheap

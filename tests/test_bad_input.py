@@ -331,3 +331,27 @@ def test_a_utf16_body_and_utf8_tags_reach_the_node_and_the_trace_as_sent(make_fa
         assert answer.status_code == 200, answer.text
     assert fake.received[-1][1]["messages"] == CHAT["messages"]
     assert [json.loads(tags) for tags, in router.traces("SELECT tags FROM request_traces")] == [["café", "✓"]] * 2
+
+
+def nested(depth, container=list):
+    """`depth` containers, one inside the other (a dict nests under the key "k")."""
+    value = container()
+    for _ in range(depth - 1):
+        value = [value] if container is list else {"k": value}
+    return value
+
+
+TOO_DEEP = [
+    # (what, value, deeper than MAX_JSON_DEPTH = 64?)
+    ("a flat object", {"a": 1, "b": "x"}, False),
+    ("64 lists", nested(64), False),
+    ("65 lists", nested(65), True),
+    ("65 objects", nested(65, dict), True),
+    ("64 objects beside a deep-looking string", {"s": "[" * 100, "d": nested(63, dict)}, False),
+    ("the deep one the last of many shallow ones", [nested(2)] * 500 + [nested(64)], True),
+]
+
+
+@pytest.mark.parametrize("what, value, deep", TOO_DEEP, ids=[row[0] for row in TOO_DEEP])
+def test_too_deep(what, value, deep):
+    assert herd.too_deep(value) is deep
