@@ -648,7 +648,7 @@ def parse_call(api, endpoint, raw, headers, client_ip, request_id):
     # herd's own fields are not for the node; a body not in plain UTF-8 (UTF-16, a BOM) is sent
     # re-encoded, as Ollama reads UTF-8 only
     edited = "fallback_models" in body or "metadata" in body or json.detect_encoding(raw) != "utf-8"
-    body.pop("fallback_models", None)  # herd's own fields are not for the node
+    body.pop("fallback_models", None)
     body.pop("metadata", None)
     return Call(api=api, endpoint=endpoint, body=body, raw=raw, model=normalize_model(asked),
                 stream=STREAMING_DEFAULT.get(endpoint, False) if stream is None else stream,
@@ -948,6 +948,8 @@ class Running:
 # and model (as Prefixes: hashes, not text), takes one as the runner would for every request it
 # sends and frees it when the reply ends, so it knows what each request will find cached, and
 # what it will overwrite.
+MAX_TRACKED_SLOTS = 32  # slots followed per model: more (a large OLLAMA_NUM_PARALLEL) make choices slow
+
 
 @dataclass(slots=True)
 class SlotCache:
@@ -955,10 +957,6 @@ class SlotCache:
     used: float = 0.0  # time.monotonic() when its last request ended (0: never used)
     busy: bool = False  # a request herd sent runs in it now
     index: int = 0  # its place in the runner's order
-
-
-MAX_TRACKED_SLOTS = 32  # slots followed per node x model: a node run with OLLAMA_NUM_PARALLEL in the
-# hundreds would otherwise make every choice walk that many caches after one burst
 
 
 class ModelSlots:
@@ -984,6 +982,8 @@ class ModelSlots:
 
     def give_back(self, slot):
         """The request in `slot` ended. (A slot of the model's previous load is not kept.)"""
+        if not slot.busy:
+            return
         slot.busy = False
         if slot.index < len(self.held) and self.held[slot.index] is slot:
             bisect.insort(self.free, slot, key=lambda s: s.index)
@@ -992,7 +992,7 @@ class ModelSlots:
 def common_blocks(held, wanted):
     """How many leading blocks two prefixes share."""
     if not held or not wanted or held[0] != wanted[0]:
-        return 0  # most slots hold another conversation: said at the first block
+        return 0  # most slots hold another conversation: told apart at the first block
     if wanted[:len(held)] == held:
         return len(held)
     low, high = 0, min(len(held), len(wanted))  # the longest equal prefix, by halves
@@ -1318,6 +1318,7 @@ class Node:
         """Take in a heartbeat or a poll (the fields that were present). What herd's own traffic
         knows better wins: a model herd is running here stays loaded whatever the report says."""
         ollama = data.get("ollama") or {}
+        came_back = not self.reachable and bool(ollama.get("reachable"))
         self.reachable = bool(ollama.get("reachable"))
         self.ollama_version = ollama.get("version")
         self.ollama_error = ollama.get("error")
@@ -1364,9 +1365,10 @@ class Node:
                 self.context_probe.discard(name)
         self.loaded = loaded
         self.guessed_ctx = None
-        # herd's own poll reached it: it answers again, so its rest ends now. An agent reaching
-        # its Ollama locally does not say herd can (an Ollama listening on loopback only)
-        if self.failure_kind == "unreachable" and self.source != "agent":
+        # herd's own poll reached it, or its agent saw its Ollama come back: it answers again, so
+        # its rest ends now. An agent that reaches its Ollama all along does not say herd can (an
+        # Ollama listening on loopback only)
+        if self.failure_kind == "unreachable" and (self.source != "agent" or came_back):
             self.failures, self.failure_kind, self.cooldown_until = 0, None, 0.0
 
 
@@ -1526,6 +1528,7 @@ MODEL_SAMPLES = 2  # replies of one model on a node before its own speed there r
 PRIOR_PREFILL_RATIO = 20.0  # prompt tokens go this many times faster than generated ones
 PRIOR_LOAD_S_PER_GB = 0.5  # an NVMe SSD reading about 2 GB/s
 PRIOR_OUTPUT_TOKENS = 250  # a chat reply of a few paragraphs
+PRIORS_EVERY_S = 1.0  # how often the priors for unmeasured nodes follow the measured ones as they move
 RECENT_UNLOAD_S = 600.0  # a model unloaded this recently is likely still in the OS page cache...
 PAGE_CACHE_DISCOUNT = 0.5  # ...and reloads in about half the time
 FAILURE_RISK = 0.25  # each recent failure of a node: this share of its time again, as risk
@@ -1605,9 +1608,6 @@ def load_costs(loads):
         return None
     fixed = min(LOAD_FIXED_S, 0.5 * min(seconds for _, seconds in loads))
     return fixed, statistics.median((seconds - fixed) / gb for gb, seconds in loads)
-
-
-PRIORS_EVERY_S = 1.0  # how often the priors follow the measured nodes' speeds as they move
 
 
 @dataclass(frozen=True)
@@ -1812,6 +1812,8 @@ def pick(scored, rate):
 
 # -- choosing ---------------------------------------------------------------------------------
 
+MODELS_LISTED = 20  # models a "not on any node" error names (the message and its trace row stay short)
+
 def eligibility(node, model, now):
     """'ok' (may serve now), 'failing' (has the model but is resting or unreachable), or None."""
     if model not in node.models or not node.fits(model):
@@ -1834,9 +1836,6 @@ def why_excluded(node, model, now):
     if not node.reachable:
         return f"Ollama unreachable: {node.ollama_error or 'no answer'}"
     return f"resting after {node.failures} failure(s): {node.last_failure or ''}".strip()
-
-
-MODELS_LISTED = 20  # models a "not on any node" error names (the message and its trace row stay short)
 
 
 def servable_models(nodes, call, now):
@@ -2128,7 +2127,8 @@ class Warmer:
 # =============================================================================================
 
 # A failing node rests 1 s, then 2, 4, ... up to a minute while it keeps failing; the first
-# request after a rest probes it. A good heartbeat ends the rest of a node that was unreachable.
+# request after a rest probes it. A node herd could not reach rests until herd's own poll reaches
+# it, or its agent reports its Ollama back after reporting it down (see Node.apply_report).
 COOLDOWN_FIRST_S = 1.0
 COOLDOWN_MAX_S = 60.0
 PROBE_AFTER_S = 5.0  # requests waiting this long for a model whose every node rests get one probed early
@@ -2468,11 +2468,11 @@ class Fleet:
                 slot.busy = False
             if node is not None:
                 if served and timings:
-                    measured = (node.decode_speed, node.load_cost)
+                    speed_before, load_before = node.decode_speed, node.load_cost
                     learn_from_reply(node, lease, timings)
-                    # a node's first measurement changes the priors at once; later ones move them
-                    # a little, so every PRIORS_EVERY_S is often enough
-                    if None in measured and measured != (node.decode_speed, node.load_cost):
+                    # a node's first speed or load time changes the priors at once; later ones
+                    # move them a little, so every PRIORS_EVERY_S is often enough
+                    if (speed_before is None and node.decode_speed) or (load_before is None and node.load_cost):
                         self.priors = None
                 node.drop(lease)
                 if served:
@@ -2562,7 +2562,7 @@ class Fleet:
                     full.add(model)
             if all(model in full for model in waiter.models):
                 waiter.deferred = False
-                continue  # no slot anywhere for it: it keeps its place, unscored
+                continue  # none of its models has a free slot: it keeps its place, unscored
             lease, wait = self._choose(waiter.call, waiter.models, ahead)
             waiter.deferred = wait == "defer"
             if lease is None:

@@ -49,9 +49,12 @@ def fleet(nodes, running):
                        for name, gb in MODELS.items()}
         built.append(node)
     names = list(MODELS)
-    for index in range(2 * running):  # the first half finished, the second half running
+    taken = []
+    for index in range(2 * running):  # all at once; then the first half finish, the second half run on
         node, model = built[index % nodes], names[index % len(names)]
         slot, _ = node.take_slot(model, herd.prompt_prefix(conversation(index, "a question"), "/api/chat"), 1024)
+        taken.append((node, model, slot))
+    for index, (node, model, slot) in enumerate(taken):
         if index < running:
             slot.used = now - index % 30
             node.prompts[model].give_back(slot)

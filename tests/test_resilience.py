@@ -464,16 +464,35 @@ def test_an_agent_saying_its_ollama_answers_does_not_end_the_rest_herd_gave_it(m
     done = []
 
     def keep_beating():
+        beats = 0
         while not done:
-            heartbeat(router, "lo", fake, ollama_url=refused_url)
+            assert heartbeat(router, "lo", fake, ollama_url=refused_url).status_code == 200
+            beats += 1
             time.sleep(0.1)
+        return beats
 
-    with concurrent.futures.ThreadPoolExecutor(1) as beats:
-        beats.submit(keep_beating)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        beating = pool.submit(keep_beating)
         try:
             answer = chat(router, dict(CHAT, model="only-here"))
         finally:
             done.append(True)
+    assert beating.result() >= 20
     assert answer.status_code in (502, 503) and "refused" in answer.json()["error"]
     (retries,), = router.traces("SELECT retry_count FROM request_traces")
     assert retries <= 2
+
+
+def test_an_agent_reporting_its_ollama_back_ends_the_rest():
+    # Ollama restarted: herd's request was refused (a rest), the agent reported it down, then up
+    fleet = herd.Fleet(herd.Config())
+    entry = {"name": "m:latest", "model": "m:latest", "size": 1}
+    up = {"ollama": {"reachable": True, "models": [entry], "loaded": []}}
+    fleet.report("n", "http://127.0.0.1:9", "agent", 5.0, up)
+    fleet.note_failure(herd.Lease(node_id="n", url="http://127.0.0.1:9", model="m:latest", score=0, breakdown={}),
+                       "n: connection refused", unreachable=True)
+    fleet.report("n", "http://127.0.0.1:9", "agent", 5.0, up)
+    assert fleet.nodes["n"].cooldown_until > 0  # up all along: says nothing of herd's connections
+    fleet.report("n", "http://127.0.0.1:9", "agent", 5.0, {"ollama": {"reachable": False, "error": "refused"}})
+    fleet.report("n", "http://127.0.0.1:9", "agent", 5.0, up)
+    assert fleet.nodes["n"].cooldown_until == 0.0 and fleet.nodes["n"].failures == 0

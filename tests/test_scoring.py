@@ -497,7 +497,7 @@ def test_slots_freed_in_any_order_are_chosen_lowest_first_and_an_old_load_keeps_
 
 def test_a_burst_on_a_node_with_hundreds_of_slots_leaves_at_most_32_followed():
     # 700 requests at once on a model with 4096 slots: herd follows the lowest 32, so that every
-    # later choice looks at 32 caches at most (it looked at all 700 for good)
+    # later choice looks at 32 caches at most (all 700 used to stay followed until a reload)
     node = make_node(loaded=["m:latest"])
     taken = [node.take_slot("m:latest", chat_prefix(("user", f"burst {i}")), 4096)[0] for i in range(700)]
     caches = node.prompts["m:latest"]
@@ -598,3 +598,24 @@ def test_a_slot_freed_under_a_long_queue_is_granted_without_looking_at_every_wai
     assert waiters[0].lease is not None and waiters[0].lease.node_id == leases[7].node_id
     assert all(w.lease is None for w in waiters[1:]) and len(fleet.waiters) == 199
     assert len(looked) <= 3 * 30
+
+
+def test_the_priors_change_when_a_node_is_first_measured_and_not_at_every_reply():
+    # a node measured for speed but never seen loading: its replies move its speed, not the
+    # priors (worked out again at most once a second); its first cold load changes them at once
+    fleet = herd.Fleet(herd.Config())
+    entry = {"name": "m:latest", "model": "m:latest", "size": 2 * GB}
+    fleet.report("a", "http://127.0.0.1:1", "agent", 5.0,
+                 {"ollama": {"reachable": True, "models": [entry],
+                             "loaded": [dict(entry, size_vram=2 * GB, context_length=4096)]}})
+    fleet.nodes["a"].decode_speed = 300.0
+    served = {"eval_count": 100, "eval_s": 1.0, "prompt_count": 10, "prompt_s": 0.01, "load_s": 0.001}
+    fleet.release(fleet.acquire(make_call()), served=True, timings=served)
+    priors = fleet.priors
+    assert priors is not None
+    fleet.release(fleet.acquire(make_call()), served=True, timings=dict(served, eval_s=0.5))
+    assert fleet.priors is priors and fleet.nodes["a"].load_cost is None
+    lease = fleet.acquire(make_call())
+    lease.cold = True
+    fleet.release(lease, served=True, timings=dict(served, load_s=3.0))
+    assert fleet.nodes["a"].load_cost is not None and fleet.priors is None
