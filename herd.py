@@ -963,72 +963,108 @@ class ModelSlots:
     """One loaded model's parallel slots on a node. The runner fills them lowest first and takes a
     used one before an empty one, so the slots that were ever taken are the lowest: `held`, in
     order, at most MAX_TRACKED_SLOTS of them; the rest (up to `count`) are empty, or hold what
-    herd no longer follows. `free` are the held ones no request uses, in order, so that choosing
-    looks at those only."""
+    herd no longer follows. `free` are the held ones no request uses, in order.
 
-    __slots__ = ("count", "held", "free")
+    A block's hash chains every block before it, so a hash names a whole prefix: `free_blocks`
+    counts, per hash, the free slots whose prompt starts with that prefix, `free_ends` the free
+    slots whose prompt is exactly it, and `held_blocks` the held slots (busy or not) whose prompt
+    starts with it. A choice then looks up the prompt's hashes instead of comparing slot by slot."""
+
+    __slots__ = ("count", "held", "free", "free_blocks", "free_ends", "held_blocks")
 
     def __init__(self, count):
         self.count, self.held, self.free = count, [], []
+        self.free_blocks, self.free_ends, self.held_blocks = {}, {}, {}
 
     def take(self, slot, prefix):
         """A request with `prefix` starts in `slot` (from choose_slot): it holds that prompt now."""
         if slot.index >= len(self.held):  # the next empty one: followed while there is room
             if len(self.held) < MAX_TRACKED_SLOTS:
                 self.held.append(slot)
+                count(self.held_blocks, prefix.hashes, +1)
         else:
             self.free.remove(slot)
+            self._count_free(slot, -1)
+            count(self.held_blocks, slot.prefix.hashes, -1)
+            count(self.held_blocks, prefix.hashes, +1)
         slot.prefix, slot.busy = prefix, True
 
-    def give_back(self, slot):
-        """The request in `slot` ended. (A slot of the model's previous load is not kept.)"""
+    def give_back(self, slot, prefix=None):
+        """The request in `slot` ended; `prefix`: what the slot holds now, when not its prompt (an
+        attempt that failed leaves it as it was). A slot of the model's previous load is not kept."""
         if not slot.busy:
             return
         slot.busy = False
-        if slot.index < len(self.held) and self.held[slot.index] is slot:
+        mine = slot.index < len(self.held) and self.held[slot.index] is slot
+        if prefix is not None:
+            if mine:
+                count(self.held_blocks, slot.prefix.hashes, -1)
+                count(self.held_blocks, prefix.hashes, +1)
+            slot.prefix = prefix
+        if mine:
             bisect.insort(self.free, slot, key=lambda s: s.index)
+            self._count_free(slot, +1)
+
+    def _count_free(self, slot, step):
+        hashes = slot.prefix.hashes
+        count(self.free_blocks, hashes, step)
+        count(self.free_ends, hashes[-1:], step)
+
+    def longest(self, hashes, counts, least=1):
+        """How many leading blocks of `hashes` at least `least` slots counted in `counts` hold."""
+        low, high = 0, len(hashes)  # a slot holding a prefix holds every shorter one: by halves
+        while low < high:
+            middle = (low + high + 1) // 2
+            if counts.get(hashes[middle - 1], 0) >= least:
+                low = middle
+            else:
+                high = middle - 1
+        return low
 
 
-def common_blocks(held, wanted):
-    """How many leading blocks two prefixes share."""
-    if not held or not wanted or held[0] != wanted[0]:
-        return 0  # most slots hold another conversation: told apart at the first block
-    if wanted[:len(held)] == held:
-        return len(held)
-    low, high = 0, min(len(held), len(wanted))  # the longest equal prefix, by halves
-    while low < high:
-        middle = (low + high + 1) // 2
-        if held[:middle] == wanted[:middle]:
-            low = middle
+def count(counts, hashes, step):
+    """Add `step` to each hash's count in `counts`, dropping counts that reach 0."""
+    for h in hashes:
+        left = counts.get(h, 0) + step
+        if left:
+            counts[h] = left
         else:
-            high = middle - 1
-    return low
+            del counts[h]
 
 
-def cached_blocks(slot, prefix):
-    """Blocks of `prefix` a slot's cache already holds: the shared leading blocks, and when the
-    slot's whole prompt matches, the assistant reply that follows it (generated in that slot)."""
-    shared = common_blocks(slot.prefix.hashes, prefix.hashes)
-    if shared == len(slot.prefix.hashes):
-        while shared < len(prefix.replies) and prefix.replies[shared]:
-            shared += 1
-    return shared
+def after_reply(prefix, blocks):
+    """`blocks` of `prefix`, and the assistant reply right after them (a slot whose whole prompt
+    was those blocks generated it, so it holds it too)."""
+    while blocks < len(prefix.replies) and prefix.replies[blocks]:
+        blocks += 1
+    return blocks
 
 
 def choose_slot(slots, prefix):
     """(the slot Ollama's runner starts `prefix` on, blocks of it cached there): of the free slots,
     the one sharing the most, a used one before an empty one (it shares the template's first
     tokens), the first among equals; (None, 0) when every slot is in use."""
-    best, rank = None, (-1, False)
-    for slot in slots.free:
-        mine = (cached_blocks(slot, prefix) if slot.prefix.hashes else 0, bool(slot.prefix.hashes))
-        if mine > rank:
-            best, rank = slot, mine
-            if mine[0] >= len(prefix.hashes):  # all of it: no later slot does better
-                break
-    if best is None and len(slots.held) < slots.count:
+    wanted = prefix.hashes
+    shared = slots.longest(wanted, slots.free_blocks)  # the most any free slot shares
+    best = shared
+    for blocks in range(1, shared + 1):  # a slot holding exactly the first blocks holds the reply after
+        if slots.free_ends.get(wanted[blocks - 1]):
+            best = max(best, after_reply(prefix, blocks))
+    for slot in slots.free:  # the first free slot that holds `best` blocks
+        held = slot.prefix.hashes
+        if not best:
+            if held:
+                return slot, 0
+        elif len(held) >= best and held[best - 1] == wanted[best - 1]:
+            return slot, best
+        elif len(held) < best and held and held[-1] == wanted[len(held) - 1] \
+                and after_reply(prefix, len(held)) == best:
+            return slot, best
+    if slots.free and not best:
+        return slots.free[0], 0  # an empty slot herd follows (an attempt that failed left it so)
+    if len(slots.held) < slots.count:
         return SlotCache(index=len(slots.held)), 0
-    return best, max(rank[0], 0)
+    return None, 0
 
 
 def overwritten_chars(slots, slot, blocks):
@@ -1038,9 +1074,8 @@ def overwritten_chars(slots, slot, blocks):
     kept = min(blocks, len(held.hashes))
     if kept == len(held.hashes):
         return 0
-    for other in slots.held:
-        if other is not slot and kept < len(held.hashes):
-            kept = max(kept, common_blocks(other.prefix.hashes, held.hashes))
+    if slot.index < len(slots.held) and slots.held[slot.index] is slot:  # counted itself: one more
+        kept = max(kept, slots.longest(held.hashes, slots.held_blocks, least=2))
     return held.ends[-1] - (held.ends[kept - 1] if kept else 0)
 
 
@@ -1738,7 +1773,7 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
     if caches and caches.count == slots:
         slot, blocks = choose_slot(caches, call.prefix)
         if slot is None:  # it waits for a slot; as a guess, the one holding the most of its prompt
-            blocks = max(cached_blocks(c, call.prefix) for c in caches.held)
+            blocks = caches.longest(call.prefix.hashes, caches.held_blocks)
         elif follow_ups is not None and slot.used:
             lost = overwritten_chars(caches, slot, blocks) / CHARS_PER_TOKEN * weights / prefill_gbs
             displaced = lost * follow_ups.chance(now - slot.used, any(slot.prefix.replies))
@@ -2457,15 +2492,17 @@ class Fleet:
             node = self.nodes.get(lease.node_id)
             slot = lease.prompt_slot
             if slot is not None:
+                before = None
                 if served:  # the reply ended: the slot holds prompt and reply
                     slot.used = time.monotonic()
                     self.follow_ups.finished(slot.prefix, slot.used)
                 else:  # as far as herd knows, the attempt left the slot as it was
-                    slot.prefix, slot.used = lease.slot_before
+                    before, slot.used = lease.slot_before
                 caches = node.prompts.get(lease.model) if node is not None else None
                 if caches is not None:
-                    caches.give_back(slot)
-                slot.busy = False
+                    caches.give_back(slot, before)
+                else:
+                    slot.busy = False
             if node is not None:
                 if served and timings:
                     speed_before, load_before = node.decode_speed, node.load_cost

@@ -5,6 +5,7 @@ Scoring section (priors: 300 GB/s decode, prefill 20x decode, loads 1 s + 0.5 s/
 a token; 250 output tokens unless measured).
 """
 
+import random
 import time
 
 import pytest
@@ -619,3 +620,69 @@ def test_the_priors_change_when_a_node_is_first_measured_and_not_at_every_reply(
     lease.cold = True
     fleet.release(lease, served=True, timings=dict(served, load_s=3.0))
     assert fleet.nodes["a"].load_cost is not None and fleet.priors is None
+
+
+def brute_force_choice(slots, prefix):
+    """choose_slot as the runner's rule reads, slot by slot: (slot, blocks cached there)."""
+    def cached(slot):
+        held, wanted = slot.prefix.hashes, prefix.hashes
+        shared = 0
+        while shared < min(len(held), len(wanted)) and held[shared] == wanted[shared]:
+            shared += 1
+        if shared == len(held):  # its whole prompt: the reply it generated follows
+            while shared < len(prefix.replies) and prefix.replies[shared]:
+                shared += 1
+        return shared
+    ranked = [((cached(slot) if slot.prefix.hashes else 0, bool(slot.prefix.hashes)), -slot.index, slot)
+              for slot in slots.free]
+    if ranked:
+        rank, _, slot = max(ranked, key=lambda r: r[:2])
+        if rank[1] or len(slots.held) >= slots.count:
+            return slot, rank[0]
+        return slot, 0
+    return (None, 0) if len(slots.held) >= slots.count else ("new", 0)
+
+
+def brute_force_overwritten(slots, slot, blocks):
+    held = slot.prefix
+    kept = min(blocks, len(held.hashes))
+    for other in slots.held:
+        if other is not slot:
+            shared = 0
+            while shared < min(len(other.prefix.hashes), len(held.hashes)) and \
+                    other.prefix.hashes[shared] == held.hashes[shared]:
+                shared += 1
+            kept = max(kept, shared)
+    return held.ends[-1] - (held.ends[kept - 1] if kept else 0) if held.hashes and kept < len(held.hashes) else 0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_slot_choices_looked_up_by_hash_match_the_runners_rule_slot_by_slot(seed):
+    # random conversations (half behind one system prompt) start, continue, fail and end on a
+    # model with 5 slots; every choice and every overwrite priced must be what comparing the
+    # prompt with each slot in turn gives
+    rng = random.Random(seed)
+    slots = herd.ModelSlots(5)
+    histories = [[SYSTEM] if rng.random() < 0.5 else [] for _ in range(8)]
+    running = []
+    for _ in range(300):
+        if running and rng.random() < 0.45:
+            slot, before = running.pop(rng.randrange(len(running)))
+            slots.give_back(slot, None if rng.random() < 0.8 else before)
+            continue
+        talk = rng.choice(histories)
+        if talk and talk[-1][0] == "user" and rng.random() < 0.7:
+            talk.append(("assistant", f"reply {rng.random()}"))
+        talk.append(("user", rng.choice(["short", "x" * 3000, f"q {rng.random()}"])))
+        prefix = chat_prefix(*talk)
+        slot, blocks = herd.choose_slot(slots, prefix)
+        expected_slot, expected_blocks = brute_force_choice(slots, prefix)
+        assert blocks == expected_blocks
+        assert slot is expected_slot or (expected_slot == "new" and slot.index == len(slots.held))
+        if slot is None:
+            continue
+        if slot.used or slot.prefix.hashes:
+            assert herd.overwritten_chars(slots, slot, blocks) == brute_force_overwritten(slots, slot, blocks)
+        before = slot.prefix
+        slots.take(slot, prefix)
+        running.append((slot, before))
