@@ -981,12 +981,12 @@ class ModelSlots:
         if slot.index >= len(self.held):  # the next empty one: followed while there is room
             if len(self.held) < MAX_TRACKED_SLOTS:
                 self.held.append(slot)
-                count(self.held_blocks, prefix.hashes, +1)
+                count_hashes(self.held_blocks, prefix.hashes, +1)
         else:
             self.free.remove(slot)
             self._count_free(slot, -1)
-            count(self.held_blocks, slot.prefix.hashes, -1)
-            count(self.held_blocks, prefix.hashes, +1)
+            count_hashes(self.held_blocks, slot.prefix.hashes, -1)
+            count_hashes(self.held_blocks, prefix.hashes, +1)
         slot.prefix, slot.busy = prefix, True
 
     def give_back(self, slot, prefix=None):
@@ -995,20 +995,24 @@ class ModelSlots:
         if not slot.busy:
             return
         slot.busy = False
-        mine = slot.index < len(self.held) and self.held[slot.index] is slot
+        mine = self.follows(slot)
         if prefix is not None:
             if mine:
-                count(self.held_blocks, slot.prefix.hashes, -1)
-                count(self.held_blocks, prefix.hashes, +1)
+                count_hashes(self.held_blocks, slot.prefix.hashes, -1)
+                count_hashes(self.held_blocks, prefix.hashes, +1)
             slot.prefix = prefix
         if mine:
             bisect.insort(self.free, slot, key=lambda s: s.index)
             self._count_free(slot, +1)
 
+    def follows(self, slot):
+        """Is `slot` one of these held slots (not untracked, not of the model's previous load)?"""
+        return slot.index < len(self.held) and self.held[slot.index] is slot
+
     def _count_free(self, slot, step):
         hashes = slot.prefix.hashes
-        count(self.free_blocks, hashes, step)
-        count(self.free_ends, hashes[-1:], step)
+        count_hashes(self.free_blocks, hashes, step)
+        count_hashes(self.free_ends, hashes[-1:], step)
 
     def longest(self, hashes, counts, least=1):
         """How many leading blocks of `hashes` at least `least` slots counted in `counts` hold."""
@@ -1022,7 +1026,7 @@ class ModelSlots:
         return low
 
 
-def count(counts, hashes, step):
+def count_hashes(counts, hashes, step):
     """Add `step` to each hash's count in `counts`, dropping counts that reach 0."""
     for h in hashes:
         left = counts.get(h, 0) + step
@@ -1074,7 +1078,7 @@ def overwritten_chars(slots, slot, blocks):
     kept = min(blocks, len(held.hashes))
     if kept == len(held.hashes):
         return 0
-    if slot.index < len(slots.held) and slots.held[slot.index] is slot:  # counted itself: one more
+    if slots.follows(slot):  # it is counted itself: another slot makes two
         kept = max(kept, slots.longest(held.hashes, slots.held_blocks, least=2))
     return held.ends[-1] - (held.ends[kept - 1] if kept else 0)
 
@@ -1848,6 +1852,7 @@ def pick(scored, rate):
 # -- choosing ---------------------------------------------------------------------------------
 
 MODELS_LISTED = 20  # models a "not on any node" error names (the message and its trace row stay short)
+
 
 def eligibility(node, model, now):
     """'ok' (may serve now), 'failing' (has the model but is resting or unreachable), or None."""
