@@ -889,6 +889,7 @@ class Lease:
     queued_ms: float = 0.0
     held: bool = True  # False for reads that take no slot
     released: bool = False
+    answered: bool = False  # the node has sent its first byte
     prompt_slot: SlotCache | None = None  # the slot whose cache its prompt went into (see take_slot)...
     slot_before: tuple | None = None  # ...and what that slot held before, should the attempt fail
 
@@ -902,17 +903,20 @@ class Running:
     eta_sum: float = 0.0
     start_sum: float = 0.0
     ends: list = field(default_factory=list)  # when each is expected to end (monotonic s), sorted
+    unanswered: collections.deque = field(default_factory=collections.deque)  # in the order they started
 
     def add(self, lease):
         self.count += 1
         self.eta_sum += lease.eta_s
         self.start_sum += lease.started
         bisect.insort(self.ends, lease.started + lease.eta_s)
+        self.unanswered.append(lease)
 
     def remove(self, lease):
         self.count -= 1
         if self.count <= 0:  # start afresh rather than carry rounding errors
             self.count, self.eta_sum, self.start_sum, self.ends = 0, 0.0, 0.0, []
+            self.unanswered.clear()
             return
         self.eta_sum -= lease.eta_s
         self.start_sum -= lease.started
@@ -923,6 +927,13 @@ class Running:
         """A request running past its estimate still has a tenth of it to go (it is not done)."""
         return 0.1 * self.eta_sum / self.count
 
+    def _left(self, end, now):
+        """Seconds a request expected to end at `end` still runs. One past its estimate was held up
+        by something herd did not foresee (a reply longer than usual, a load it waits behind): as
+        long again as it is overdue is the guess, as the time a delay has lasted is the best guess
+        of how long it goes on."""
+        return max(self._least(), end - now if end >= now else now - end)
+
     def mean_remaining(self, now):
         if self.count <= 0:
             return 0.0
@@ -930,11 +941,35 @@ class Running:
         return max(0.1 * mean_eta, mean_eta - (now - self.start_sum / self.count))
 
     def longest_remaining(self, now):
-        return max(self._least(), self.ends[-1] - now) if self.count > 0 else 0.0
+        if self.count <= 0:
+            return 0.0
+        return max(self._left(self.ends[-1], now), self._left(self.ends[0], now))
 
     def nth_remaining(self, n, now):
-        """Seconds until the n-th (from 0) of these requests is expected to end."""
-        return max(self._least(), self.ends[n] - now)
+        """Seconds until the n-th (from 0) of these requests is expected to end: the ends to come
+        and the overdue ones merged, each in the order of what it has left."""
+        ends = self.ends
+        due = bisect.bisect_left(ends, now)  # ends[due:] are to come, soonest first
+        late = due - 1  # ends[:due] are overdue, the least overdue (the soonest done) last
+        for _ in range(min(n, len(ends) - 1)):
+            if due < len(ends) and (late < 0 or ends[due] - now <= now - ends[late]):
+                due += 1
+            else:
+                late -= 1
+        if due < len(ends) and (late < 0 or ends[due] - now <= now - ends[late]):
+            return self._left(ends[due], now)
+        return self._left(ends[late], now)
+
+    def stalled(self, now):
+        """Seconds the oldest request that has not answered yet is past twice its estimate (0 when
+        none is). The node is holding it back (waiting to unload a busy model, loading, swapping),
+        and a request for the same model sent there now is likely held back as long."""
+        waiting = self.unanswered
+        while waiting and (waiting[0].answered or waiting[0].released):
+            waiting.popleft()
+        if not waiting:
+            return 0.0
+        return max(0.0, now - waiting[0].started - 2 * waiting[0].eta_s)
 
 
 # -- prompt caches: what each parallel slot of a loaded model most likely holds -----------------
@@ -1757,6 +1792,8 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
     switch = node.switching.get(model)
     if switch is not None and switch[1] > now:  # a (re)load herd started is still under way
         wait = switch[1] - now
+    if mine.count:  # one it keeps waiting long past its estimate: this one would wait behind it
+        wait = max(wait, mine.stalled(now))
     if admit and mine.count >= slots:  # the slots free as running requests end, queued ones first
         if ahead < mine.count:
             wait = max(wait, mine.nth_remaining(ahead, now))
@@ -3263,6 +3300,8 @@ class Exchange:
 
     def first_byte(self):
         self.first_byte_at = self.last_byte = time.monotonic()
+        if self.lease is not None:
+            self.lease.answered = True  # read under the fleet's lock; a bool is set whole
         self.ttft_ms = (time.perf_counter() - self.call.started) * 1000
 
     # -- the watchdog's view ------------------------------------------------------------------

@@ -360,3 +360,29 @@ def test_a_failed_attempt_leaves_the_slot_as_it_was(make_fake, make_router):
     held = {node["node_id"]: sum(m["conversations"] for m in node["models_loaded"])
             for node in requests.get(router.url + "/fleet/status", timeout=5).json()["nodes"]}
     assert sorted(held.values()) == [0, 1] and held[served.headers["X-Herd-Node"]] == 1, held
+
+
+@pytest.mark.parametrize("parallel", [1, 4], ids=["its one slot overdue", "a free slot beside it"])
+def test_a_node_holding_a_request_back_gets_no_more_of_that_model(make_fake, make_router, parallel):
+    fast = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    slow = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    fast.eval_duration_ns = 10_000_000  # 5 tokens in 10 ms
+    slow.eval_duration_ns = 100_000_000  # 5 tokens in 100 ms
+    router = make_router()
+    heartbeat(router, "fast", fast, num_parallel=parallel)
+    heartbeat(router, "slow", slow, num_parallel=parallel)
+    router.wait_online(2)
+    for _ in range(6):  # speeds learnt: the fast node wins
+        chat(router)
+    assert chat(router).headers["X-Herd-Node"] == "fast"
+    fast.first_byte_delay = 3.0  # the next request there is held back, as behind a load
+    sent = len(fast.received)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        held = pool.submit(chat, router)
+        wait_for(lambda: len(fast.received) > sent, what="the held request at the fast node")
+        fast.first_byte_delay = 0.0
+        time.sleep(0.6)  # many times what herd expects a reply there to take
+        started = time.monotonic()
+        assert chat(router).headers["X-Herd-Node"] == "slow"
+        assert time.monotonic() - started < 1.5  # not queued behind the held request
+        assert held.result().headers["X-Herd-Node"] == "fast"

@@ -314,7 +314,33 @@ def test_running_keeps_ends_in_order_and_forgets_released_requests():
     assert group.mean_remaining(NOW) == pytest.approx(3.0)
     group.remove(leases[1])
     assert (group.count, group.nth_remaining(0, NOW), group.longest_remaining(NOW)) == (2, 3.0, 5.0)
-    assert group.longest_remaining(NOW + 100) == pytest.approx(0.4)  # overdue: a tenth of the mean 4 s
+    assert group.longest_remaining(NOW + 5.2) == pytest.approx(2.2)  # 3 s one overdue by 2.2: as long again
+    assert group.longest_remaining(NOW + 3.0) == pytest.approx(2.0)  # 5 s one: 2 to go; 3 s one just due
+    assert group.longest_remaining(NOW + 3.1) == pytest.approx(1.9)
+    assert group.nth_remaining(0, NOW + 3.0) == pytest.approx(0.4)  # ending now: a tenth of the mean 4 s
+
+
+# (what, [(eta, started s ago, answered)], n, expected n-th remaining, expected stall)
+RUNNING = [
+    ("all to come", [(4, 1, True), (2, 1, True), (6, 1, True)], 1, 3.0, 0.0),
+    ("one overdue by 4: between the two to come", [(1, 5, True), (2, 0, True), (10, 1, True)], 1, 4.0, 0.0),
+    ("the last of three", [(1, 5, True), (2, 0, True), (10, 1, True)], 2, 9.0, 0.0),
+    ("the overdue one after the soonest", [(1, 5, True), (2, 1.5, True), (10, 1, True)], 1, 4.0, 0.0),
+    ("two overdue, the less overdue first", [(1, 5, True), (1, 3, True), (10, 1, True)], 0, 2.0, 0.0),
+    ("unanswered past twice its estimate", [(1, 5, False), (2, 0, True)], 0, 2.0, 3.0),
+    ("unanswered, within twice its estimate", [(2, 3, False)], 0, 1.0, 0.0),
+    ("the oldest unanswered one counts", [(1, 9, True), (1, 4, False), (0.5, 3, False)], 0, 2.5, 2.0),
+]
+
+
+@pytest.mark.parametrize("what, leases, n, remaining, stall", RUNNING, ids=[r[0] for r in RUNNING])
+def test_running_remaining_and_stall(what, leases, n, remaining, stall):
+    group = herd.Running()
+    for eta, ago, answered in leases:
+        group.add(herd.Lease(node_id="n", url="", model="m", score=0, breakdown={}, eta_s=eta, started=NOW - ago,
+                             answered=answered))
+    assert group.nth_remaining(n, NOW) == pytest.approx(remaining)
+    assert group.stalled(NOW) == pytest.approx(stall)
 
 
 def alone_node(speed=1000.0):
