@@ -943,7 +943,8 @@ class Running:
     def longest_remaining(self, now):
         if self.count <= 0:
             return 0.0
-        return max(self._left(self.ends[-1], now), self._left(self.ends[0], now))
+        ends = self.ends  # the latest to end, or the most overdue: _left of both, written out
+        return max(0.1 * self.eta_sum / self.count, ends[-1] - now, now - ends[0])
 
     def nth_remaining(self, n, now):
         """Seconds until the n-th (from 0) of these requests is expected to end: the ends to come
@@ -1086,9 +1087,15 @@ def choose_slot(slots, prefix):
     wanted = prefix.hashes
     shared = slots.longest(wanted, slots.free_blocks)  # the most any free slot shares
     best = shared
-    for blocks in range(1, shared + 1):  # a slot holding exactly the first blocks holds the reply after
+    # A slot holding exactly the first blocks holds the reply after them too: more than `shared`
+    # only for a slot ending inside the run of reply blocks that reaches past `shared`.
+    replies, extended = prefix.replies, after_reply(prefix, shared)
+    blocks = shared
+    while extended > shared and blocks >= 1 and replies[blocks]:
         if slots.free_ends.get(wanted[blocks - 1]):
-            best = max(best, after_reply(prefix, blocks))
+            best = extended
+            break
+        blocks -= 1
     for slot in slots.free:  # the first free slot that holds `best` blocks
         held = slot.prefix.hashes
         if not best:
@@ -1641,21 +1648,22 @@ def shared_run(node, model, work, start, now):
     node's (streams ^ batch x models ^ cross, see `sharing`), worked out incrementally."""
     if not node.in_flight:
         return work, 0.0
-    groups = []  # (expected end without this request, model, its streams)
+    groups, mine_running = [], 0  # (expected end without this request, model, its streams)
     for other, group in node.running.items():
         if group.count > 0:
             left = group.mean_remaining(now)
             if left > start:
                 groups.append((left, other, group.count))
+                if other == model:
+                    mine_running = group.count
     if not groups:
         return work, 0.0
     batch, cross = node.batch_exp, node.cross_exp
     models = len(groups)
-    mine_running = next((count for _, other, count in groups if other == model), 0)
-    more_models = ((models + (not mine_running)) / models) ** cross  # this request joining them
+    more_models = ((models + 1) / models) ** cross if not mine_running else 1.0  # this request joining them
     ends = []
     for left, other, count in groups:
-        stretch = more_models * (((count + 1) / count) ** batch if other == model else 1.0)
+        stretch = more_models * ((count + 1) / count) ** batch if other == model else more_models
         ends.append((start + (left - start) * stretch, other, count, stretch))
     ends.sort()
     t, todo = start, work
@@ -1671,7 +1679,10 @@ def shared_run(node, model, work, start, now):
         else:
             running_models -= 1
     finish = t + todo * same ** batch * running_models ** cross
-    slowdown = sum(count * (min(end, finish) - start) * (1 - 1 / stretch) for end, _, count, stretch in ends)
+    slowdown = 0.0
+    for end, _, count, stretch in ends:
+        if stretch != 1.0:  # a group this request does not slow (its own model's, when it runs already)
+            slowdown += count * (min(end, finish) - start) * (1 - 1 / stretch)
     return finish - start, slowdown
 
 
@@ -1831,11 +1842,13 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
     # (the choice is made again whenever a request ends and a few times a second).
     # A request defers for at most as long as it would take alone, so a steady stream of other
     # models cannot hold it back for ever.
-    defer = False
-    others = [group for other, group in node.running.items() if other != model and group.count]
-    if admit and others and not load and not reload:
-        free_in = max(group.longest_remaining(now) for group in others)
-        alone = work * sharing({model: mine.count}, model, 1, node.batch_exp, node.cross_exp)
+    defer, others = False, None
+    if admit and not load and not reload:  # when each of the node's other models is done
+        others = [group.longest_remaining(now) for other, group in node.running.items()
+                  if other != model and group.count]
+    if others:
+        free_in = max(others)
+        alone = work * (mine.count + 1) ** node.batch_exp  # sharing() with its own model's streams only
         waited = time.perf_counter() - call.started
         if waited < alone and max(wait, free_in) + alone < wait + service + slowdown:
             wait, service, slowdown, defer = max(wait, free_in), alone, 0.0, True
