@@ -1238,6 +1238,7 @@ class Node:
     last_seen: float = 0.0  # time.time() of the last good report
     in_flight: int = 0
     running: dict = field(default_factory=dict)  # model -> Running
+    started: dict = field(default_factory=dict)  # model -> time.monotonic() of the last requests started here
     # What herd measured here (see Scoring: learning): recent samples and what it routes on.
     decode_gbs: Recent = field(default_factory=Recent)  # decode speed x model size (GB/s)
     decode_gbs_alone: Recent = field(default_factory=Recent)  # the same, from requests that ran alone
@@ -1386,6 +1387,15 @@ class Node:
     def hold(self, lease):
         self.running.setdefault(lease.model, Running()).add(lease)
         self.in_flight += 1
+        keep_recent(self.started.setdefault(lease.model, []), lease.started)
+
+    def start_rate(self, model, now):
+        """Requests for `model` started here per second, over the last TRAFFIC_WINDOW_S (or over
+        the RECENT_SAMPLES last ones, when they all started in it)."""
+        recent = [t for t in self.started.get(model, ()) if now - t < TRAFFIC_WINDOW_S]
+        if len(recent) < RECENT_SAMPLES:
+            return len(recent) / TRAFFIC_WINDOW_S
+        return len(recent) / max(now - recent[0], 1.0)
 
     def drop(self, lease):
         group = self.running.get(lease.model)
@@ -1610,6 +1620,7 @@ PRIOR_PREFILL_RATIO = 20.0  # prompt tokens go this many times faster than gener
 PRIOR_LOAD_S_PER_GB = 0.5  # an NVMe SSD reading about 2 GB/s
 PRIOR_OUTPUT_TOKENS = 250  # a chat reply of a few paragraphs
 PRIORS_EVERY_S = 1.0  # how often the priors for unmeasured nodes follow the measured ones as they move
+TRAFFIC_WINDOW_S = 60.0  # a node's recent rate of requests per model is counted over this window
 RECENT_UNLOAD_S = 600.0  # a model unloaded this recently is likely still in the OS page cache...
 PAGE_CACHE_DISCOUNT = 0.5  # ...and reloads in about half the time
 FAILURE_RISK = 0.25  # each recent failure of a node: this share of its time again, as risk
@@ -1788,7 +1799,7 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
     mine = node.running.get(model) or Running()
 
     loaded = node.loaded.get(model)
-    load = reload = 0.0
+    load = reload = blocked = 0.0
     if loaded is None:
         load = load_fixed + weights * load_per_gb
         if now - node.unloaded_at.get(model, -1e9) < RECENT_UNLOAD_S:
@@ -1798,6 +1809,9 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
         ctx = loaded.get("context_length") or default_ctx
         if needs_reload(call, ctx, default_ctx, node.load_options.get(model, {}), policy):
             reload = mine.longest_remaining(now) + load_fixed + weights * load_per_gb  # drain first
+            # the model's next requests here wait through the drain and the reload too: as many
+            # as arrive in that time, each half of it on average
+            blocked = node.start_rate(model, now) * reload * reload / 2
 
     wait = 0.0
     switch = node.switching.get(model)
@@ -1832,7 +1846,7 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
         held = call.prefix.ends[blocks - 1] if blocks else 0
     cached_tokens = held / CHARS_PER_TOKEN
     prompt_s = max(0.0, call.prompt_chars / CHARS_PER_TOKEN - cached_tokens) * weights / prefill_gbs
-    eviction += displaced
+    eviction += displaced + blocked
     work = prompt_s  # seconds alone on the node
     if "embed" not in call.endpoint:
         work += expected_output(call, usual_output) * weights / decode_gbs

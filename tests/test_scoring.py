@@ -70,6 +70,13 @@ def busy():
     return node
 
 
+def with_traffic(times):
+    """A node with m hot at 4096 whose requests for it started at `times`."""
+    node = make_node(loaded=["m:latest"])
+    node.started["m:latest"] = list(times)
+    return node
+
+
 ESTIMATES = [
     # (what, node, call, ahead, expected {cause: seconds})
     ("hot, idle, unmeasured: service only", make_node(loaded=["m:latest"]), None, 0,
@@ -86,6 +93,18 @@ ESTIMATES = [
      {"service": 1.7, "eta": 1.7}),
     ("num_ctx 8192 over a loaded 4096: reload, 0 s drain + 3 s", make_node(loaded=["m:latest"]),
      make_call({"model": "m", "options": {"num_ctx": 8192}}), 0, {"reload": 3.0, "cold_load": 3.0, "eta": 3.0 + WORK}),
+    # the reload keeps the model's next requests there waiting: as many as arrive in those 3 s,
+    # each 1.5 s on average
+    ("the same with 12 requests started there in the last minute: 12 / 60 x 3 x 3 / 2 = 0.9 s for them",
+     with_traffic(NOW - 5 * i for i in range(12)), make_call({"model": "m", "options": {"num_ctx": 8192}}), 0,
+     {"reload": 3.0, "eviction": 0.9, "eta": 3.0 + WORK}),
+    ("a request 61 s ago is out of the window: 11 / 60 x 4.5 = 0.825 s",
+     with_traffic([NOW - 61] + [NOW - 5 * i for i in range(11)]), make_call({"model": "m", "options": {"num_ctx": 8192}}),
+     0, {"eviction": 0.825}),
+    ("the 32 kept all in the last 15.5 s: 32 / 15.5 x 4.5 = 9.29 s",
+     with_traffic(NOW - 0.5 * i for i in range(31, -1, -1)), make_call({"model": "m", "options": {"num_ctx": 8192}}),
+     0, {"eviction": 9.2903}),
+    ("traffic, but no reload: nothing for it", with_traffic(NOW - 5 * i for i in range(12)), None, 0, {"eviction": 0}),
     ("num_ctx 2048 under a loaded 4096: stripped, no reload", make_node(loaded=["m:latest"]),
      make_call({"model": "m", "options": {"num_ctx": 2048}}), 0, {"reload": 0, "eta": WORK}),
     ("/v1 to a model loaded at 8192 where the default is 4096: reload", make_node(loaded=["m:latest"], ctx=8192,
@@ -231,6 +250,23 @@ def test_choose_takes_the_soonest_and_waits_for_a_busy_best():
     run(hot, "m:latest", time.monotonic(), 0.5)  # busy for 0.5 s: still sooner than a 3 s load
     assert herd.choose([cold, hot], call, ["m:latest"], parallel=1, policy="strip", usual_output={},
                        queued={}) == (None, "busy")
+
+
+def test_a_large_context_leaves_a_busy_node_alone_and_reloads_an_idle_one():
+    # fast decodes 9x faster than slow (1.13 s against 10.2 s of work). A reload there costs 3 s,
+    # priced twice (thermal and context_fit: 6 s, less than slow's 9.07 s slower) when no other
+    # request wants the model there; with 32 started in the last 15.5 s it also keeps about
+    # 2 a second waiting, each half of the 3 s: 32 / 15.5 x 3 x 3 / 2 = 9.3 s more
+    call = make_call({"model": "m", "options": {"num_ctx": 8192}})
+    now = time.monotonic()
+    for traffic, expected in (((), "fast"), ([now - 0.5 * i for i in range(31, -1, -1)], "slow")):
+        fast = make_node(loaded=["m:latest"], decode_speed=900.0, prefill_speed=18000.0)
+        fast.node_id, fast.started["m:latest"] = "fast", traffic
+        slow = make_node(loaded=["m:latest"], ctx=8192, decode_speed=100.0, prefill_speed=2000.0)
+        slow.node_id = "slow"
+        lease, _ = herd.choose([fast, slow], call, ["m:latest"], parallel=1, policy="strip", usual_output={},
+                               queued={})
+        assert lease.node_id == expected, lease.decision
 
 
 def lease(loaded=4096, default=4096, pin=False, load_options=None):
