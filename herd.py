@@ -1574,6 +1574,7 @@ def protect_context(call, lease, policy):
 # models in system RAM (size_vram < size), at CPU speed for that share.
 #   wait       until a slot for the model frees there (herd never exceeds num_parallel), counting
 #              the requests already queued for the model
+#              (and, before a load or reload, until the busy models it pushes out are done)
 #   load       a cold load or a context reload: the node's fixed start-up + weights GB x its
 #              seconds per GB (both learned from its loads); half when the model left memory in
 #              the last 10 minutes (page cache)
@@ -1585,7 +1586,7 @@ def protect_context(call, lease, policy):
 #              time: each model running there speeds this one up when it ends
 #   slowdown   what this request adds to the streams already running there: they slow down too,
 #              for as long as the two overlap
-#   eviction   the load time of hot models a cold load would push out of memory (beyond the
+#   eviction   the load time of hot models a load or reload would push out of memory (beyond the
 #              node's budget; without one, the models split with system RAM), half of it; and the
 #              prompt evaluation a conversation loses when this request takes the slot its cache
 #              is in, times the chance that it comes back (FollowUps)
@@ -1826,11 +1827,19 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
             per_slot = mine.eta_sum / mine.count or 1.0
             wait = max(wait, mine.nth_remaining(mine.count - 1, now) + (ahead - mine.count + 1) / slots * per_slot)
 
-    eviction = 0.0
-    for name in pushed_out(node, model) if loaded is None else ():
-        if node.running_count(name):  # Ollama waits for busy models before evicting
-            wait = max(wait, node.running[name].longest_remaining(now))
+    # a load makes room as a cold one does, a context reload too: Ollama waits for the busy models
+    # it pushes out (a model split with system RAM fills the VRAM: every load pushes it out)
+    eviction = evicting = 0.0
+    for name in pushed_out(node, model) if loaded is None or reload else ():
+        if name == model:
+            continue
+        if node.running_count(name):
+            evicting = max(evicting, node.running[name].longest_remaining(now))
         eviction += 0.5 * (load_fixed + entry_bytes(node.loaded[name]) / GB * load_per_gb)
+    if reload:  # it drains its own requests meanwhile: the longer of the two comes first
+        drain = mine.longest_remaining(now)
+        reload -= min(drain, evicting)
+    wait = max(wait, evicting)
 
     # what the slot the runner would give it already holds of the prompt is not evaluated again;
     # what that slot held beyond it is lost to the conversation it belonged to, should it come back

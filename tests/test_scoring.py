@@ -70,6 +70,18 @@ def busy():
     return node
 
 
+def beside_busy_split(drain):
+    """m hot at 4096 (its one request `drain` s from its end, or none) beside a 20 GB model that
+    /api/ps shows half in system RAM, with a request 10 s from its end."""
+    node = make_node({"m:latest": 4.0, "big:latest": 20.0}, loaded=["m:latest", "big:latest"],
+                     decode_speed=300.0, prefill_speed=6000.0)  # measured as the priors are
+    node.loaded["big:latest"]["size_vram"] = int(10 * GB)
+    run(node, "big:latest", NOW, 10.0)
+    if drain:
+        run(node, "m:latest", NOW, drain)
+    return node
+
+
 def with_traffic(times):
     """A node with m hot at 4096 whose requests for it started at `times`."""
     node = make_node(loaded=["m:latest"])
@@ -104,6 +116,15 @@ ESTIMATES = [
     ("the 32 kept all in the last 15.5 s: 32 / 15.5 x 4.5 = 9.29 s",
      with_traffic(NOW - 0.5 * i for i in range(31, -1, -1)), make_call({"model": "m", "options": {"num_ctx": 8192}}),
      0, {"eviction": 9.2903}),
+    # big fills the VRAM: the reload waits 10 s for it to finish, then pushes it out
+    ("reload beside a busy split model: 10 s wait, 3 s reload, its 10 GB of VRAM 0.5 x (1 + 10 x 0.5) = 3 s",
+     beside_busy_split(0), make_call({"model": "m", "options": {"num_ctx": 8192}}), 0,
+     {"wait": 10.0, "reload": 3.0, "eviction": 3.0, "service": WORK, "eta": 13.0 + WORK}),
+    # m drains for 4 s while big finishes: the 10 s wait covers the drain
+    ("the same while m drains 4 s: the drain overlaps the wait", beside_busy_split(4.0),
+     make_call({"model": "m", "options": {"num_ctx": 8192}}), 0, {"wait": 10.0, "reload": 3.0}),
+    ("no reload beside a busy split model: shares with it, 6.8 s, as beside any other",
+     beside_busy_split(0), None, 0, {"wait": 0, "reload": 0, "eviction": 0, "service": 6.8}),
     ("traffic, but no reload: nothing for it", with_traffic(NOW - 5 * i for i in range(12)), None, 0, {"eviction": 0}),
     ("num_ctx 2048 under a loaded 4096: stripped, no reload", make_node(loaded=["m:latest"]),
      make_call({"model": "m", "options": {"num_ctx": 2048}}), 0, {"reload": 0, "eta": WORK}),
