@@ -1231,8 +1231,9 @@ class Node:
     default_ctx: dict = field(default_factory=dict)  # name -> context it gets without num_ctx (seen)
     context_probe: set = field(default_factory=set)  # models just served without num_ctx
     guessed_ctx: int | None = None  # the default context guessed from what runs (see context_default)
-    # model -> (context, monotonic time the load should be done): herd sent a request that (re)loads
-    # the model at that context, so it runs with it from then on, whatever reports made before say
+    # model -> (context, monotonic time the load should be done, the context it ran with before or
+    # None): herd sent a request that (re)loads the model at that context, so it runs with it from
+    # then on, whatever reports made before say
     switching: dict = field(default_factory=dict)
     prompts: dict = field(default_factory=dict)  # model -> ModelSlots (see the prompt caches above)
     last_seen: float = 0.0  # time.time() of the last good report
@@ -1327,24 +1328,39 @@ class Node:
         """Is context_default(model) more than a guess?"""
         return model in self.default_ctx or self.default_context_length is not None
 
-    def note_loaded(self, model, context_length, options=None):
+    def running_context(self, model):
+        """The context `model` runs with here, or None when it is not loaded: as /api/ps reports it,
+        or as herd loaded it; loaded without num_ctx, the node's default, whatever herd takes that
+        to be by now (a guess made at the load can be corrected by later reports)."""
+        entry = self.loaded.get(model)
+        if entry is None:
+            return None
+        if entry.get("at_default"):
+            return self.context_default(model)
+        return entry.get("context_length") or self.context_default(model)
+
+    def note_loaded(self, model, context_length, options=None, at_default=False):
         """herd loaded `model` here itself (a reply or a preload): count it hot with that context
-        (and those reload options, when given) until the next report says how it runs."""
+        (the default, when `at_default`) and those reload options, when given, until the next
+        report says how it runs."""
         entry = self.models.get(model, {})
         self.loaded[model] = {"name": model, "size": entry.get("size", 0), "learned": True,
-                              "context_length": context_length}
+                              "context_length": context_length, "at_default": at_default}
         self.guessed_ctx = None
         if options is not None:
             self.load_options[model] = options
 
-    def note_switch(self, model, ctx, options, load_s):
-        """herd sends a request that makes Ollama load `model` here at `ctx` (or reload it there):
+    def note_switch(self, model, ctx, options, load_s, at_default=False):
+        """herd sends a request that makes Ollama load `model` here at `ctx` (or reload it there;
+        `at_default`: without num_ctx, so at the node's default, of which `ctx` is herd's guess):
         from now on it runs so, and is busy loading for about `load_s` seconds."""
+        held = self.loaded.get(model)
+        before = held.get("context_length") if held and not held.get("at_default") else None
         entry = self.loaded.get(model) or self.models.get(model) or {}
         self.loaded[model] = {"name": model, "size": entry.get("size", 0), "size_vram": entry.get("size_vram"),
-                              "context_length": ctx, "learned": True}
+                              "context_length": ctx, "learned": True, "at_default": at_default}
         self.load_options[model] = options
-        self.switching[model] = (ctx, time.monotonic() + load_s)
+        self.switching[model] = (ctx, time.monotonic() + load_s, before)
         self.prompts.pop(model, None)  # a (re)load empties the slots' caches
         self.guessed_ctx = None
         if self.split(model):  # it loads alone: the idle models leave now, the busy ones when done
@@ -1432,9 +1448,12 @@ class Node:
                     self.split_share.pop(name, None)
         alone = any(name in self.split_share for name in loaded)  # a split model runs alone there
         now = time.monotonic()
-        for name, (ctx, until) in list(self.switching.items()):
-            if (loaded.get(name) or {}).get("context_length") == ctx:
+        for name, (ctx, until, before) in list(self.switching.items()):
+            shown = (loaded.get(name) or {}).get("context_length")
+            if shown == ctx:
                 del self.switching[name]  # the node says so too
+            elif shown and self.loaded.get(name, {}).get("at_default") and shown != before:
+                del self.switching[name]  # loaded without num_ctx: what it shows is the default
             elif self.running_count(name) or now < until + SWITCH_GRACE_S:
                 loaded[name] = self.loaded.get(name) or loaded.get(name)  # not reported yet: herd knows better
             else:
@@ -1807,7 +1826,7 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
             load *= PAGE_CACHE_DISCOUNT
     else:
         default_ctx = node.context_default(model)
-        ctx = loaded.get("context_length") or default_ctx
+        ctx = node.running_context(model)
         if needs_reload(call, ctx, default_ctx, node.load_options.get(model, {}), policy):
             reload = mine.longest_remaining(now) + load_fixed + weights * load_per_gb  # drain first
             # the model's next requests here wait through the drain and the reload too: as many
@@ -2033,7 +2052,7 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
         return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
                      breakdown=breakdown, decision=decision, held=admit, eta_s=eta, cold=chosen["cold_load"] > 0,
                      reload=chosen["reload"] > 0, load_s=chosen["cold_load"],
-                     loaded_ctx=(loaded.get("context_length") or default_ctx) if loaded is not None else None,
+                     loaded_ctx=node.running_context(model),
                      default_ctx=default_ctx,
                      pin_ctx=bool(loaded and loaded.get("context_length") and not loaded.get("learned"))
                      and not node.default_known(model),
@@ -2138,7 +2157,8 @@ def plan_calibration(nodes, preloading, now, now_mono):
         if (node.decode_gbs or node.in_flight or not node.loaded or node.status(now) != "online"
                 or node.node_id in preloading or now_mono - node.calibrated_at < CALIBRATE_RETRY_S):
             continue
-        hot = sorted((item for item in node.loaded.items() if item[1].get("context_length")),
+        hot = sorted((item for item in node.loaded.items() if item[1].get("context_length")
+                      and not item[1].get("at_default")),
                      key=lambda item: entry_bytes(item[1]))
         return node, [(name, dict({k: v for k, v in node.load_options.get(name, {}).items()
                                    if k in RELOAD_OPTIONS and v is not None},
@@ -2512,7 +2532,7 @@ class Fleet:
                 record_load(node, node.weights_gb(model), seconds)  # a load timed by herd itself
                 self.priors = None
             if model not in node.loaded:
-                node.note_loaded(model, node.context_default(model), {"num_ctx": None})
+                node.note_loaded(model, node.context_default(model), {"num_ctx": None}, at_default=True)
                 self._grant_waiters()
 
     # -- admission: choosing and holding slots -------------------------------------------------
@@ -2598,7 +2618,8 @@ class Fleet:
                     else:
                         node.context_probe.discard(lease.model)
                     if lease.loaded_ctx is None and lease.model not in node.loaded:
-                        node.note_loaded(lease.model, sent_ctx or node.context_default(lease.model))
+                        node.note_loaded(lease.model, sent_ctx or node.context_default(lease.model),
+                                         at_default=sent_ctx is None)
             if served and timings and timings.get("eval_count"):
                 samples = self.output_tokens.setdefault(lease.model, Recent())
                 samples.add(timings["eval_count"])
@@ -2619,9 +2640,9 @@ class Fleet:
             ctx = context_number(runs_ctx) or node.context_default(lease.model)
             entry = node.loaded.get(lease.model)
             held = node.load_options.get(lease.model, {})
-            if (entry is None or (entry.get("context_length") or node.context_default(lease.model)) != ctx
+            if (entry is None or node.running_context(lease.model) != ctx
                     or any(held.get(k) != options.get(k) for k in RELOAD_OPTIONS)):
-                node.note_switch(lease.model, ctx, options, lease.load_s)
+                node.note_switch(lease.model, ctx, options, lease.load_s, at_default=context_number(runs_ctx) is None)
             lease.prompt_slot, lease.slot_before = node.take_slot(lease.model, prefix,
                                                                   slots(node, self.config.parallel))
             if lease.prompt_slot is not None:

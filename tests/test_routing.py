@@ -302,6 +302,23 @@ def test_a_second_large_context_request_goes_where_the_model_already_runs_large(
     assert sum(f.reloads for f in fakes) == 1
 
 
+
+def test_a_model_herd_loaded_without_num_ctx_runs_at_the_default_the_node_then_shows(make_fake, make_router):
+    # polled, no agent: herd guesses the default context (4096) when it sends the first request,
+    # which loads the model at the node's real default, 32768
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=[], context_length=32768, tokens=20, token_delay=0.1)
+    router = make_router(nodes=[("box", fake.url)])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(chat, router)  # runs 2 s
+        wait_for(lambda: "llama3.2:latest" in fake.loaded, what="the model loading")
+        time.sleep(0.6)  # a poll or two: /api/ps shows it at 32768 while it still runs
+        large = chat(router, dict(CHAT, options={"num_ctx": 8192}))
+        assert large.status_code == 200 and first.result().status_code == 200
+    # 8192 fits what runs: sent without num_ctx (sent as 8192 it would reload the model down to it)
+    assert fake.reloads == 0
+    assert [body.get("options", {}).get("num_ctx") for _, body in fake.received] == [None, None]
+
+
 # -- prompt caches ------------------------------------------------------------------------------
 
 def conversation(turns, system="You are a careful assistant. " * 200):

@@ -157,6 +157,23 @@ def test_estimate(what, node, call, ahead, expected):
         assert got[cause] == pytest.approx(seconds, abs=1e-3), (cause, got)
 
 
+
+def test_a_model_loaded_at_a_guessed_default_follows_the_guess_when_it_changes():
+    # herd loaded m without num_ctx when it took the default for 4096; then the node shows another
+    # model at 32768, so the default is taken to be 32768: m runs at it too, and a plain request
+    # is sent as it is (num_ctx 4096 would reload m down to it)
+    node = make_node({"m:latest": 4.0, "x:latest": 2.0})
+    node.note_switch("m:latest", 4096, {"num_ctx": None}, 1.0, at_default=True)
+    assert node.running_context("m:latest") == 4096
+    node.loaded["x:latest"] = {"name": "x:latest", "size": int(2 * GB), "context_length": 32768}
+    node.guessed_ctx = None
+    assert node.context_default("m:latest") == node.running_context("m:latest") == 32768
+    call = make_call()
+    lease, _ = herd.choose([node], call, ["m:latest"], parallel=1, policy="strip", usual_output={}, queued={})
+    assert lease.loaded_ctx == lease.default_ctx == 32768
+    herd.protect_context(call, lease, "strip")
+    assert "options" not in call.body and not call.events
+
 def test_shared_run_integrates_over_the_other_model_ending():
     # x (1 stream, 1 s left) and this request (3.4 s of work) share: each at half pace. x's 1 s
     # stretches to 2 s, during which this one does 1 s of work; the other 2.4 s run alone:
