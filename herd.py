@@ -3174,7 +3174,10 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "conten
                         "trailer", "upgrade", "proxy-authenticate", "proxy-authorization", "date",
                         "server"})
 UPSTREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError)
-INFERENCE_ENDPOINTS = frozenset({"/api/chat", "/api/generate", "/api/embed", "/api/embeddings"})
+# The requests that run a model on the node (both APIs): herd notes the load and the prompt slot
+# each one makes there, and protects the context of the native ones.
+INFERENCE_ENDPOINTS = frozenset({"/api/chat", "/api/generate", "/api/embed", "/api/embeddings",
+                                 "/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 # Waitress threads kept free of proxied requests, for health checks, heartbeats and the fleet API:
 # a sixteenth of them, at least four.
 THREAD_RESERVE_SHARE, THREAD_RESERVE_MIN = 16, 4

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from conftest import CHAT, chat, heartbeat, wait_for
+from conftest import CHAT, OPENAI_CHAT, chat, heartbeat, wait_for
 
 
 def test_routes_to_the_node_where_the_model_is_hot(make_fake, make_router):
@@ -317,6 +317,19 @@ def test_a_model_herd_loaded_without_num_ctx_runs_at_the_default_the_node_then_s
     # 8192 fits what runs: sent without num_ctx (sent as 8192 it would reload the model down to it)
     assert fake.reloads == 0
     assert [body.get("options", {}).get("num_ctx") for _, body in fake.received] == [None, None]
+
+
+
+def test_an_openai_request_that_loads_a_model_is_noted_at_once(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=[], tokens=20, token_delay=0.1)
+    router = make_router(nodes=[("box", fake.url)], poll_interval=30)  # no report while it runs
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(requests.post, router.url + "/v1/chat/completions", json=OPENAI_CHAT, timeout=30)
+        wait_for(lambda: "llama3.2:latest" in fake.loaded, what="the model loading")
+        # herd sent the load: it counts the model as running there (at the node's default context),
+        # as it does for the native API, rather than as cold until the next report
+        assert router.status()["nodes"][0]["models_loaded"][0]["name"] == "llama3.2:latest"
+        assert reply.result().status_code == 200
 
 
 # -- prompt caches ------------------------------------------------------------------------------
