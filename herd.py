@@ -1227,6 +1227,9 @@ class Node:
     loaded: dict = field(default_factory=dict)  # name -> /api/ps entry
     unloaded_at: dict = field(default_factory=dict)  # name -> time.monotonic() it left memory
     split_share: dict = field(default_factory=dict)  # name -> share in VRAM when /api/ps last showed it split
+    # the KV cache per token of context, as a share of a model's weights: what /api/ps shows loaded
+    # models take beyond their size on disk (0 until it has shown one)
+    kv_share: float = 0.0
     load_options: dict = field(default_factory=dict)  # name -> reload options herd loaded it with
     default_ctx: dict = field(default_factory=dict)  # name -> context it gets without num_ctx (seen)
     context_probe: set = field(default_factory=set)  # models just served without num_ctx
@@ -1289,10 +1292,20 @@ class Node:
 
     def vram_share(self, model):
         """The share of `model` Ollama holds in VRAM here (size_vram / size in /api/ps, or when it
-        last showed it split), or None."""
+        last showed it split); before /api/ps has shown it, what the GPU's VRAM holds of what the
+        model takes at its context (Ollama puts the rest in system RAM); or None."""
         entry = self.loaded.get(model) or {}
         vram, size = entry.get("size_vram"), entry.get("size")
-        return min(1.0, vram / size) if vram is not None and size else self.split_share.get(model)
+        if vram is not None and size:
+            return min(1.0, vram / size)
+        if model in self.split_share:
+            return self.split_share[model]
+        total = ((self.gpu or {}).get("vram_total_gb") or 0) * GB
+        if not total or self.gpu.get("unified"):  # (unified memory: the budget decides)
+            return None
+        weights = (self.models.get(model) or {}).get("size") or self.model_bytes(model)
+        need = weights * (1 + self.kv_share * (self.running_context(model) or self.context_default(model)))
+        return total / need if need > total else None
 
     def split(self, model):
         """Does Ollama run `model` here partly from system RAM (GPU_RESIDENT), as /api/ps shows
@@ -1447,6 +1460,11 @@ class Node:
                 else:
                     self.split_share.pop(name, None)
         alone = any(name in self.split_share for name in loaded)  # a split model runs alone there
+        kv = [(max(entry.get("size") or 0, entry.get("size_vram") or 0) / self.models[name]["size"] - 1)
+              / entry["context_length"] for name, entry in loaded.items()
+              if entry.get("context_length") and (self.models.get(name) or {}).get("size")]
+        if any(share > 0 for share in kv):
+            self.kv_share = statistics.median(share for share in kv if share > 0)
         now = time.monotonic()
         for name, (ctx, until, before) in list(self.switching.items()):
             shown = (loaded.get(name) or {}).get("context_length")
@@ -1458,6 +1476,10 @@ class Node:
                 loaded[name] = self.loaded.get(name) or loaded.get(name)  # not reported yet: herd knows better
             else:
                 del self.switching[name]  # long done, and the node says otherwise: believe it
+        if any(name in loaded and self.split(name) for name in self.switching):
+            # a split model herd is loading pushes the idle ones out: a report made before shows them
+            loaded = {name: entry for name, entry in loaded.items()
+                      if name in self.switching or self.running_count(name)}
         for name in self.loaded.keys() - loaded.keys():
             if self.running_count(name) and not alone:  # (beside a split model they wait, unloaded)
                 loaded[name] = self.loaded[name]
@@ -1590,7 +1612,10 @@ def protect_context(call, lease, policy):
 # between VRAM and system RAM or a mixture of experts keeps its own pace). A node herd has not
 # measured yet is timed once when it joins (Warming: calibration); until then it decodes like the
 # slowest measured node and loads like the median one, or, when /api/ps shows Ollama keeps
-# models in system RAM (size_vram < size), at CPU speed for that share.
+# models in system RAM (size_vram < size), at CPU speed for that share. A model /api/ps has not
+# shown on a node yet is taken to run split when its weights and KV cache (learnt per node from
+# what loaded models take beyond their size on disk) exceed the VRAM the agent reports: it then
+# loads alone, pushing the others out, and streams the rest at CPU speed.
 #   wait       until a slot for the model frees there (herd never exceeds num_parallel), counting
 #              the requests already queued for the model
 #              (and, before a load or reload, until the busy models it pushes out are done)
@@ -2183,8 +2208,8 @@ def plan_preload(nodes, demand, preloading, now, now_mono):
             speed = node.decode_speed
             budget = node.budget_bytes()
             if (model in node.loaded or model not in node.models or node.node_id in preloading
-                    or speed is None or not budget):
-                continue
+                    or speed is None or not budget or pushed_out(node, model)):
+                continue  # (a model split with system RAM, loading or loaded, pushes out the others)
             need = node.model_bytes(model) * (1 + PRELOAD_HEADROOM)
             free_after = budget - node.memory_in_use() - need
             faster = speed >= PRELOAD_FASTER_BY * best_hot
@@ -2620,6 +2645,10 @@ class Fleet:
                     if lease.loaded_ctx is None and lease.model not in node.loaded:
                         node.note_loaded(lease.model, sent_ctx or node.context_default(lease.model),
                                          at_default=sent_ctx is None)
+                if (not node.running_count(lease.model) and lease.model in node.loaded
+                        and any(other != lease.model and node.split(other) for other in node.switching)):
+                    del node.loaded[lease.model]  # a split model loading there pushes it out once idle
+                    node.unloaded_at[lease.model] = time.monotonic()
             if served and timings and timings.get("eval_count"):
                 samples = self.output_tokens.setdefault(lease.model, Recent())
                 samples.add(timings["eval_count"])

@@ -175,17 +175,41 @@ def start_fleet(lab):
     return {name: sim_node(name, lab=lab) for name in lab.machines}
 
 
+def reported_gpu(name, machine):
+    """The `gpu` block herd-node sends from this machine: nvidia-smi's VRAM on a GPU box, Apple's
+    unified memory on the others with a GPU (the classic studio and laptop, the generated macs),
+    nothing on a CPU-only one."""
+    if not machine.gpu:
+        return None
+    if machine.offload_gb or name.startswith(("gpu", "rtx")):
+        return {"kind": "nvidia", "vram_total_gb": machine.memory_gb, "vram_used_gb": None,
+                "gpus": [{"name": "GPU", "vram_total_gb": machine.memory_gb, "vram_used_gb": None}]}
+    return {"kind": "apple", "unified": True, "vram_total_gb": machine.memory_gb, "vram_used_gb": None}
+
+
+class LabAgent(herd_node.Agent):
+    """herd-node on a simulated machine: what it reports of the host is the machine's own GPU."""
+
+    def __init__(self, config, gpu):
+        super().__init__(config)
+        self.gpu = gpu
+
+    def payload(self):
+        return dict(super().payload(), gpu=self.gpu)
+
+
 def start_herd_on(nodes, data_dir, lab, agents=True, flags=()):
     """herd in its own process, fed by a herd-node agent per machine, or (agents=False) polling
     each node itself as `--node` (no memory size, slots or default context: what it sees in /api/ps).
-    An agent is told the machine's slots and the memory Ollama may fill there."""
+    An agent is told the machine's slots and the memory Ollama may fill there, and reports its GPU."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_herd(port, data_dir, [] if agents else [(name, node.url) for name, node in nodes.items()],
                       flags=["--queue-timeout", "600", *flags], log_level=HERD_LOG_LEVEL)
-    agents = [herd_node.Agent(herd_node.AgentConfig(
+    agents = [LabAgent(herd_node.AgentConfig(
         router_url=url, ollama_host=node.url, node_id=name, interval=0.5, num_parallel=lab.machines[name].slots,
-        memory_gb=lab.machines[name].budget_gb)).start() for name, node in nodes.items()] if agents else []
+        memory_gb=lab.machines[name].budget_gb), reported_gpu(name, lab.machines[name])).start()
+        for name, node in nodes.items()] if agents else []
     wait_nodes(url, len(nodes), calibrated=True)  # herd times each node once when it joins
     return proc, agents, url
 

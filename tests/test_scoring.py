@@ -678,6 +678,52 @@ def test_beside_a_split_model_requests_wait_unloaded():
     assert node.loaded.keys() == {"small:latest", "mid:latest"}
 
 
+
+def gpu_node(vram_gb, unified=False, kv_share=0.0):
+    node = make_node({"big:latest": 20.0, "small:latest": 1.0}, loaded=["small:latest"])
+    node.gpu = {"kind": "apple" if unified else "nvidia", "vram_total_gb": vram_gb, "unified": unified}
+    node.kv_share = kv_share
+    return node
+
+
+VRAM_SHARES = [
+    # (what, node, expected share of big:latest in VRAM before /api/ps has shown it)
+    ("20 GB on a 12 GB card: 12 / 20", gpu_node(12), 0.6),
+    ("and 8% per 4k of KV at 4096: 12 / 21.6", gpu_node(12, kv_share=0.08 / 4096), 0.5556),
+    ("20 GB on a 24 GB card: in VRAM", gpu_node(24), None),
+    ("with 25% of KV it no longer fits: 24 / 25", gpu_node(24, kv_share=0.25 / 4096), 0.96),
+    ("unified memory: the budget decides, not the GPU", gpu_node(12, unified=True), None),
+    ("no GPU reported", make_node({"big:latest": 20.0}), None),
+]
+
+
+@pytest.mark.parametrize("what, node, expected", VRAM_SHARES, ids=[row[0] for row in VRAM_SHARES])
+def test_vram_share_expected_from_the_reported_gpu(what, node, expected):
+    assert node.vram_share("big:latest") == (pytest.approx(expected, abs=1e-4) if expected else None)
+
+
+def test_the_kv_cache_is_learnt_from_what_loaded_models_take_beyond_their_size():
+    node = make_node({"m:latest": 4.0})
+    node.apply_report(ps_report(("m:latest", 4.0, 4.32)))  # at 4096: 8% more than on disk
+    assert node.kv_share * 4096 == pytest.approx(0.08)
+
+
+
+def test_a_model_too_large_for_the_vram_loads_alone_and_a_report_from_before_does_not_undo_it():
+    node = gpu_node(12)
+    node.note_switch("big:latest", 4096, {"num_ctx": None}, 1.0, at_default=True)
+    assert node.split("big:latest") and set(node.loaded) == {"big:latest"}  # small is pushed out
+    node.apply_report(ps_report(("small:latest", 1.0, 1.0)))  # /api/ps read before the load began
+    assert set(node.loaded) == {"big:latest"}
+
+def test_a_split_model_is_not_preloaded_where_it_would_push_others_out():
+    node = gpu_node(12)
+    node.decode_speed, node.memory_budget_gb = 500.0, 64.0
+    demand = {"big:latest": [NOW - 1, NOW - 2, NOW - 3]}
+    assert herd.plan_preload([node], demand, set(), time.time(), NOW) is None
+    node.loaded.clear()  # nothing to push out: it may load there
+    assert herd.plan_preload([node], demand, set(), time.time(), NOW)[1] == "big:latest"
+
 def test_a_slot_freed_under_a_long_queue_is_granted_without_looking_at_every_waiter(monkeypatch):
     # 30 one-slot nodes, all busy, and 200 queued requests: when one slot frees, the oldest waiter
     # takes it and the other 199 are passed over once the model has no free slot left; each
