@@ -1227,8 +1227,10 @@ class Node:
     loaded: dict = field(default_factory=dict)  # name -> /api/ps entry
     unloaded_at: dict = field(default_factory=dict)  # name -> time.monotonic() it left memory
     split_share: dict = field(default_factory=dict)  # name -> share in VRAM when /api/ps last showed it split
-    # the KV cache per token of context, as a share of a model's weights: what /api/ps shows loaded
-    # models take beyond their size on disk (0 until it has shown one)
+    in_vram: set = field(default_factory=set)  # models /api/ps has shown held whole in VRAM here
+    # the KV cache per token of context, as a share of a model's weights: what /api/ps shows the
+    # largest loaded model take beyond its size on disk (small models' fixed overhead would
+    # overstate it); 0 until it has shown one
     kv_share: float = 0.0
     load_options: dict = field(default_factory=dict)  # name -> reload options herd loaded it with
     default_ctx: dict = field(default_factory=dict)  # name -> context it gets without num_ctx (seen)
@@ -1300,6 +1302,8 @@ class Node:
             return min(1.0, vram / size)
         if model in self.split_share:
             return self.split_share[model]
+        if model in self.in_vram:
+            return None
         total = ((self.gpu or {}).get("vram_total_gb") or 0) * GB
         if not total or self.gpu.get("unified"):  # (unified memory: the budget decides)
             return None
@@ -1457,14 +1461,19 @@ class Node:
                 share = entry["size_vram"] / entry["size"]
                 if 0 < share < GPU_RESIDENT:
                     self.split_share[name] = share
+                    self.in_vram.discard(name)
                 else:
                     self.split_share.pop(name, None)
+                    if share >= GPU_RESIDENT:
+                        self.in_vram.add(name)
         alone = any(name in self.split_share for name in loaded)  # a split model runs alone there
-        kv = [(max(entry.get("size") or 0, entry.get("size_vram") or 0) / self.models[name]["size"] - 1)
-              / entry["context_length"] for name, entry in loaded.items()
-              if entry.get("context_length") and (self.models.get(name) or {}).get("size")]
-        if any(share > 0 for share in kv):
-            self.kv_share = statistics.median(share for share in kv if share > 0)
+        sized = [(self.models[name]["size"], entry) for name, entry in loaded.items()
+                 if entry.get("context_length") and (self.models.get(name) or {}).get("size")]
+        if sized:
+            disk, entry = max(sized, key=lambda item: item[0])
+            share = (max(entry.get("size") or 0, entry.get("size_vram") or 0) / disk - 1) / entry["context_length"]
+            if share > 0:
+                self.kv_share = share
         now = time.monotonic()
         for name, (ctx, until, before) in list(self.switching.items()):
             shown = (loaded.get(name) or {}).get("context_length")
@@ -1819,9 +1828,13 @@ def pushed_out(node, model):
     if budget is None:
         return out
     free, need = budget - node.memory_in_use(), node.model_bytes(model)
+    if model in node.loaded:  # a reload: Ollama frees the model's own memory first
+        free += need
     for name, entry in sorted(node.loaded.items(), key=lambda item: entry_bytes(item[1])):
         if free >= need:
             break
+        if name == model:
+            continue
         free += entry_bytes(entry)
         if name not in out:
             out.append(name)
@@ -2646,7 +2659,8 @@ class Fleet:
                         node.note_loaded(lease.model, sent_ctx or node.context_default(lease.model),
                                          at_default=sent_ctx is None)
                 if (not node.running_count(lease.model) and lease.model in node.loaded
-                        and any(other != lease.model and node.split(other) for other in node.switching)):
+                        and any(other != lease.model and other in node.loaded and node.split(other)
+                                for other in node.switching)):
                     del node.loaded[lease.model]  # a split model loading there pushes it out once idle
                     node.unloaded_at[lease.model] = time.monotonic()
             if served and timings and timings.get("eval_count"):

@@ -251,6 +251,12 @@ def test_pushed_out(what, node, gb, expected):
     assert herd.pushed_out(node, "new:latest") == expected
 
 
+def test_a_reload_counts_the_memory_its_own_model_frees():
+    # 9 GB of a 9 GB budget in use; reloading c (4 GB) frees its own 4 GB first: nothing else goes
+    node = node_holding(9)
+    assert herd.pushed_out(node, "c:latest") == []
+
+
 def test_unmeasured_priors_decode_like_the_slowest_node_and_load_like_the_median_one():
     fast = make_node(decode_speed=900.0, load_cost=(0.5, 0.2))
     middle = make_node(decode_speed=400.0, load_cost=(0.8, 0.25))
@@ -702,10 +708,19 @@ def test_vram_share_expected_from_the_reported_gpu(what, node, expected):
     assert node.vram_share("big:latest") == (pytest.approx(expected, abs=1e-4) if expected else None)
 
 
-def test_the_kv_cache_is_learnt_from_what_loaded_models_take_beyond_their_size():
-    node = make_node({"m:latest": 4.0})
-    node.apply_report(ps_report(("m:latest", 4.0, 4.32)))  # at 4096: 8% more than on disk
+def test_the_kv_cache_is_learnt_from_what_the_largest_loaded_model_takes_beyond_its_size():
+    node = make_node({"m:latest": 4.0, "tiny:latest": 0.5})
+    # at 4096: m takes 8% more than on disk; tiny 50% more (a fixed overhead), which is left out
+    node.apply_report(ps_report(("m:latest", 4.0, 4.32), ("tiny:latest", 0.5, 0.75)))
     assert node.kv_share * 4096 == pytest.approx(0.08)
+
+
+def test_a_model_shown_whole_in_vram_is_not_expected_to_split_when_it_comes_back():
+    node = gpu_node(24, kv_share=0.5 / 4096)  # an overstated KV share: 20 x 1.5 > 24
+    node.apply_report(ps_report(("big:latest", 20.0, 20.0)))  # /api/ps: all of it in VRAM
+    node.apply_report(ps_report(("small:latest", 1.0, 1.0)))  # unloaded since
+    node.models["big:latest"] = {"name": "big:latest", "size": int(20 * GB)}  # (still on disk there)
+    assert node.vram_share("big:latest") is None and not node.split("big:latest")
 
 
 
