@@ -1311,6 +1311,11 @@ class Node:
         need = weights * (1 + self.kv_share * (self.running_context(model) or self.context_default(model)))
         return total / need if need > total else None
 
+    def loading_split(self):
+        """The models herd is loading here that run split with system RAM: each fills the VRAM and
+        loads alone, so every other model leaves once it is idle."""
+        return {name for name in self.switching if name in self.loaded and self.split(name)}
+
     def split(self, model):
         """Does Ollama run `model` here partly from system RAM (GPU_RESIDENT), as /api/ps shows
         now or showed when it last had it loaded?"""
@@ -1373,7 +1378,7 @@ class Node:
         from now on it runs so, and is busy loading for about `load_s` seconds."""
         held = self.loaded.get(model)
         before = held.get("context_length") if held and not held.get("at_default") else None
-        entry = self.loaded.get(model) or self.models.get(model) or {}
+        entry = held or self.models.get(model) or {}
         self.loaded[model] = {"name": model, "size": entry.get("size", 0), "size_vram": entry.get("size_vram"),
                               "context_length": ctx, "learned": True, "at_default": at_default}
         self.load_options[model] = options
@@ -1485,8 +1490,7 @@ class Node:
                 loaded[name] = self.loaded.get(name) or loaded.get(name)  # not reported yet: herd knows better
             else:
                 del self.switching[name]  # long done, and the node says otherwise: believe it
-        if any(name in loaded and self.split(name) for name in self.switching):
-            # a split model herd is loading pushes the idle ones out: a report made before shows them
+        if self.loading_split():  # it pushes the idle ones out: a report made before shows them
             loaded = {name: entry for name, entry in loaded.items()
                       if name in self.switching or self.running_count(name)}
         for name in self.loaded.keys() - loaded.keys():
@@ -1818,24 +1822,24 @@ def expected_output(call, usual):
 
 
 def pushed_out(node, model):
-    """The models a cold load of `model` pushes out of memory on `node`, smallest first: all of
-    them when it runs split with system RAM there (it fills the VRAM, so Ollama loads it alone),
-    the split ones (for the same reason), and enough others to fit the node's memory budget."""
+    """The other models a load (or reload) of `model` pushes out of memory on `node`, smallest
+    first: all of them when it runs split with system RAM there (it fills the VRAM, so Ollama
+    loads it alone), the split ones (for the same reason), and enough others to fit the node's
+    memory budget. A reload frees the model's own memory first."""
+    others = sorted((name for name in node.loaded if name != model), key=lambda name: entry_bytes(node.loaded[name]))
     if node.split(model):
-        return sorted(node.loaded, key=lambda name: entry_bytes(node.loaded[name]))
-    out = [name for name in node.loaded if node.split(name)]
+        return others
+    out = [name for name in others if node.split(name)]
     budget = node.budget_bytes()
     if budget is None:
         return out
     free, need = budget - node.memory_in_use(), node.model_bytes(model)
-    if model in node.loaded:  # a reload: Ollama frees the model's own memory first
+    if model in node.loaded:
         free += need
-    for name, entry in sorted(node.loaded.items(), key=lambda item: entry_bytes(item[1])):
+    for name in others:
         if free >= need:
             break
-        if name == model:
-            continue
-        free += entry_bytes(entry)
+        free += entry_bytes(node.loaded[name])
         if name not in out:
             out.append(name)
     return out
@@ -1888,8 +1892,6 @@ def estimate(node, model, call, *, slots, policy, usual_output, ahead, priors, a
     # it pushes out (a model split with system RAM fills the VRAM: every load pushes it out)
     eviction = evicting = 0.0
     for name in pushed_out(node, model) if loaded is None or reload else ():
-        if name == model:
-            continue
         if node.running_count(name):
             evicting = max(evicting, node.running[name].longest_remaining(now))
         eviction += 0.5 * (load_fixed + entry_bytes(node.loaded[name]) / GB * load_per_gb)
@@ -2659,8 +2661,7 @@ class Fleet:
                         node.note_loaded(lease.model, sent_ctx or node.context_default(lease.model),
                                          at_default=sent_ctx is None)
                 if (not node.running_count(lease.model) and lease.model in node.loaded
-                        and any(other != lease.model and other in node.loaded and node.split(other)
-                                for other in node.switching)):
+                        and node.loading_split() - {lease.model}):
                     del node.loaded[lease.model]  # a split model loading there pushes it out once idle
                     node.unloaded_at[lease.model] = time.monotonic()
             if served and timings and timings.get("eval_count"):
@@ -2685,7 +2686,8 @@ class Fleet:
             held = node.load_options.get(lease.model, {})
             if (entry is None or node.running_context(lease.model) != ctx
                     or any(held.get(k) != options.get(k) for k in RELOAD_OPTIONS)):
-                node.note_switch(lease.model, ctx, options, lease.load_s, at_default=context_number(runs_ctx) is None)
+                node.note_switch(lease.model, ctx, options, lease.load_s,
+                                 at_default=context_number(runs_ctx) is None)
             lease.prompt_slot, lease.slot_before = node.take_slot(lease.model, prefix,
                                                                   slots(node, self.config.parallel))
             if lease.prompt_slot is not None:
