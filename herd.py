@@ -882,6 +882,7 @@ class Lease:
     cold: bool = False  # herd expected a load or a context reload
     reload: bool = False  # ...and it is a context reload
     load_s: float = 0.0  # the seconds of (re)load herd expected
+    timed_alone: bool = True  # no other load was under way there: its load time is the model's own
     decision: dict | None = None  # the candidates and the excluded nodes, for the trace (see decision_record)
     default_ctx: int = DEFAULT_NUM_CTX
     pin_ctx: bool = False  # the running context is reported but the default is a guess: send num_ctx
@@ -1250,9 +1251,11 @@ class Node:
     decode_gbs_alone: Recent = field(default_factory=Recent)  # the same, from requests that ran alone
     prefill_gbs: Recent = field(default_factory=Recent)  # the same for prompt processing
     model_gbs: dict = field(default_factory=dict)  # model -> Recent decode GB/s of that model alone
+    ram_gbs: Recent = field(default_factory=Recent)  # how fast the part of a split model in system RAM streams
     loads: list = field(default_factory=list)  # (GB, seconds) of recent model loads
     decode_speed: float | None = None
     prefill_speed: float | None = None
+    ram_speed: float | None = None
     load_cost: tuple | None = None  # (fixed s, s per GB)
     batch_exp: float = BATCH_SLOWDOWN  # streams of one model: each at streams ^ -batch_exp of alone
     cross_exp: float = CROSS_SLOWDOWN  # models at once: each at models ^ -cross_exp of alone
@@ -1310,6 +1313,12 @@ class Node:
         weights = (self.models.get(model) or {}).get("size") or self.model_bytes(model)
         need = weights * (1 + self.kv_share * (self.running_context(model) or self.context_default(model)))
         return total / need if need > total else None
+
+    def loading_other(self, model, now):
+        """Is herd loading another model here (until it expects the load done)? Ollama loads one
+        model at a time: a load that starts meanwhile waits for that one, and its time says as
+        much about the other load as about its own."""
+        return any(name != model and until > now for name, (_, until, _) in self.switching.items())
 
     def loading_split(self):
         """The models herd is loading here that run split with system RAM: each fills the VRAM and
@@ -1625,10 +1634,11 @@ def protect_context(call, lease, policy):
 # between VRAM and system RAM or a mixture of experts keeps its own pace). A node herd has not
 # measured yet is timed once when it joins (Warming: calibration); until then it decodes like the
 # slowest measured node and loads like the median one, or, when /api/ps shows Ollama keeps
-# models in system RAM (size_vram < size), at CPU speed for that share. A model /api/ps has not
+# models in system RAM (size_vram < size), at the node's RAM speed for that share (learnt from
+# split models' replies, else RAM_VS_VRAM of the VRAM's). A model /api/ps has not
 # shown on a node yet is taken to run split when its weights and KV cache (learnt per node from
 # what loaded models take beyond their size on disk) exceed the VRAM the agent reports: it then
-# loads alone, pushing the others out, and streams the rest at CPU speed.
+# loads alone, pushing the others out, and streams the rest at the node's RAM speed.
 #   wait       until a slot for the model frees there (herd never exceeds num_parallel), counting
 #              the requests already queued for the model
 #              (and, before a load or reload, until the busy models it pushes out are done)
@@ -1671,7 +1681,9 @@ TIE_S, TIE_SHARE = 0.01, 0.02  # expected times closer than 10 ms or 2% are a ti
 LOAD_FIXED_S = 1.0  # starting a runner, before the weights stream in (at most; learned per node)
 HOT_LOAD_S = 0.05  # a load_duration below this is Ollama finding the model already loaded
 PRIOR_DECODE_GBS = 300.0  # a node herd has not measured yet: a mid-range GPU or Apple chip
-PRIOR_CPU_GBS = 60.0  # the part of a model Ollama keeps in system RAM: dual-channel DDR5
+# the part of a model Ollama keeps in system RAM streams about a tenth as fast as the GPU's VRAM
+# (dual-channel DDR4/DDR5 at 40-80 GB/s against 400-1000 GB/s), until a split model's replies say
+RAM_VS_VRAM = 0.1
 GPU_RESIDENT = 0.9  # a model with less of it in VRAM is split with system RAM: it runs at its own pace
 MODEL_SAMPLES = 2  # replies of one model on a node before its own speed there replaces the node's
 PRIOR_PREFILL_RATIO = 20.0  # prompt tokens go this many times faster than generated ones
@@ -1787,13 +1799,19 @@ def unmeasured_priors(nodes):
                   statistics.median(c[1] for c in loads) if loads else PRIOR_LOAD_S_PER_GB)
 
 
+def split_speed(node, share, gpu_gbs):
+    """Decode GB/s of a model with `share` of it in VRAM streaming at `gpu_gbs`, the rest in
+    system RAM at the speed learnt there (learn_ram_speed), else RAM_VS_VRAM of the VRAM's."""
+    return 1 / (share / gpu_gbs + (1 - share) / (node.ram_speed or gpu_gbs * RAM_VS_VRAM))
+
+
 def offload_prior(node, gpu_gbs):
     """Decode GB/s to assume for an unmeasured node from where Ollama put its loaded models: the
-    share in VRAM (size_vram / size in /api/ps) streams at GPU speed, the rest at CPU speed."""
+    share in VRAM (size_vram / size in /api/ps) streams at GPU speed, the rest at RAM speed."""
     share = node.gpu_share()
     if share is None or share >= 0.99:
         return gpu_gbs
-    return 1 / (share / gpu_gbs + (1 - share) / PRIOR_CPU_GBS)
+    return split_speed(node, share, gpu_gbs)
 
 
 def model_speed(node, model, priors):
@@ -1806,8 +1824,7 @@ def model_speed(node, model, priors):
     if not node.decode_speed:
         return offload_prior(node, priors.decode_gbs)
     if node.split(model):
-        share = node.vram_share(model)
-        return 1 / (share / node.decode_speed + (1 - share) / PRIOR_CPU_GBS)
+        return split_speed(node, node.vram_share(model), node.decode_speed)
     return node.decode_speed
 
 
@@ -2092,6 +2109,7 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
         return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
                      breakdown=breakdown, decision=decision, held=admit, eta_s=eta, cold=chosen["cold_load"] > 0,
                      reload=chosen["reload"] > 0, load_s=chosen["cold_load"],
+                     timed_alone=not node.loading_other(model, now_mono),
                      loaded_ctx=node.running_context(model),
                      default_ctx=default_ctx,
                      pin_ctx=bool(loaded and loaded.get("context_length") and not loaded.get("learned"))
@@ -2113,6 +2131,7 @@ def record_speeds(node, model, size_gb, timings, shared, alone):
         speed = timings["eval_count"] / timings["eval_s"] * size_gb
         node.model_gbs.setdefault(model, Recent()).add(speed * shared)
         if node.split(model):
+            learn_ram_speed(node, node.vram_share(model), speed * shared)
             return speed
         if alone:
             node.decode_gbs_alone.add(speed)
@@ -2124,6 +2143,17 @@ def record_speeds(node, model, size_gb, timings, shared, alone):
         node.prefill_gbs.add(timings["prompt_count"] / timings["prompt_s"] * size_gb * shared)
         node.prefill_speed = node.prefill_gbs.quantile(0.25)
     return speed
+
+
+def learn_ram_speed(node, share, gbs):
+    """A model with `share` of it in VRAM decoded at `gbs`: what its part in system RAM took is
+    its time per GB less the VRAM part's at the node's speed, a sample of the RAM's speed."""
+    if not node.decode_speed:
+        return
+    ram_time = 1 / gbs - share / node.decode_speed  # seconds per GB of weights spent in RAM
+    if ram_time > 0:
+        node.ram_gbs.add((1 - share) / ram_time)
+        node.ram_speed = node.ram_gbs.quantile(0.25)
 
 
 def record_load(node, size_gb, seconds):
@@ -2152,7 +2182,7 @@ def learn_sharing(node, speed, same, models):
 def learn_from_reply(node, lease, timings):
     """What one served request teaches about its node: speeds, undoing the sharing it ran under
     (the mean of the company it met at its start and at its end); how that sharing slowed it
-    (learn_sharing); and the load time when it was cold."""
+    (learn_sharing); and the load time when it was cold and no other load there held it up."""
     size_gb = node.weights_gb(lease.model)
     (same0, models0), (same1, models1) = lease.company_at_start, company(node.counts(), lease.model)
     same, models = math.sqrt(same0 * same1), math.sqrt(models0 * models1)
@@ -2161,7 +2191,7 @@ def learn_from_reply(node, lease, timings):
                           alone=alone)
     if speed and not alone and not node.split(lease.model):
         learn_sharing(node, speed, same, models)
-    if lease.cold and (timings.get("load_s") or 0) > HOT_LOAD_S:
+    if lease.cold and lease.timed_alone and (timings.get("load_s") or 0) > HOT_LOAD_S:
         record_load(node, size_gb, timings["load_s"])
 
 
@@ -2223,7 +2253,8 @@ def plan_preload(nodes, demand, preloading, now, now_mono):
             speed = node.decode_speed
             budget = node.budget_bytes()
             if (model in node.loaded or model not in node.models or node.node_id in preloading
-                    or speed is None or not budget or pushed_out(node, model)):
+                    or speed is None or not budget or pushed_out(node, model)
+                    or node.loading_other(model, now_mono)):
                 continue  # (a model split with system RAM, loading or loaded, pushes out the others)
             need = node.model_bytes(model) * (1 + PRELOAD_HEADROOM)
             free_after = budget - node.memory_in_use() - need

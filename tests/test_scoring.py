@@ -182,10 +182,11 @@ def test_shared_run_integrates_over_the_other_model_ending():
     assert herd.shared_run(node, "m:latest", WORK, 0.0, NOW) == pytest.approx((4.4, 1.0))
 
 
-def split_node(vram_share=None, own=(), decode_speed=300.0):
-    """A node (measured at `decode_speed` GB/s) with m hot, `vram_share` of it in VRAM, and
-    `own` decode samples of m."""
+def split_node(vram_share=None, own=(), decode_speed=300.0, ram_speed=None):
+    """A node (measured at `decode_speed` GB/s, its system RAM at `ram_speed`) with m hot,
+    `vram_share` of it in VRAM, and `own` decode samples of m."""
     node = make_node(loaded=["m:latest"], decode_speed=decode_speed)
+    node.ram_speed = ram_speed
     if vram_share is not None:
         node.loaded["m:latest"]["size_vram"] = int(vram_share * 4 * GB)
     for gbs in own:
@@ -197,8 +198,11 @@ MODEL_SPEEDS = [
     # (what, node, expected decode GB/s for m)
     ("in VRAM: the node's speed", split_node(1.0), 300.0),
     ("95% in VRAM counts as in VRAM", split_node(0.95), 300.0),
-    # half the weights at 300 GB/s, half at the CPU prior of 60: 1 / (0.5/300 + 0.5/60) = 100
-    ("half in system RAM: the two paces in turn", split_node(0.5), 100.0),
+    # half the weights at 300 GB/s, half at the RAM prior of a tenth of that, 30:
+    # 1 / (0.5/300 + 0.5/30) = 1 / (1/600 + 1/60) = 600/11
+    ("half in system RAM: the two paces in turn", split_node(0.5), 600 / 11),
+    # the same with RAM measured at 60 GB/s: 1 / (0.5/300 + 0.5/60) = 100
+    ("half in system RAM, its speed learnt", split_node(0.5, ram_speed=60.0), 100.0),
     ("all in RAM on a CPU machine: the node's speed is a CPU speed", split_node(0.0), 300.0),
     ("one sample of its own is not enough", split_node(1.0, own=(90.0,)), 300.0),
     ("two of its own: their lower quartile", split_node(1.0, own=(120.0, 90.0)), 90.0),
@@ -221,6 +225,18 @@ def test_a_split_model_teaches_its_own_speed_and_not_the_nodes():
     node.loaded["m:latest"]["size_vram"] = 4 * GB  # all in VRAM now: the node learns from it
     herd.record_speeds(node, "m:latest", 4.0, timings, shared=1.0, alone=True)
     assert node.decode_speed == pytest.approx(40.0)
+
+
+def test_a_split_model_teaches_the_nodes_ram_speed():
+    node = split_node(0.5)  # VRAM at 300 GB/s
+    # 25 tokens/s x 4 GB = 100 GB/s; per GB 1/100 s, of which 0.5/300 in VRAM: the RAM's half took
+    # 1/100 - 1/600 = 1/120 s, so RAM streams 0.5 GB in 1/120 s: 60 GB/s
+    herd.record_speeds(node, "m:latest", 4.0, {"eval_count": 100, "eval_s": 4.0}, shared=1.0, alone=True)
+    assert node.ram_speed == pytest.approx(60.0)
+    assert node.decode_speed == 300.0  # the node's own speed is not taught by a split model
+    other = split_node(0.25)
+    other.ram_speed = node.ram_speed  # another model split there: 1 / (0.25/300 + 0.75/60) = 75
+    assert herd.model_speed(other, "m:latest", herd.Priors()) == pytest.approx(75.0)
 
 
 def node_holding(budget_gb, split=()):
@@ -738,6 +754,40 @@ def test_a_split_model_is_not_preloaded_where_it_would_push_others_out():
     assert herd.plan_preload([node], demand, set(), time.time(), NOW) is None
     node.loaded.clear()  # nothing to push out: it may load there
     assert herd.plan_preload([node], demand, set(), time.time(), NOW)[1] == "big:latest"
+
+def test_a_node_loading_another_model_is_not_preloaded_until_that_load_is_done():
+    node = gpu_node(24)
+    node.decode_speed, node.memory_budget_gb = 500.0, 64.0
+    node.loaded.clear()
+    now = time.monotonic()
+    demand = {"big:latest": [now - 1, now - 2, now - 3]}
+    node.note_switch("small:latest", 4096, {"num_ctx": None}, 5.0, at_default=True)  # done in 5 s
+    assert herd.plan_preload([node], demand, set(), time.time(), now) is None
+    assert herd.plan_preload([node], demand, set(), time.time(), now + 6)[1] == "big:latest"
+
+
+def test_a_load_that_waited_for_another_is_not_learnt_from():
+    # Ollama loads one model at a time: a cold request sent while herd had another model loading
+    # there reports a load_duration that includes that load; one sent to an idle node its own
+    fleet = herd.Fleet(herd.Config())
+    entry = {"name": "m:latest", "model": "m:latest", "size": 2 * GB}
+    other = {"name": "o:latest", "model": "o:latest", "size": 2 * GB}
+    fleet.report("a", "http://127.0.0.1:1", "agent", 5.0,
+                 {"ollama": {"reachable": True, "models": [entry, other], "loaded": []}})
+    node = fleet.nodes["a"]
+    node.decode_speed = 300.0
+    node.note_switch("o:latest", 4096, {"num_ctx": None}, 30.0, at_default=True)  # loading for 30 s
+    served = {"eval_count": 100, "eval_s": 1.0, "load_s": 9.0}
+    lease = fleet.acquire(make_call())
+    assert lease.cold and not lease.timed_alone
+    fleet.release(lease, served=True, timings=served)
+    assert node.load_cost is None
+    del node.switching["o:latest"], node.loaded["m:latest"]  # the other load is over; m left again
+    lease = fleet.acquire(make_call())
+    assert lease.cold and lease.timed_alone
+    fleet.release(lease, served=True, timings=dict(served, load_s=3.0))
+    assert node.loads == [(2.0, 3.0)]
+
 
 def test_a_slot_freed_under_a_long_queue_is_granted_without_looking_at_every_waiter(monkeypatch):
     # 30 one-slot nodes, all busy, and 200 queued requests: when one slot frees, the oldest waiter
