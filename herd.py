@@ -197,7 +197,7 @@ class ReplyStats:
 
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    timings: dict | None = None  # eval_count, eval_s, prompt_count, prompt_s, load_s
+    timings: dict | None = None  # eval_count, eval_s, prompt_count, prompt_s, load_s (or first_byte_s: Exchange.finish)
 
 
 def read_reply(tail, ttft_ms=None, latency_ms=None, events=0):
@@ -882,7 +882,8 @@ class Lease:
     cold: bool = False  # herd expected a load or a context reload
     reload: bool = False  # ...and it is a context reload
     load_s: float = 0.0  # the seconds of (re)load herd expected
-    timed_alone: bool = True  # no other load was under way there: its load time is the model's own
+    prompt_s: float = 0.0  # ...and of prompt evaluation
+    timed_alone: bool = True  # nothing held its load up there (another load, busy models pushed out)
     decision: dict | None = None  # the candidates and the excluded nodes, for the trace (see decision_record)
     default_ctx: int = DEFAULT_NUM_CTX
     pin_ctx: bool = False  # the running context is reported but the default is a guess: send num_ctx
@@ -2108,8 +2109,8 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
                     "excluded": [(n.node_id, why_excluded(n, model, now)) for n in excluded]}
         return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
                      breakdown=breakdown, decision=decision, held=admit, eta_s=eta, cold=chosen["cold_load"] > 0,
-                     reload=chosen["reload"] > 0, load_s=chosen["cold_load"],
-                     timed_alone=not node.loading_other(model, now_mono),
+                     reload=chosen["reload"] > 0, load_s=chosen["cold_load"], prompt_s=chosen["prompt"],
+                     timed_alone=not chosen["wait"] and not node.loading_other(model, now_mono),
                      loaded_ctx=node.running_context(model),
                      default_ctx=default_ctx,
                      pin_ctx=bool(loaded and loaded.get("context_length") and not loaded.get("learned"))
@@ -2182,7 +2183,7 @@ def learn_sharing(node, speed, same, models):
 def learn_from_reply(node, lease, timings):
     """What one served request teaches about its node: speeds, undoing the sharing it ran under
     (the mean of the company it met at its start and at its end); how that sharing slowed it
-    (learn_sharing); and the load time when it was cold and no other load there held it up."""
+    (learn_sharing); and the load time when it was cold and nothing held the load up."""
     size_gb = node.weights_gb(lease.model)
     (same0, models0), (same1, models1) = lease.company_at_start, company(node.counts(), lease.model)
     same, models = math.sqrt(same0 * same1), math.sqrt(models0 * models1)
@@ -2191,8 +2192,13 @@ def learn_from_reply(node, lease, timings):
                           alone=alone)
     if speed and not alone and not node.split(lease.model):
         learn_sharing(node, speed, same, models)
-    if lease.cold and lease.timed_alone and (timings.get("load_s") or 0) > HOT_LOAD_S:
-        record_load(node, size_gb, timings["load_s"])
+    load_s = timings.get("load_s")
+    if load_s is None and timings.get("first_byte_s") is not None:
+        # an OpenAI stream does not say how long the load took: its first byte came after the
+        # load and the prompt's evaluation
+        load_s = timings["first_byte_s"] - lease.prompt_s
+    if lease.cold and lease.timed_alone and (load_s or 0) > HOT_LOAD_S:
+        record_load(node, size_gb, load_s)
 
 
 # =============================================================================================
@@ -3537,8 +3543,11 @@ class Exchange:
             else:
                 upstream.close()
         if self.lease is not None:
+            timings = self.reply.timings if completed else None
+            if timings is not None and "load_s" not in timings and self.call.stream and self.first_byte_at:
+                timings["first_byte_s"] = self.first_byte_at - self.started  # (an OpenAI stream)
             self.proxy.fleet.release(self.lease, served=completed, sent_ctx=sent_num_ctx(self.call),
-                                     timings=self.reply.timings if completed else None)
+                                     timings=timings)
         self.latency_ms, self.ended_at = latency_ms, time.time()
         self.proxy.traces.record(self)  # the writer thread builds its row (trace_row)
         self.proxy.drop(self)

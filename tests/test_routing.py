@@ -5,6 +5,7 @@ import concurrent.futures
 import json
 import time
 
+import openai
 import pytest
 import requests
 
@@ -330,6 +331,20 @@ def test_an_openai_request_that_loads_a_model_is_noted_at_once(make_fake, make_r
         # as it does for the native API, rather than as cold until the next report
         assert router.status()["nodes"][0]["models_loaded"][0]["name"] == "llama3.2:latest"
         assert reply.result().status_code == 200
+
+
+def test_an_openai_stream_that_loads_a_model_teaches_the_load_time(make_fake, make_router):
+    # /v1 replies carry no load_duration: herd times the stream's first byte, which came after
+    # the load and the prompt (the fake node takes 1.5 s to "load")
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=[])
+    fake.first_byte_delay = 1.5
+    router = make_router(nodes=[("box", fake.url)])
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(model="llama3.2", stream=True,
+                                            messages=[{"role": "user", "content": "hello"}])
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    [(gb, seconds)] = router.herd.fleet.nodes["box"].loads
+    assert gb == pytest.approx(2.0) and 1.4 < seconds < 2.5
 
 
 # -- prompt caches ------------------------------------------------------------------------------

@@ -789,6 +789,26 @@ def test_a_load_that_waited_for_another_is_not_learnt_from():
     assert node.loads == [(2.0, 3.0)]
 
 
+LOAD_SAMPLES = [
+    # (what, timings of a cold reply of m (2 GB), lease fields, the (GB, seconds) sample learnt)
+    ("native: Ollama's load_duration", {"load_s": 3.0}, {}, [(2.0, 3.0)]),
+    ("under 50 ms: it was hot after all", {"load_s": 0.01}, {}, []),
+    # an OpenAI stream: its first byte after 4 s, of which herd expected 0.5 s of prompt
+    ("OpenAI stream: first byte less the prompt", {"first_byte_s": 4.0}, {"prompt_s": 0.5}, [(2.0, 3.5)]),
+    ("OpenAI, not streamed: nothing to time", {}, {"prompt_s": 0.5}, []),
+    ("held up by another load or busy models", {"load_s": 3.0}, {"timed_alone": False}, []),
+]
+
+
+@pytest.mark.parametrize("what, timings, fields, expected", LOAD_SAMPLES, ids=[r[0] for r in LOAD_SAMPLES])
+def test_load_times_learnt_from_a_cold_reply(what, timings, fields, expected):
+    node = make_node({"m:latest": 2.0}, decode_speed=300.0)
+    lease = herd.Lease(node_id="n", url=node.url, model="m:latest", score=0, breakdown={}, cold=True, **fields)
+    node.hold(lease)
+    herd.learn_from_reply(node, lease, dict({"eval_count": 100, "eval_s": 1.0}, **timings))
+    assert node.loads == pytest.approx(expected)
+
+
 def test_a_slot_freed_under_a_long_queue_is_granted_without_looking_at_every_waiter(monkeypatch):
     # 30 one-slot nodes, all busy, and 200 queued requests: when one slot frees, the oldest waiter
     # takes it and the other 199 are passed over once the model has no free slot left; each
