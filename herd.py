@@ -635,6 +635,9 @@ def parse_call(api, endpoint, raw, headers, client_ip, request_id):
         raise HerdError(400, 'the request has no "model"; name the model to run, e.g. "llama3.2"',
                         "missing_model")
     read_text(asked, "model" if body.get("model") else "name")
+    spaced = asked != asked.strip()  # " llama3.2 " is routed as llama3.2: the node must be sent that too
+    if spaced:
+        asked = body["model" if body.get("model") else "name"] = asked.strip()
     stream = read_flag(body.get("stream"), "stream", optional=True)
     fallbacks = [read_text(m, f"fallback_models[{i}]") for i, m in
                  enumerate(read_list(body.get("fallback_models"), "fallback_models", MAX_FALLBACKS, optional=True) or ())]
@@ -647,7 +650,7 @@ def parse_call(api, endpoint, raw, headers, client_ip, request_id):
     prompt_chars = read_prompt_chars(body, endpoint)
     # herd's own fields are not for the node; a body not in plain UTF-8 (UTF-16, a BOM) is sent
     # re-encoded, as Ollama reads UTF-8 only
-    edited = "fallback_models" in body or "metadata" in body or json.detect_encoding(raw) != "utf-8"
+    edited = spaced or "fallback_models" in body or "metadata" in body or json.detect_encoding(raw) != "utf-8"
     body.pop("fallback_models", None)
     body.pop("metadata", None)
     return Call(api=api, endpoint=endpoint, body=body, raw=raw, model=normalize_model(asked),
@@ -3084,36 +3087,55 @@ class Capabilities:
 # Auto-pull: a model no node has is pulled onto the roomiest node
 # =============================================================================================
 
+PULLS_AT_ONCE = 4  # pulls herd runs at a time (each streams gigabytes onto a node)
+PULLS_KEPT = 100  # finished pulls the dashboard lists, the newest
+PULL_AGAIN_AFTER_S = 600.0  # a model whose pull failed (a typo, most often) is not auto-pulled again sooner
+
+
 class Pulls:
-    """Model pulls started by herd (auto-pull, dashboard): at most one per model at a time."""
+    """Model pulls started by herd (auto-pull, dashboard): at most one per model and
+    PULLS_AT_ONCE in all at a time; the newest PULLS_KEPT that ended are still listed."""
 
     def __init__(self):
         self.session = control_session()
         self.lock = threading.Lock()
         self.pulls = {}  # model -> progress dict
 
+    def _running(self):
+        return [p for p in self.pulls.values() if p["status"] not in ("success", "failed")]
+
     def ensure(self, model, fleet):
         """Start pulling `model` onto the node with the most free memory; returns what to tell
         the client, or None when no node is there to pull onto."""
+        watch = "watch GET /dashboard/api/model-management and retry when it is done"
         with self.lock:
-            running = self.pulls.get(model)
-            if running and running["status"] not in ("success", "failed"):
-                return (f"herd is pulling it onto {running['node_id']} ({running['percent']}%); "
-                        f"watch GET /dashboard/api/model-management and retry when it is done")
+            known, running = self.pulls.get(model), len(self._running())
+            if known and known["status"] not in ("success", "failed"):
+                return f"herd is pulling it onto {known['node_id']} ({known['percent']}%); {watch}"
+            if known and known["status"] == "failed" and time.time() - known["started"] < PULL_AGAIN_AFTER_S:
+                return (f"herd's pull of it onto {known['node_id']} failed ({known['error']}); check the "
+                        f"name, or pull it from the dashboard")
+            if running >= PULLS_AT_ONCE:
+                return f"herd is pulling {running} models already (at most {PULLS_AT_ONCE} at once); retry later"
         node_id = fleet.pull_target(model)
         if node_id is None:
             return None
-        self.start(model, node_id, fleet.url_of(node_id))
-        return (f"herd started pulling it onto {node_id} (auto_pull); watch GET "
-                "/dashboard/api/model-management and retry when it is done")
+        if not self.start(model, node_id, fleet.url_of(node_id)):
+            return f"herd is pulling {PULLS_AT_ONCE} models already; retry later"
+        return f"herd started pulling it onto {node_id} (auto_pull); {watch}"
 
     def start(self, model, node_id, url):
+        """Start a pull; False when the model is being pulled or PULLS_AT_ONCE pulls run already."""
         with self.lock:
             running = self.pulls.get(model)
-            if running and running["status"] not in ("success", "failed"):
+            if (running and running["status"] not in ("success", "failed")) or len(self._running()) >= PULLS_AT_ONCE:
                 return False
+            self.pulls.pop(model, None)  # (re-added last: the newest)
             self.pulls[model] = {"model": model, "node_id": node_id, "status": "starting", "percent": 0,
                                  "started": time.time(), "error": None}
+            ended = [name for name, p in self.pulls.items() if p["status"] in ("success", "failed")]
+            for name in ended[:max(0, len(ended) - PULLS_KEPT)]:  # oldest first
+                del self.pulls[name]
         log.info("pulling %s onto %s", model, node_id)
         threading.Thread(target=self._run, args=(model, url), name=f"herd-pull-{model}", daemon=True).start()
         return True
@@ -3169,12 +3191,11 @@ _watched = threading.local()  # the Exchange whose upstream connection the curre
 class UpstreamFailure(Exception):
     """A node failed before its first byte reached the client: the request may be retried."""
 
-    def __init__(self, message, status=502, unreachable=False, timed_out=False, answered=False):
+    def __init__(self, message, status=502, unreachable=False, timed_out=False):
         super().__init__(message)
         self.status = status
         self.unreachable = unreachable
         self.timed_out = timed_out
-        self.answered = answered  # the node answered with a 5xx (it was up, and said no)
 
 
 class WatchedHTTPConnection(urllib3.connection.HTTPConnection):
@@ -3254,7 +3275,7 @@ class Watchdog:
 # that carries the upstream's framing headers.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te",
                         "trailer", "upgrade", "proxy-authenticate", "proxy-authorization", "date",
-                        "server"})
+                        "server", "content-encoding"})  # (bodies go on decoded: herd reads them)
 UPSTREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError)
 # The requests that run a model on the node (both APIs): herd notes the load and the prompt slot
 # each one makes there, and protects the context of the native ones.
@@ -3284,11 +3305,23 @@ def reply_finished(call, tail):
     return b'"status":"success"' in tail if call.endpoint == "/api/pull" else b'"done":true' in tail
 
 
+def in_api_shape(data, api):
+    """Is `data` an error body in the API's own shape (Ollama {"error": "..."}; OpenAI
+    {"error": {"message": "...", ...}})?"""
+    try:
+        error = json.loads(data).get("error")
+    except (ValueError, AttributeError):
+        return False
+    if api == "openai":
+        return isinstance(error, dict) and isinstance(error.get("message"), str)
+    return isinstance(error, str)
+
+
 def upstream_chunks(resp):
     """Yield the node's bytes as they arrive: chunk by chunk when chunked, else what read1 has
     (iter_content would buffer a body that ends at connection close)."""
     if resp.chunked and resp.supports_chunked_reads():
-        for chunk in resp.read_chunked(decode_content=False):
+        for chunk in resp.read_chunked():
             if chunk:
                 yield chunk
         return
@@ -3694,8 +3727,9 @@ class Proxy:
     def _attempts(self, exchange, admit):
         """Attempt after attempt until one answers: the next-best nodes at once (up to
         max_retries more), then, while every node that could serve it is resting, the first to
-        recover, until the queue deadline. A node that keeps answering this request with an error
-        while it serves others has said no to the request, not failed: then herd gives up."""
+        recover, until the queue deadline. A node that fails this request again (an error answer,
+        or hanging up on it) after serving others meanwhile has said no to the request, not
+        failed: then herd gives up."""
         call = exchange.call
         deadline = time.monotonic() + self.config.queue_timeout
         attempts = 0
@@ -3720,7 +3754,7 @@ class Proxy:
                 self.fleet.note_failure(lease, str(failure), failure.unreachable)
                 last_failure = failure
                 served = self.fleet.served_count(lease.node_id)
-                refused_again = failure.answered and served_when_failed.get(lease.node_id, served) < served
+                refused_again = served_when_failed.get(lease.node_id, served) < served
                 served_when_failed[lease.node_id] = served
                 retry = not call.pin and not refused_again and (attempts <= self.config.max_retries
                                                                  or time.monotonic() < deadline)
@@ -3800,7 +3834,7 @@ class Proxy:
             if key.lower() not in HOP_BY_HOP:
                 headers.setdefault(key, value)
 
-        if resp.status >= 400 or not call.stream:
+        if resp.status >= 400 or not call.stream or 300 <= resp.status < 400:
             try:
                 data = resp.read()
             except UPSTREAM_ERRORS as exc:
@@ -3811,10 +3845,14 @@ class Proxy:
             resp.release_conn()
             if resp.status >= 500:
                 raise UpstreamFailure(f"{lease.node_id} answered {resp.status}: {upstream_message(data)}",
-                                      status=resp.status, answered=True)
+                                      status=resp.status if resp.status < 600 else 502)
+            if 300 <= resp.status < 400:  # not Ollama's: a proxy in front of it; its target is not a node
+                raise UpstreamFailure(f"{lease.node_id} answered {resp.status}, a redirect to "
+                                      f"{header_safe(resp.headers.get('Location') or 'nowhere')}; give herd the "
+                                      "node's final URL")
             if resp.status >= 400:
                 message = upstream_message(data)
-                if not data.lstrip().startswith(b"{"):
+                if not in_api_shape(data, call.api):
                     data = json.dumps(error_body(call.api, resp.status, message, "upstream_error")).encode()
                 headers["Content-Type"] = "application/json"
                 exchange.finish("failed", message)
@@ -4967,6 +5005,7 @@ class Herd:
     def trace_answer(self, api, endpoint, client_ip, status, message, request_id=None, user_agent=""):
         """The trace row of an error answer that no exchange served (see HTTP routes)."""
         outcome = "cancelled" if status == 499 else "failed"
+        endpoint = endpoint[:MAX_PATH_CHARS]  # a path of any length may be asked for: the row keeps its start
         self.proxy.refuse(api, endpoint, client_ip, request_id or self.request_id(),
                           message or f"answered {status}", outcome, user_agent)
 
@@ -5010,6 +5049,7 @@ PROXIED = {"/api/chat": "ollama", "/api/generate": "ollama", "/api/embed": "olla
            "/api/embeddings": "ollama", "/v1/chat/completions": "openai", "/v1/completions": "openai",
            "/v1/embeddings": "openai"}
 NOT_IMPLEMENTED = ("/api/copy", "/api/create", "/api/push", "/api/blobs/<path:digest>")
+MAX_PATH_CHARS = 256  # of a path a trace row keeps
 UNTRACED_PREFIXES = ("/dashboard", "/static/", "/heartbeat", "/metrics")
 # Open without the key: the greeting, and the dashboard's page and assets (no data; the page asks
 # for the key and sends it with every API call)
@@ -5051,7 +5091,7 @@ def bearer_token(header):
 
 
 def has_key(config):
-    token = bearer_token(request.headers.get("Authorization"))
+    token = bearer_token(header_text(request.headers.get("Authorization")))  # (a key in UTF-8 too)
     return token is not None and hmac.compare_digest(token.encode("utf-8", "replace"),
                                                      config.api_key.encode("utf-8", "replace"))
 
@@ -5393,7 +5433,7 @@ class JsonErrorTask(waitress.task.ErrorTask):
 
     def execute(self):
         error = self.request.error
-        path = getattr(self.request, "path", None) or ""
+        path = getattr(self.request, "path", None) or request_line_path(self.request)
         herd = getattr(self.channel.server, "herd", None)
         if error.code == 413 and herd is not None:
             message = body_too_large_message(herd.config)
@@ -5412,8 +5452,43 @@ class JsonErrorTask(waitress.task.ErrorTask):
             herd.trace_answer(api, path, self.channel.addr[0] if self.channel.addr else "", error.code, message)
 
 
+def request_line_path(parsed):
+    """The path of a request Waitress could not finish parsing (a bad header), from its first
+    line, so that its error answer takes the route's API shape."""
+    parts = (getattr(parsed, "first_line", None) or b"").split()
+    return parts[1].decode("latin-1").split("?")[0] if len(parts) >= 2 else ""
+
+
 class HerdChannel(waitress.channel.HTTPChannel):
+    """Waitress's channel, with herd's error answers, and a trace row for each request Waitress
+    drops without running it: one whose client closed its side of the connection before a thread
+    took it up (a half-close, a client gone at once), and those pipelined behind a reply that
+    closes the connection (a stream)."""
+
     error_task_class = JsonErrorTask
+
+    def service(self):
+        queued, connected = self.requests, self.connected
+        served = queued[0] if queued and connected else None
+        super().service()
+        if self.requests is queued:
+            return  # the connection goes on: the next request is served in turn
+        herd = getattr(self.server, "herd", None)
+        for dropped in list(queued):  # closing, Waitress replaced the list and dropped these
+            if dropped is not served and herd is not None:
+                trace_dropped(herd, dropped, self.addr)
+
+
+def trace_dropped(herd, parsed, addr):
+    """The row of a request Waitress dropped unanswered (see HerdChannel), as for any answer:
+    reads and herd's own pages are not traced."""
+    path = getattr(parsed, "path", None) or request_line_path(parsed)
+    if getattr(parsed, "command", None) in ("GET", "HEAD", "OPTIONS") or path.startswith(UNTRACED_PREFIXES):
+        return
+    herd.trace_answer(api_of(path), path, addr[0] if addr else "", 499,
+                      "the client closed the connection before herd could answer (it closed its side, or "
+                      "sent this request behind a streamed one)",
+                      user_agent=read_user_agent((getattr(parsed, "headers", None) or {}).get("USER_AGENT")))
 
 
 def make_server(app, config):

@@ -9,6 +9,9 @@ Tests and benchmarks start several on loopback ports to make a fleet. It serves 
     fake.first_byte_delay = 5          # wait before answering (a model load)
     fake.die_after_chunks = 3          # drop the connection mid-stream
     fake.stall_after_chunks = (2, 30)  # go silent for 30 s after two chunks
+    fake.drop_prompts = {"POISON"}      # close the connection unanswered on this prompt (a crashed runner)
+    fake.gzip_replies = True           # non-streamed replies gzipped (a compressing proxy in front)
+    fake.redirect_to = "http://x/"     # inference answered with a 307 there (a proxy in front)
     fake.stop()                        # connection refused from now on
 
 Run alone:  python tests/fake_ollama.py --port 11501 --models llama3.2,qwen2.5:7b --loaded llama3.2
@@ -17,6 +20,7 @@ Run alone:  python tests/fake_ollama.py --port 11501 --models llama3.2,qwen2.5:7
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import socket
 import threading
@@ -51,7 +55,11 @@ class FakeOllama:
         self.first_byte_delay = 0.0
         self.die_after_chunks = None
         self.stall_after_chunks = None  # (chunks, seconds): go silent mid-stream
+        self.drop_prompts = set()  # a request whose prompt or last message is one of these gets no answer
         self.pull_steps = 3
+        self.unpullable = set()
+        self.gzip_replies = False  # answer inference requests gzipped, as a compressing proxy in front would
+        self.redirect_to = None  # answer inference requests with a 307 there, as a proxy in front might  # names the registry does not have: their pull ends with an error
         self.eval_duration_ns = 900  # what replies say generation took (herd learns speed from it)
         self.load_duration_ns = 10  # what replies say loading took (above 50 ms herd counts a cold load)
         self.gpu = True  # False: /api/ps says size_vram 0, as Ollama does for a model in system RAM
@@ -152,6 +160,9 @@ class FakeHandler(BaseHTTPRequestHandler):
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
+        if getattr(getattr(self, "fake", None), "gzip_replies", False) and self.path in INFERENCE:  # (not the simulator's)
+            data = gzip.compress(data)
+            self.send_header("Content-Encoding", "gzip")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -233,6 +244,17 @@ class FakeHandler(BaseHTTPRequestHandler):
         with fake.lock:
             fake.received.append((self.path, body))
         status = fake.take_failure()
+        if fake.redirect_to:
+            self.send_response(307)
+            self.send_header("Location", fake.redirect_to)
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
+        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+        if {str(body.get("prompt")), str(last.get("content"))} & fake.drop_prompts:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)  # no status line: the node just hangs up
+            return
         if fake.first_byte_delay:
             time.sleep(fake.first_byte_delay)
         if status:
@@ -269,6 +291,9 @@ class FakeHandler(BaseHTTPRequestHandler):
         name = full_name(str(body.get("model") or body.get("name") or ""))
         self.start_chunked("application/x-ndjson")
         self.chunk(b'{"status":"pulling manifest"}\n')
+        if name in fake.unpullable:
+            self.chunk(b'{"error":"pull model manifest: file does not exist"}\n')
+            return self.end_chunks()
         for step in range(fake.pull_steps):
             time.sleep(fake.token_delay)
             self.chunk(json.dumps({"status": "pulling layer", "digest": "sha256:00", "total": 100,

@@ -169,6 +169,51 @@ def test_a_request_waitress_cannot_parse_gets_json(fleet):
     wait_for(lambda: router.traces("SELECT COUNT(*) FROM request_traces")[0][0] == 1, what="row")
 
 
+def raw_request(path, body, close=False):
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n" + ("Connection: close\r\n" if close else "") + "\r\n").encode() + data
+
+
+def read_all(sock):
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_requests_waitress_drops_unanswered_still_get_a_row(fleet):
+    # Waitress runs no request whose client has closed its side of the connection, and drops the
+    # requests pipelined behind a reply that closes it (every stream): each still gets its row
+    _, router = fleet
+    port = int(router.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(raw_request("/api/chat", CHAT))
+        sock.shutdown(socket.SHUT_WR)  # a half-close: Waitress takes the client for gone
+        read_all(sock)
+    streamed = dict(CHAT, stream=True)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(raw_request("/api/chat", streamed) + raw_request("/v1/chat/completions", OPENAI_CHAT, close=True))
+        assert read_all(sock).count(b"HTTP/1.1 200") == 1  # the stream; then the connection closes
+    wait_for(lambda: router.traces("SELECT COUNT(*) FROM request_traces")[0][0] == 3, what="three rows")
+    rows = router.traces("SELECT endpoint, status FROM request_traces ORDER BY timestamp")
+    # (the half-closed one is served when a thread takes it up before Waitress reads the close)
+    assert rows[0] in (("/api/chat", "cancelled"), ("/api/chat", "completed"))
+    assert rows[1:] == [("/api/chat", "completed"), ("/v1/chat/completions", "cancelled")]
+
+
+def test_a_bad_header_on_an_openai_route_gets_an_openai_error(fleet):
+    _, router = fleet
+    port = int(router.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\n{}")
+        head, _, body = read_all(sock).decode("latin-1").partition("\r\n\r\n")
+    assert head.split()[1] == "400"  # (Waitress answers in HTTP/1.0 when the head did not parse)
+    assert set(json.loads(body)["error"]) == {"message", "type", "code"}
+    wait_for(lambda: router.traces("SELECT api, endpoint FROM request_traces") == [("openai", "/v1/chat/completions")],
+             what="its row")
+
+
 def test_unknown_routes_wrong_methods_and_missing_keys_are_traced(make_fake, make_router):
     fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
     router = make_router(nodes=[("a", fake.url)], api_key="k")
@@ -189,6 +234,17 @@ def test_the_bearer_scheme_is_case_insensitive(make_router):
     for header in ("Bearer sekrit", "bearer sekrit", "BEARER  sekrit"):
         assert requests.get(router.url + "/fleet/status", headers={"Authorization": header}).status_code == 200
     assert requests.get(router.url + "/fleet/status", headers={"Authorization": "Basic sekrit"}).status_code == 401
+
+
+def test_a_key_that_is_not_ascii_is_matched_as_clients_send_it(make_router):
+    router = make_router(api_key="sëcret")
+    port = int(router.url.rsplit(":", 1)[1])
+    # UTF-8, as clients send it; Latin-1 (a byte that is not UTF-8 reads as Latin-1); another key
+    for key, status in (("sëcret".encode(), b"200"), ("sëcret".encode("latin-1"), b"200"), (b"secret", b"401")):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /fleet/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                         b"Authorization: Bearer " + key + b"\r\n\r\n")
+            assert read_all(sock).split()[1] == status, key
 
 
 def test_auto_pull_only_for_valid_model_references(make_fake, make_router):

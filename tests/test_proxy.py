@@ -84,6 +84,20 @@ def test_every_node_failing_for_good_gives_a_json_error_not_a_stack_trace(make_f
     assert router.traces("SELECT COUNT(*) FROM request_traces WHERE status='failed'") == [(2,)]
 
 
+def test_odd_upstream_answers_reach_the_client_in_its_apis_shape(make_fake, make_router):
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    router = make_router(nodes=[("a", fake.url)], queue_timeout=2)
+    fake.fail_next(1, status=400)  # Ollama's shape of error, on the OpenAI route
+    answer = requests.post(router.url + "/v1/chat/completions", json=OPENAI_CHAT, timeout=10)
+    assert answer.status_code == 400 and answer.json()["error"]["message"] == "fake failure 400"
+    fake.gzip_replies = True  # a compressing proxy in front of the node: herd hands on the body decoded
+    answer = requests.post(router.url + "/api/chat", json=CHAT, timeout=10, stream=True)
+    assert "Content-Encoding" not in answer.headers and json.loads(answer.raw.read())["done"]
+    fake.gzip_replies, fake.redirect_to = False, "http://127.0.0.2:9/elsewhere"
+    answer = requests.post(router.url + "/api/chat", json=CHAT, timeout=10, allow_redirects=False)
+    assert answer.status_code == 502 and "a redirect to http://127.0.0.2:9/elsewhere" in answer.json()["error"]
+
+
 def test_mid_stream_failure_ends_ollama_stream_with_error_line(make_fake, make_router):
     fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=6)
     router = make_router(nodes=[("a", fake.url)])

@@ -61,6 +61,26 @@ def test_request_waits_for_a_failing_node_to_recover_instead_of_failing(make_fak
     assert router.traces("SELECT retry_count, status FROM request_traces") == [(1, "completed")]
 
 
+def test_a_request_the_node_keeps_hanging_up_on_while_serving_others_is_given_up(make_fake, make_router):
+    # a prompt that crashes the runner: the node hangs up on it (no status line) and serves
+    # everyone else. herd tries again once it has seen the node serve others, then answers 502,
+    # rather than retry until its queue timeout while every retry rests the node for the others
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    fake.drop_prompts = {"POISON"}
+    router = make_router(nodes=[("only", fake.url)], queue_timeout=60)
+    stop = time.monotonic() + 60
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        poison = pool.submit(requests.post, router.url + "/api/chat", timeout=90,
+                             json=dict(CHAT, messages=[{"role": "user", "content": "POISON"}]))
+        while not poison.done() and time.monotonic() < stop:
+            assert chat(router).status_code == 200  # the others are served meanwhile
+        response = poison.result()
+    assert response.status_code == 502
+    tries = sum(1 for _, body in fake.received if body["messages"][-1]["content"] == "POISON")
+    assert 2 <= tries <= 3
+    assert router.traces("SELECT status FROM request_traces WHERE retry_count > 0") == [("failed",)]
+
+
 def test_node_killed_during_concurrent_requests_loses_none_that_had_not_streamed(make_fake, make_router):
     victim = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=20, token_delay=0.05)
     others = [make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=20, token_delay=0.05)
@@ -408,6 +428,31 @@ def test_auto_pull_starts_one_pull_onto_the_roomiest_node_and_says_where(make_fa
     heartbeat(router, "roomy", roomy, memory_budget_gb=64)
     assert chat(router, dict(CHAT, model="phi4")).status_code == 200
     assert any("auto_pull" in e for ev in events(router) for e in ev)
+
+
+def test_auto_pulls_are_capped_and_a_failed_one_is_not_tried_again_at_once(make_fake, make_router):
+    # typos in model names must not start a pull each: four run at once at most, a name the
+    # registry does not have is not pulled again for a while, and the list stays bounded
+    fake = make_fake(models={"llama3.2": 2.0}, token_delay=0.5)
+    fake.pull_steps, fake.unpullable = 20, {"typo:latest"}
+    router = make_router(nodes=[("a", fake.url)])
+    assert "started pulling" in chat(router, dict(CHAT, model="typo")).json()["error"]
+    wait_for(lambda: router.herd.pulls.snapshot()[0]["status"] == "failed", what="the pull failing")
+    again = chat(router, dict(CHAT, model="typo")).json()["error"]
+    assert "pull of it onto a failed (pull model manifest: file does not exist)" in again
+    for k in range(4):
+        assert "started pulling" in chat(router, dict(CHAT, model=f"model{k}")).json()["error"]
+    refused = chat(router, dict(CHAT, model="model4")).json()["error"]
+    assert "herd is pulling 4 models already (at most 4 at once)" in refused
+    assert sorted(p["model"] for p in router.herd.pulls.snapshot()) == [
+        "model0:latest", "model1:latest", "model2:latest", "model3:latest", "typo:latest"]
+    pulls = router.herd.pulls
+    for k in range(herd.PULLS_KEPT + 10):  # ended pulls beyond PULLS_KEPT are forgotten, oldest first
+        pulls.pulls[f"old{k}"] = {"model": f"old{k}", "status": "success"}
+    pulls.pulls.pop("model3:latest")["status"] = "success"  # (as if it had ended)
+    assert pulls.start("model9", "a", fake.url)
+    ended = [name for name, p in pulls.pulls.items() if p["status"] in ("success", "failed")]
+    assert len(ended) == herd.PULLS_KEPT and "typo:latest" not in ended and "old109" in ended
 
 
 def test_auto_pull_off_gives_a_plain_404(make_fake, make_router):

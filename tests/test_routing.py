@@ -32,10 +32,11 @@ def test_equal_nodes_share_the_load(make_fake, make_router):
 def test_model_names_are_normalised_at_the_door(make_fake, make_router):
     fake = make_fake(models={"llama3.2:latest": 2.0})
     router = make_router(nodes=[("a", fake.url)])
-    for name in ("llama3.2", "llama3.2:latest"):
+    for name in ("llama3.2", "llama3.2:latest", " llama3.2 "):
         response = chat(router, dict(CHAT, model=name))
         assert response.status_code == 200
         assert response.headers["X-Herd-Model"] == "llama3.2:latest"
+        assert fake.received[-1][1]["model"] == name.strip()  # the node is sent the name herd routed
 
 
 def test_never_more_in_flight_per_model_than_the_node_runs_in_parallel(make_fake, make_router):
