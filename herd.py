@@ -226,10 +226,10 @@ def upstream_message(data):
         parsed = json.loads(data)
         error = parsed.get("error") if isinstance(parsed, dict) else None
         if isinstance(error, dict):
-            return str(error.get("message") or error)
+            return str(error.get("message") or error)[:300]
         if error:
-            return str(error)
-    except ValueError:
+            return str(error)[:300]
+    except (ValueError, RecursionError):
         pass
     return data[:300].decode("utf-8", "replace").strip() or "no body"
 
@@ -886,7 +886,7 @@ class Lease:
     reload: bool = False  # ...and it is a context reload
     load_s: float = 0.0  # the seconds of (re)load herd expected
     prompt_s: float = 0.0  # ...and of prompt evaluation
-    timed_alone: bool = True  # nothing held its load up there (another load, busy models pushed out)
+    timed_alone: bool = True  # nothing held its load up there: another load, busy models pushed out, a drain
     decision: dict | None = None  # the candidates and the excluded nodes, for the trace (see decision_record)
     default_ctx: int = DEFAULT_NUM_CTX
     pin_ctx: bool = False  # the running context is reported but the default is a guess: send num_ctx
@@ -1260,6 +1260,7 @@ class Node:
     decode_speed: float | None = None
     prefill_speed: float | None = None
     ram_speed: float | None = None
+    preloading: str | None = None  # the model herd's warmer is loading here
     load_cost: tuple | None = None  # (fixed s, s per GB)
     batch_exp: float = BATCH_SLOWDOWN  # streams of one model: each at streams ^ -batch_exp of alone
     cross_exp: float = CROSS_SLOWDOWN  # models at once: each at models ^ -cross_exp of alone
@@ -1319,10 +1320,16 @@ class Node:
         return total / need if need > total else None
 
     def loading_other(self, model, now):
-        """Is herd loading another model here (until it expects the load done)? Ollama loads one
-        model at a time: a load that starts meanwhile waits for that one, and its time says as
-        much about the other load as about its own."""
-        return any(name != model and until > now for name, (_, until, _) in self.switching.items())
+        """Is herd loading another model here: a request it sent that loads one and has not
+        answered yet, a (re)load it expects still under way, or a preload? Ollama loads one model
+        at a time: a load that starts meanwhile waits for that one, and its time says as much
+        about the other load as about its own."""
+        if self.preloading not in (None, model):
+            return True
+        if any(name != model and until > now for name, (_, until, _) in self.switching.items()):
+            return True
+        return any(lease.cold and not lease.answered and not lease.released
+                   for name, group in self.running.items() if name != model for lease in group.unanswered)
 
     def loading_split(self):
         """The models herd is loading here that run split with system RAM: each fills the VRAM and
@@ -2113,7 +2120,8 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
         return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
                      breakdown=breakdown, decision=decision, held=admit, eta_s=eta, cold=chosen["cold_load"] > 0,
                      reload=chosen["reload"] > 0, load_s=chosen["cold_load"], prompt_s=chosen["prompt"],
-                     timed_alone=not chosen["wait"] and not node.loading_other(model, now_mono),
+                     timed_alone=chosen["cold_load"] > 0 and not chosen["wait"] and not node.loading_other(model, now_mono)
+                     and not (chosen["reload"] and node.running_count(model)),  # (a reload drains them first)
                      loaded_ctx=node.running_context(model),
                      default_ctx=default_ctx,
                      pin_ctx=bool(loaded and loaded.get("context_length") and not loaded.get("learned"))
@@ -2151,12 +2159,14 @@ def record_speeds(node, model, size_gb, timings, shared, alone):
 
 def learn_ram_speed(node, share, gbs):
     """A model with `share` of it in VRAM decoded at `gbs`: what its part in system RAM took is
-    its time per GB less the VRAM part's at the node's speed, a sample of the RAM's speed."""
+    its time per GB less the VRAM part's at the node's speed, a sample of the RAM's speed. Only
+    when the RAM part is at least a quarter of the time (else the difference is mostly the error
+    in the node's speed), and never faster than the VRAM."""
     if not node.decode_speed:
         return
     ram_time = 1 / gbs - share / node.decode_speed  # seconds per GB of weights spent in RAM
-    if ram_time > 0:
-        node.ram_gbs.add((1 - share) / ram_time)
+    if ram_time >= 0.25 / gbs:
+        node.ram_gbs.add(min(node.decode_speed, (1 - share) / ram_time))
         node.ram_speed = node.ram_gbs.quantile(0.25)
 
 
@@ -2198,8 +2208,10 @@ def learn_from_reply(node, lease, timings):
     load_s = timings.get("load_s")
     if load_s is None and timings.get("first_byte_s") is not None:
         # an OpenAI stream does not say how long the load took: its first byte came after the
-        # load and the prompt's evaluation
-        load_s = timings["first_byte_s"] - lease.prompt_s
+        # load and the prompt's evaluation; taken as a load when that is most of it (else it was
+        # hot after all, or the prompt took longer than herd expected)
+        first_byte = timings["first_byte_s"]
+        load_s = first_byte - lease.prompt_s if lease.prompt_s < first_byte / 2 else None
     if lease.cold and lease.timed_alone and (load_s or 0) > HOT_LOAD_S:
         record_load(node, size_gb, load_s)
 
@@ -2600,12 +2612,15 @@ class Fleet:
                 return None
             node, model, why = plan
             self.preloading.add(node.node_id)
+            node.preloading = model
             return node.node_id, node.url, model, why
 
     def preloaded(self, node_id, model, ok, seconds):
         with self.lock:
             self.preloading.discard(node_id)
             node = self.nodes.get(node_id)
+            if node is not None:
+                node.preloading = None
             if not ok or node is None:
                 return
             if seconds > HOT_LOAD_S:
@@ -3112,7 +3127,7 @@ class Pulls:
             known, running = self.pulls.get(model), len(self._running())
             if known and known["status"] not in ("success", "failed"):
                 return f"herd is pulling it onto {known['node_id']} ({known['percent']}%); {watch}"
-            if known and known["status"] == "failed" and time.time() - known["started"] < PULL_AGAIN_AFTER_S:
+            if known and known["status"] == "failed" and time.time() - known["ended"] < PULL_AGAIN_AFTER_S:
                 return (f"herd's pull of it onto {known['node_id']} failed ({known['error']}); check the "
                         f"name, or pull it from the dashboard")
             if running >= PULLS_AT_ONCE:
@@ -3120,25 +3135,27 @@ class Pulls:
         node_id = fleet.pull_target(model)
         if node_id is None:
             return None
-        if not self.start(model, node_id, fleet.url_of(node_id)):
-            return f"herd is pulling {PULLS_AT_ONCE} models already; retry later"
-        return f"herd started pulling it onto {node_id} (auto_pull); {watch}"
+        refused = self.start(model, node_id, fleet.url_of(node_id))
+        return f"{refused}; retry later" if refused else f"herd started pulling it onto {node_id} (auto_pull); {watch}"
 
     def start(self, model, node_id, url):
-        """Start a pull; False when the model is being pulled or PULLS_AT_ONCE pulls run already."""
+        """Start a pull; None when it started, else why not (the model is being pulled, or
+        PULLS_AT_ONCE pulls run already)."""
         with self.lock:
             running = self.pulls.get(model)
-            if (running and running["status"] not in ("success", "failed")) or len(self._running()) >= PULLS_AT_ONCE:
-                return False
+            if running and running["status"] not in ("success", "failed"):
+                return f"herd is pulling {model} onto {running['node_id']} already"
+            if len(self._running()) >= PULLS_AT_ONCE:
+                return f"herd is pulling {PULLS_AT_ONCE} models already (at most {PULLS_AT_ONCE} at once)"
             self.pulls.pop(model, None)  # (re-added last: the newest)
             self.pulls[model] = {"model": model, "node_id": node_id, "status": "starting", "percent": 0,
-                                 "started": time.time(), "error": None}
+                                 "started": time.time(), "ended": None, "error": None}
             ended = [name for name, p in self.pulls.items() if p["status"] in ("success", "failed")]
             for name in ended[:max(0, len(ended) - PULLS_KEPT)]:  # oldest first
                 del self.pulls[name]
         log.info("pulling %s onto %s", model, node_id)
         threading.Thread(target=self._run, args=(model, url), name=f"herd-pull-{model}", daemon=True).start()
-        return True
+        return None
 
     def _run(self, model, url):
         progress = self.pulls[model]
@@ -3161,11 +3178,11 @@ class Pulls:
             with self.lock:
                 if progress["status"] != "success":
                     raise ValueError("the node ended the pull without success")
-                progress["percent"] = 100
+                progress["percent"], progress["ended"] = 100, time.time()
             log.info("pulled %s onto %s", model, progress["node_id"])
         except Exception as exc:  # noqa: BLE001 - whatever the node sent, the pull ends as failed, not stuck
             with self.lock:
-                progress["status"], progress["error"] = "failed", str(exc)[:300]
+                progress["status"], progress["error"], progress["ended"] = "failed", str(exc)[:300], time.time()
             log.warning("pull of %s onto %s failed: %s", model, progress["node_id"], exc)
 
     def snapshot(self):
@@ -3275,7 +3292,8 @@ class Watchdog:
 # that carries the upstream's framing headers.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te",
                         "trailer", "upgrade", "proxy-authenticate", "proxy-authorization", "date",
-                        "server", "content-encoding"})  # (bodies go on decoded: herd reads them)
+                        "server"})
+DECODED = frozenset(urllib3.response.HTTPResponse.CONTENT_DECODERS)  # Content-Encodings urllib3 undoes
 UPSTREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError)
 # The requests that run a model on the node (both APIs): herd notes the load and the prompt slot
 # each one makes there, and protects the context of the native ones.
@@ -3310,7 +3328,7 @@ def in_api_shape(data, api):
     {"error": {"message": "...", ...}})?"""
     try:
         error = json.loads(data).get("error")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return False
     if api == "openai":
         return isinstance(error, dict) and isinstance(error.get("message"), str)
@@ -3754,7 +3772,8 @@ class Proxy:
                 self.fleet.note_failure(lease, str(failure), failure.unreachable)
                 last_failure = failure
                 served = self.fleet.served_count(lease.node_id)
-                refused_again = served_when_failed.get(lease.node_id, served) < served
+                got_it = not failure.unreachable and not failure.timed_out  # (it answered, or hung up on it)
+                refused_again = got_it and served_when_failed.get(lease.node_id, served) < served
                 served_when_failed[lease.node_id] = served
                 retry = not call.pin and not refused_again and (attempts <= self.config.max_retries
                                                                  or time.monotonic() < deadline)
@@ -3831,8 +3850,8 @@ class Proxy:
             raise exchange.failure(exc) from None
         headers = {"X-Herd-Node": header_safe(lease.node_id), "X-Herd-Model": header_safe(lease.model)}
         for key, value in resp.headers.items():
-            if key.lower() not in HOP_BY_HOP:
-                headers.setdefault(key, value)
+            if key.lower() not in HOP_BY_HOP and not (key.lower() == "content-encoding" and value.lower() in DECODED):
+                headers.setdefault(key, value)  # (a body urllib3 decodes goes on decoded: herd reads it)
 
         if resp.status >= 400 or not call.stream or 300 <= resp.status < 400:
             try:
@@ -4918,6 +4937,9 @@ class Benchmarks:
 DRAIN_GRACE_S = 5.0  # after the drain timeout, how long requests cut short get to write their last chunk
 
 
+MAX_PATH_CHARS = 256  # of a path a trace row keeps (a client may ask for any length)
+
+
 class Herd:
     """One router: configuration, fleet, poller, proxy, watchdog, trace store. Built by create_app."""
 
@@ -5049,7 +5071,6 @@ PROXIED = {"/api/chat": "ollama", "/api/generate": "ollama", "/api/embed": "olla
            "/api/embeddings": "ollama", "/v1/chat/completions": "openai", "/v1/completions": "openai",
            "/v1/embeddings": "openai"}
 NOT_IMPLEMENTED = ("/api/copy", "/api/create", "/api/push", "/api/blobs/<path:digest>")
-MAX_PATH_CHARS = 256  # of a path a trace row keeps
 UNTRACED_PREFIXES = ("/dashboard", "/static/", "/heartbeat", "/metrics")
 # Open without the key: the greeting, and the dashboard's page and assets (no data; the page asks
 # for the key and sends it with every API call)
@@ -5327,8 +5348,10 @@ def add_dashboard_api(app, herd):
         url = herd.fleet.url_of(node_id)
         if url is None:
             raise HerdError(404, f"no node named {ascii(node_id)[1:-1]}; see GET /fleet/status", "unknown_node")
-        started = herd.pulls.start(model, node_id, url)
-        return {"started": started, "pulls": herd.pulls.snapshot()}, 202 if started else 409
+        refused = herd.pulls.start(model, node_id, url)
+        if refused:
+            return {"started": False, "error": f"{refused}; retry when it is done", "pulls": herd.pulls.snapshot()}, 409
+        return {"started": True, "pulls": herd.pulls.snapshot()}, 202
 
     @app.post("/dashboard/api/delete")
     def dashboard_delete():

@@ -57,9 +57,9 @@ class FakeOllama:
         self.stall_after_chunks = None  # (chunks, seconds): go silent mid-stream
         self.drop_prompts = set()  # a request whose prompt or last message is one of these gets no answer
         self.pull_steps = 3
-        self.unpullable = set()
+        self.unpullable = set()  # names the registry does not have: their pull ends with an error
         self.gzip_replies = False  # answer inference requests gzipped, as a compressing proxy in front would
-        self.redirect_to = None  # answer inference requests with a 307 there, as a proxy in front might  # names the registry does not have: their pull ends with an error
+        self.redirect_to = None  # answer inference requests with a 307 there, as a proxy in front might
         self.eval_duration_ns = 900  # what replies say generation took (herd learns speed from it)
         self.load_duration_ns = 10  # what replies say loading took (above 50 ms herd counts a cold load)
         self.gpu = True  # False: /api/ps says size_vram 0, as Ollama does for a model in system RAM

@@ -450,7 +450,7 @@ def test_auto_pulls_are_capped_and_a_failed_one_is_not_tried_again_at_once(make_
     for k in range(herd.PULLS_KEPT + 10):  # ended pulls beyond PULLS_KEPT are forgotten, oldest first
         pulls.pulls[f"old{k}"] = {"model": f"old{k}", "status": "success"}
     pulls.pulls.pop("model3:latest")["status"] = "success"  # (as if it had ended)
-    assert pulls.start("model9", "a", fake.url)
+    assert pulls.start("model9", "a", fake.url) is None
     ended = [name for name, p in pulls.pulls.items() if p["status"] in ("success", "failed")]
     assert len(ended) == herd.PULLS_KEPT and "typo:latest" not in ended and "old109" in ended
 

@@ -227,6 +227,38 @@ def test_a_split_model_teaches_its_own_speed_and_not_the_nodes():
     assert node.decode_speed == pytest.approx(40.0)
 
 
+RAM_SAMPLES = [
+    # (what, VRAM share, the split model's measured GB/s, RAM speed learnt); the node's VRAM at 300
+    # per GB 1/400 s, of which 0.5/300 in VRAM: RAM took 1/400 - 1/600 = 1/1200 s for 0.5 GB,
+    # 600 GB/s: faster than the VRAM, so the VRAM's 300
+    ("never faster than the VRAM", 0.5, 400.0, 300.0),
+    # per GB 1/262 s, 0.89/300 in VRAM: RAM's 0.11 GB took 0.000850 s, a quarter of 1/262 is
+    # 0.000954: too small a part to tell from the error in the node's speed, no sample
+    ("RAM a small part of the time: no sample", 0.89, 262.0, None),
+    ("the worked case above", 0.5, 100.0, 60.0),
+]
+
+
+@pytest.mark.parametrize("what, share, gbs, expected", RAM_SAMPLES, ids=[r[0] for r in RAM_SAMPLES])
+def test_ram_speed_samples(what, share, gbs, expected):
+    node = split_node(share)
+    herd.learn_ram_speed(node, share, gbs)
+    assert node.ram_speed == (pytest.approx(expected) if expected else None)
+
+
+def test_another_load_under_way_holds_a_load_up():
+    node = make_node({"m:latest": 2.0, "o:latest": 2.0}, decode_speed=300.0)
+    now = time.monotonic()
+    assert not node.loading_other("m:latest", now)
+    other = herd.Lease(node_id="n", url=node.url, model="o:latest", score=0, breakdown={}, cold=True)
+    node.hold(other)  # a request herd sent that loads o, not answered yet
+    assert node.loading_other("m:latest", now) and not node.loading_other("o:latest", now)
+    other.answered = True
+    assert not node.loading_other("m:latest", now)
+    node.preloading = "o:latest"  # the warmer loading o
+    assert node.loading_other("m:latest", now)
+
+
 def test_a_split_model_teaches_the_nodes_ram_speed():
     node = split_node(0.5)  # VRAM at 300 GB/s
     # 25 tokens/s x 4 GB = 100 GB/s; per GB 1/100 s, of which 0.5/300 in VRAM: the RAM's half took
@@ -795,7 +827,8 @@ LOAD_SAMPLES = [
     ("under 50 ms: it was hot after all", {"load_s": 0.01}, {}, []),
     # an OpenAI stream: its first byte after 4 s, of which herd expected 0.5 s of prompt
     ("OpenAI stream: first byte less the prompt", {"first_byte_s": 4.0}, {"prompt_s": 0.5}, [(2.0, 3.5)]),
-    ("OpenAI, not streamed: nothing to time", {}, {"prompt_s": 0.5}, []),
+    # a first byte after 0.3 s of which 0.2 s were to be prompt: hot after all, or a slow prompt
+    ("OpenAI stream: mostly prompt, not a load", {"first_byte_s": 0.3}, {"prompt_s": 0.2}, []),
     ("held up by another load or busy models", {"load_s": 3.0}, {"timed_alone": False}, []),
 ]
 
@@ -848,7 +881,7 @@ def test_the_priors_change_when_a_node_is_first_measured_and_not_at_every_reply(
     fleet.release(fleet.acquire(make_call()), served=True, timings=dict(served, eval_s=0.5))
     assert fleet.priors is priors and fleet.nodes["a"].load_cost is None
     lease = fleet.acquire(make_call())
-    lease.cold = True
+    lease.cold = lease.timed_alone = True  # (as if herd had expected a load, nothing else under way)
     fleet.release(lease, served=True, timings=dict(served, load_s=3.0))
     assert fleet.nodes["a"].load_cost is not None and fleet.priors is None
 
