@@ -259,6 +259,25 @@ def test_another_load_under_way_holds_a_load_up():
     assert node.loading_other("m:latest", now)
 
 
+def test_a_reload_that_drains_its_models_requests_first_is_not_timed_alone():
+    # Ollama's load_duration for a context reload includes the wait for the model's running
+    # requests to finish: such a reload teaches nothing of the node's load speed
+    fleet = herd.Fleet(herd.Config())
+    entry = {"name": "m:latest", "model": "m:latest", "size": 2 * GB}
+    fleet.report("a", "http://127.0.0.1:1", "agent", 3600.0,
+                 {"num_parallel": 2, "ollama": {"reachable": True, "models": [entry],
+                                                "loaded": [dict(entry, size_vram=2 * GB, context_length=4096)]}})
+    fleet.nodes["a"].decode_speed = 300.0
+    larger = {"model": "m", "messages": [{"role": "user", "content": "x"}], "options": {"num_ctx": 8192}}
+    running = fleet.acquire(make_call())
+    lease = fleet.acquire(make_call(larger))
+    assert lease.reload and not lease.timed_alone
+    fleet.release(lease, served=False)
+    fleet.release(running, served=False)
+    lease = fleet.acquire(make_call(larger))  # nothing running there now
+    assert lease.reload and lease.timed_alone
+
+
 def test_a_split_model_teaches_the_nodes_ram_speed():
     node = split_node(0.5)  # VRAM at 300 GB/s
     # 25 tokens/s x 4 GB = 100 GB/s; per GB 1/100 s, of which 0.5/300 in VRAM: the RAM's half took
