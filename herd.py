@@ -2240,13 +2240,13 @@ CALIBRATION_PROMPT = ("herd is timing this machine so it can route requests to i
                       "Please answer with a short list of animals that live in the sea.") * 2
 
 
-def plan_calibration(nodes, preloading, now, now_mono):
+def plan_calibration(nodes, now, now_mono):
     """(node, [(model, the options it runs with)] hot there, smallest first) for an online, idle
     node herd has no decode speed for and has not tried in CALIBRATE_RETRY_S; else None. Only
     models whose running context /api/ps reports are listed: any other context would reload them."""
     for node in nodes:
         if (node.decode_gbs or node.in_flight or not node.loaded or node.status(now) != "online"
-                or node.node_id in preloading or now_mono - node.calibrated_at < CALIBRATE_RETRY_S):
+                or node.preloading or now_mono - node.calibrated_at < CALIBRATE_RETRY_S):
             continue
         hot = sorted((item for item in node.loaded.items() if item[1].get("context_length")
                       and not item[1].get("at_default")),
@@ -2257,7 +2257,7 @@ def plan_calibration(nodes, preloading, now, now_mono):
     return None
 
 
-def plan_preload(nodes, demand, preloading, now, now_mono):
+def plan_preload(nodes, demand, now, now_mono):
     """(node, model, why) to load ahead of demand, or None: a model asked for at least
     PRELOAD_MIN_REQUESTS times in the last PRELOAD_WINDOW_S, onto a measured node that has memory
     free for it without evicting anything, is not loading something else, and is either faster
@@ -2273,7 +2273,7 @@ def plan_preload(nodes, demand, preloading, now, now_mono):
         for node in sorted(online, key=lambda n: -(n.decode_speed or 0)):
             speed = node.decode_speed
             budget = node.budget_bytes()
-            if (model in node.loaded or model not in node.models or node.node_id in preloading
+            if (model in node.loaded or model not in node.models or node.preloading
                     or speed is None or not budget or pushed_out(node, model)
                     or node.loading_other(model, now_mono)):
                 continue  # (a model split with system RAM, loading or loaded, pushes out the others)
@@ -2410,7 +2410,6 @@ class Fleet:
         self.output_tokens = {}  # model -> recent completion token counts
         self.usual_output = {}  # model -> their median
         self.demand = {}  # model -> times of its recent requests
-        self.preloading = set()  # node ids with a preload under way
         self.context_policy = config.context_protection or RUNTIME_SETTINGS["context_protection"]
         self.priors = None  # for unmeasured nodes: from the slowest measured (None: work them out again)
         self.priors_at = 0.0  # time.monotonic() when they were worked out
@@ -2585,7 +2584,7 @@ class Fleet:
     def calibration_plan(self):
         """(node_id, url, [(model, options)]) of the next node to time (see Warming), or None."""
         with self.lock:
-            plan = plan_calibration(self.nodes.values(), self.preloading, time.time(), time.monotonic())
+            plan = plan_calibration(self.nodes.values(), time.time(), time.monotonic())
             if plan is None:
                 return None
             node, hot = plan
@@ -2606,18 +2605,15 @@ class Fleet:
     def preload_plan(self):
         """(node_id, url, model, why) to load ahead of demand (see Warming), or None."""
         with self.lock:
-            plan = plan_preload(list(self.nodes.values()), self.demand, self.preloading, time.time(),
-                                time.monotonic())
+            plan = plan_preload(list(self.nodes.values()), self.demand, time.time(), time.monotonic())
             if plan is None:
                 return None
             node, model, why = plan
-            self.preloading.add(node.node_id)
             node.preloading = model
             return node.node_id, node.url, model, why
 
     def preloaded(self, node_id, model, ok, seconds):
         with self.lock:
-            self.preloading.discard(node_id)
             node = self.nodes.get(node_id)
             if node is not None:
                 node.preloading = None
@@ -3116,8 +3112,12 @@ class Pulls:
         self.lock = threading.Lock()
         self.pulls = {}  # model -> progress dict
 
+    @staticmethod
+    def ended(progress):
+        return progress["status"] in ("success", "failed")
+
     def _running(self):
-        return [p for p in self.pulls.values() if p["status"] not in ("success", "failed")]
+        return [p for p in self.pulls.values() if not self.ended(p)]
 
     def ensure(self, model, fleet):
         """Start pulling `model` onto the node with the most free memory; returns what to tell
@@ -3125,7 +3125,7 @@ class Pulls:
         watch = "watch GET /dashboard/api/model-management and retry when it is done"
         with self.lock:
             known, running = self.pulls.get(model), len(self._running())
-            if known and known["status"] not in ("success", "failed"):
+            if known and not self.ended(known):
                 return f"herd is pulling it onto {known['node_id']} ({known['percent']}%); {watch}"
             if known and known["status"] == "failed" and time.time() - known["ended"] < PULL_AGAIN_AFTER_S:
                 return (f"herd's pull of it onto {known['node_id']} failed ({known['error']}); check the "
@@ -3143,14 +3143,14 @@ class Pulls:
         PULLS_AT_ONCE pulls run already)."""
         with self.lock:
             running = self.pulls.get(model)
-            if running and running["status"] not in ("success", "failed"):
+            if running and not self.ended(running):
                 return f"herd is pulling {model} onto {running['node_id']} already"
             if len(self._running()) >= PULLS_AT_ONCE:
                 return f"herd is pulling {PULLS_AT_ONCE} models already (at most {PULLS_AT_ONCE} at once)"
             self.pulls.pop(model, None)  # (re-added last: the newest)
             self.pulls[model] = {"model": model, "node_id": node_id, "status": "starting", "percent": 0,
                                  "started": time.time(), "ended": None, "error": None}
-            ended = [name for name, p in self.pulls.items() if p["status"] in ("success", "failed")]
+            ended = [name for name, p in self.pulls.items() if self.ended(p)]
             for name in ended[:max(0, len(ended) - PULLS_KEPT)]:  # oldest first
                 del self.pulls[name]
         log.info("pulling %s onto %s", model, node_id)
@@ -3853,7 +3853,7 @@ class Proxy:
             if key.lower() not in HOP_BY_HOP and not (key.lower() == "content-encoding" and value.lower() in DECODED):
                 headers.setdefault(key, value)  # (a body urllib3 decodes goes on decoded: herd reads it)
 
-        if resp.status >= 400 or not call.stream or 300 <= resp.status < 400:
+        if resp.status >= 300 or not call.stream:
             try:
                 data = resp.read()
             except UPSTREAM_ERRORS as exc:

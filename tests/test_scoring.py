@@ -802,9 +802,9 @@ def test_a_split_model_is_not_preloaded_where_it_would_push_others_out():
     node = gpu_node(12)
     node.decode_speed, node.memory_budget_gb = 500.0, 64.0
     demand = {"big:latest": [NOW - 1, NOW - 2, NOW - 3]}
-    assert herd.plan_preload([node], demand, set(), time.time(), NOW) is None
+    assert herd.plan_preload([node], demand, time.time(), NOW) is None
     node.loaded.clear()  # nothing to push out: it may load there
-    assert herd.plan_preload([node], demand, set(), time.time(), NOW)[1] == "big:latest"
+    assert herd.plan_preload([node], demand, time.time(), NOW)[1] == "big:latest"
 
 def test_a_node_loading_another_model_is_not_preloaded_until_that_load_is_done():
     node = gpu_node(24)
@@ -813,8 +813,8 @@ def test_a_node_loading_another_model_is_not_preloaded_until_that_load_is_done()
     now = time.monotonic()
     demand = {"big:latest": [now - 1, now - 2, now - 3]}
     node.note_switch("small:latest", 4096, {"num_ctx": None}, 5.0, at_default=True)  # done in 5 s
-    assert herd.plan_preload([node], demand, set(), time.time(), now) is None
-    assert herd.plan_preload([node], demand, set(), time.time(), now + 6)[1] == "big:latest"
+    assert herd.plan_preload([node], demand, time.time(), now) is None
+    assert herd.plan_preload([node], demand, time.time(), now + 6)[1] == "big:latest"
 
 
 def test_a_load_that_waited_for_another_is_not_learnt_from():
