@@ -1780,11 +1780,18 @@ def shared_run(node, model, work, start, now):
 
 def load_costs(loads):
     """(fixed s, s per GB) of a node's model loads, from its (GB, seconds) samples, or None: the
-    fixed part (starting a runner) is at most half the quickest load."""
+    fixed part (starting a runner) is at most half the quickest load; the s per GB the median over
+    the gigabytes loaded, so that a 1 GB embedding model's load, mostly start-up, does not price a
+    20 GB model's at many times what it takes, and one load slowed by something else does not either."""
     if not loads:
         return None
     fixed = min(LOAD_FIXED_S, 0.5 * min(seconds for _, seconds in loads))
-    return fixed, statistics.median((seconds - fixed) / gb for gb, seconds in loads)
+    per_gb = sorted(((seconds - fixed) / gb, gb) for gb, seconds in loads)
+    half, counted = sum(gb for _, gb in per_gb) / 2, 0.0
+    for cost, gb in per_gb:
+        counted += gb
+        if counted >= half:
+            return fixed, cost
 
 
 @dataclass(frozen=True)
@@ -2257,19 +2264,25 @@ def plan_calibration(nodes, now, now_mono):
     return None
 
 
-def plan_preload(nodes, demand, now, now_mono):
+def plan_preload(nodes, demand, now, now_mono, waiting=None):
     """(node, model, why) to load ahead of demand, or None: a model asked for at least
     PRELOAD_MIN_REQUESTS times in the last PRELOAD_WINDOW_S, onto a measured node that has memory
     free for it without evicting anything, is not loading something else, and is either faster
-    than every node where the model is hot or, keeping PRELOAD_SPARE of its memory free, a second
-    home for a model that only one fast node holds (overflow and large contexts then find it hot).
-    `demand` maps each model to the times (monotonic) of its recent requests."""
+    than every node where the model is hot, or a new home for a model whose requests wait in
+    herd's queue (its hot homes do not keep up, and until a load there is timed herd cannot tell
+    whether loading for one of them would beat the wait), or, keeping PRELOAD_SPARE of its memory
+    free, a second home for a model that only one fast node holds (overflow and large contexts then
+    find it hot). `demand` maps each model to the times (monotonic) of its recent requests;
+    `waiting` each model to the requests in herd's queue that could take it."""
+    waiting = waiting or {}
     for model, times in demand.items():
         if sum(1 for t in times if now_mono - t <= PRELOAD_WINDOW_S) < PRELOAD_MIN_REQUESTS:
             continue
         online = [n for n in nodes if n.status(now) == "online"]
         hot = [n for n in online if model in n.loaded]
         best_hot = max((n.decode_speed or 0 for n in hot), default=0)
+        # one new home at a time for a backlog: the queue may be gone once it is loaded
+        backlog = waiting.get(model, 0) > 0 and not any(n.preloading == model for n in online)
         for node in sorted(online, key=lambda n: -(n.decode_speed or 0)):
             speed = node.decode_speed
             budget = node.budget_bytes()
@@ -2281,9 +2294,11 @@ def plan_preload(nodes, demand, now, now_mono):
             free_after = budget - node.memory_in_use() - need
             faster = speed >= PRELOAD_FASTER_BY * best_hot
             rivals = sum(1 for n in hot if (n.decode_speed or 0) * PRELOAD_FASTER_BY >= speed)
-            if free_after < 0 or (not faster and (rivals >= 2 or free_after < PRELOAD_SPARE * budget)):
+            if free_after < 0 or (not faster and not backlog
+                                  and (rivals >= 2 or free_after < PRELOAD_SPARE * budget)):
                 continue
             why = ("it is faster than where the model is hot" if faster
+                   else f"{waiting[model]} requests for it wait in herd's queue" if backlog
                    else "it has room to spare and the model has no other fast home")
             return node, model, why
     return None
@@ -2605,7 +2620,7 @@ class Fleet:
     def preload_plan(self):
         """(node_id, url, model, why) to load ahead of demand (see Warming), or None."""
         with self.lock:
-            plan = plan_preload(list(self.nodes.values()), self.demand, time.time(), time.monotonic())
+            plan = plan_preload(list(self.nodes.values()), self.demand, time.time(), time.monotonic(), self.queued)
             if plan is None:
                 return None
             node, model, why = plan

@@ -817,6 +817,21 @@ def test_a_node_loading_another_model_is_not_preloaded_until_that_load_is_done()
     assert herd.plan_preload([node], demand, time.time(), now + 6)[1] == "big:latest"
 
 
+def test_requests_waiting_in_herds_queue_get_their_model_a_new_home_one_at_a_time():
+    # m (4 GB) is hot on the fast node only; the slower one has 6 GB: 4.6 with headroom leaves
+    # 1.4 GB, under the quarter kept spare for a second home, so only a backlog loads it there
+    hot = make_node(loaded=["m:latest"], node_id="fast", decode_speed=900.0, budget_gb=24)
+    spare = make_node(node_id="slow", decode_speed=400.0, budget_gb=6)
+    other = make_node(node_id="other", decode_speed=300.0, budget_gb=6)
+    demand = {"m:latest": [NOW - 1, NOW - 2]}
+    assert herd.plan_preload([hot, spare, other], demand, time.time(), NOW) is None
+    assert herd.plan_preload([hot, spare, other], demand, time.time(), NOW, {"m:latest": 0}) is None
+    node, model, why = herd.plan_preload([hot, spare, other], demand, time.time(), NOW, {"m:latest": 3})
+    assert (node.node_id, model, why) == ("slow", "m:latest", "3 requests for it wait in herd's queue")
+    spare.preloading = "m:latest"  # under way: the queue may be gone once it is loaded
+    assert herd.plan_preload([hot, spare, other], demand, time.time(), NOW, {"m:latest": 3}) is None
+
+
 def test_a_load_that_waited_for_another_is_not_learnt_from():
     # Ollama loads one model at a time: a cold request sent while herd had another model loading
     # there reports a load_duration that includes that load; one sent to an idle node its own
@@ -838,6 +853,25 @@ def test_a_load_that_waited_for_another_is_not_learnt_from():
     assert lease.cold and lease.timed_alone
     fleet.release(lease, served=True, timings=dict(served, load_s=3.0))
     assert node.loads == [(2.0, 3.0)]
+
+
+LOAD_COSTS = [
+    # (what, (GB, seconds) loads, (fixed s, s per GB) expected, worked out by hand)
+    ("none yet", [], None),
+    ("one load: at most 1 s of it start-up", [(2.0, 3.0)], (1.0, 1.0)),  # (3 - 1) / 2
+    ("a quick load: half of it start-up", [(1.0, 0.8)], (0.4, 0.4)),
+    # an embedding model's load is mostly start-up; per GB it counts for its 0.67 GB, the 18.5 GB
+    # model's for 18.5: (1.3 - 0.405) / 18.5 = 0.0484 s/GB, not the mean with (0.81 - 0.405) / 0.67
+    ("a small model does not price a large one", [(18.5, 1.3), (0.67, 0.81)], (0.405, 0.895 / 18.5)),
+    # per GB 1.0, 1.0, 1.0 (weights 1, 4, 8) and 3.625 for the slow one (weight 8): 21 GB, the
+    # median GB falls in the 1.0s (13 of 21 GB)
+    ("one slow load of four", [(1.0, 2.0), (4.0, 5.0), (8.0, 9.0), (8.0, 30.0)], (1.0, 1.0)),
+]
+
+
+@pytest.mark.parametrize("what, loads, expected", LOAD_COSTS, ids=[r[0] for r in LOAD_COSTS])
+def test_load_costs(what, loads, expected):
+    assert herd.load_costs(loads) == (pytest.approx(expected) if expected else None)
 
 
 LOAD_SAMPLES = [
