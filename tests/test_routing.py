@@ -185,6 +185,28 @@ def test_model_in_demand_is_preloaded_on_a_faster_node_with_free_memory(make_fak
     wait_for(lambda: chat(router).headers["X-Herd-Node"] == "fast", timeout=5, what="served by fast")
 
 
+def test_requests_queued_for_a_model_get_it_loaded_where_there_is_room(make_fake, make_router):
+    # qwen2.5:7b is hot on `hot` only, one request at a time, 1 s each; `spare` is slower and
+    # would keep less than a quarter of its 6 GB free with it (no second home by the usual rule),
+    # and herd has timed no load, so its prior (3.25 s) keeps the queued requests waiting for `hot`
+    hot = make_fake(models={"qwen2.5:7b": 4.5}, loaded=["qwen2.5:7b"], token_delay=0.2)
+    spare = make_fake(models={"qwen2.5:7b": 4.5, "qwen2.5:0.5b": 0.5}, loaded=["qwen2.5:0.5b"])
+    hot.eval_duration_ns, spare.eval_duration_ns = 10_000_000, 50_000_000
+    router = make_router()
+    router.herd.change_settings({"preload": True})
+    heartbeat(router, "hot", hot, memory_budget_gb=32)
+    heartbeat(router, "spare", spare, memory_budget_gb=6)
+    router.wait_online(2)
+    assert chat(router, dict(CHAT, model="qwen2.5:0.5b")).headers["X-Herd-Node"] == "spare"  # timed
+    assert chat(router, dict(CHAT, model="qwen2.5:7b")).headers["X-Herd-Node"] == "hot"
+    assert not any(path == "/api/generate" for path, _ in spare.received)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda _: chat(router, dict(CHAT, model="qwen2.5:7b")), range(3)))
+    assert [r.status_code for r in replies] == [200] * 3
+    assert any(path == "/api/generate" and "prompt" not in body and body["model"] == "qwen2.5:7b"
+               for path, body in spare.received), "no load on spare while requests queued for hot"
+
+
 def test_preload_setting_off_loads_nothing_ahead(make_fake, make_router):
     fast, slow, router = fast_and_slow(make_fake, make_router, preload=False)
     for model in ["qwen2.5:7b"] * 3 + ["llama3.2"] * 3:
