@@ -2577,6 +2577,16 @@ class Fleet:
             node = self.nodes.get(node_id)
             return node.served if node else 0
 
+    def spelling(self, name):
+        """`name` as the fleet's nodes spell it: Ollama matches model names whatever their case,
+        so `Llama3.2` is the `llama3.2:latest` a node has (unchanged when no node has it)."""
+        with self.lock:
+            if any(name in node.models for node in self.nodes.values()):
+                return name
+            folded = name.casefold()
+            return next((installed for node in self.nodes.values() for installed in node.models
+                         if installed.casefold() == folded), name)
+
     def pull_target(self, model):
         with self.lock:
             return pull_target(list(self.nodes.values()), model, time.time())
@@ -3734,10 +3744,19 @@ class Proxy:
             return exchange.fail(503, f"herd is serving its maximum of {self.max_active} requests; retry "
                                  "shortly or start herd with more --threads", "overloaded", retry_after=1)
         try:
+            self._spell(call)
             return self._attempts(exchange, admit)
         except BaseException as exc:
             exchange.finish("failed", f"herd hit an internal error ({type(exc).__name__})")
             raise
+
+    def _spell(self, call):
+        """Models named in another case than a node has them are sent as the node spells them."""
+        spelled = self.fleet.spelling(call.model)
+        if spelled != call.model:
+            call.body["model" if call.body.get("model") else "name"] = call.model = call.asked_name = spelled
+            call.edited = True
+        call.fallback_models = [self.fleet.spelling(m) for m in call.fallback_models]
 
     def refuse(self, api, endpoint, client_ip, request_id, message, outcome="failed", user_agent=""):
         """Trace a request answered without being served (refused at the door, no such route):

@@ -255,3 +255,16 @@ def test_older_name_field_is_accepted_for_the_model(make_fake, make_router):
     router = make_router(nodes=[("a", fake.url)])
     response = requests.post(router.url + "/api/show", json={"name": "llama3.2"}, timeout=5)
     assert response.status_code == 200 and "capabilities" in response.json()
+
+
+def test_a_model_named_in_another_case_is_sent_as_the_node_spells_it(make_fake, make_router):
+    # Ollama matches model names whatever their case (`ollama run Llama3.2`); herd must find the
+    # node that has it, and send the node's own spelling (older Ollama matched exactly)
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    router = make_router(nodes=[("a", fake.url)])
+    assert chat(router, dict(CHAT, model="Llama3.2")).status_code == 200
+    assert fake.received[-1][1]["model"] == "llama3.2:latest"
+    reply = requests.post(router.url + "/v1/chat/completions", json=dict(OPENAI_CHAT, model="LLAMA3.2:Latest"),
+                          timeout=10)
+    assert reply.status_code == 200 and fake.received[-1][1]["model"] == "llama3.2:latest"
+    assert chat(router, dict(CHAT, model="Llama3.3")).status_code == 404  # still no such model
