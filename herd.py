@@ -2673,7 +2673,9 @@ class Fleet:
                 keep_recent(self.demand.setdefault(models[0], []), time.monotonic())
             if len(self.waiters) >= self.config.max_queue:
                 raise RoutingError(503, f"herd's queue is full ({self.config.max_queue} requests "
-                                   "waiting); retry shortly or add nodes", "queue_full", retry_after=5)
+                                   "waiting); retry shortly or add nodes" if self.config.max_queue else
+                                   f"every node that could serve {call.model} is busy, and herd queues no "
+                                   "requests (--max-queue 0); retry shortly", "queue_full", retry_after=5)
             waiter = Waiter(call=call, models=models, enqueued=time.perf_counter(), deferred=wait == "defer")
             self.waiters.append(waiter)
             self.queued.update(set(models))
@@ -3854,7 +3856,8 @@ class Proxy:
     def _give_up(self, exchange, routing_error, upstream_failure):
         """Answer with the routing error, or with the last node failure when nodes ran out."""
         call = exchange.call
-        if routing_error is None or (upstream_failure is not None and routing_error.code == "queue_timeout"):
+        if routing_error is None or (upstream_failure is not None
+                                     and routing_error.code in ("queue_timeout", "queue_full")):
             message = (f"every node that could serve {call.model} failed (last: {upstream_failure})"
                        + ("; none recovered in time" if routing_error else "")
                        + "; check the nodes' Ollama logs or retry")

@@ -52,6 +52,24 @@ def test_node_hanging_before_first_byte_is_cut_and_retried_elsewhere(make_fake, 
     assert time.monotonic() - quick < 0.5
 
 
+def test_with_no_queue_a_failed_attempt_is_reported_as_such_and_a_busy_fleet_as_busy(make_fake, make_router):
+    # --max-queue 0: a retry finds the only node resting and cannot wait; the client must hear
+    # what failed (the node's silence), not that a queue of zero was full
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=3, token_delay=0.3)
+    router = make_router(nodes=[("only", fake.url)], first_byte_timeout=0.5, max_queue=0)
+    fake.first_byte_delay = 5
+    reply = requests.post(router.url + "/api/chat", json=dict(CHAT, stream=True), timeout=10)
+    assert reply.status_code == 504 and "first-byte timeout" in reply.json()["error"], reply.text
+    fake.first_byte_delay = 0
+    wait_for(lambda: chat(router).status_code == 200, timeout=15, what="the node back from its rest")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = pool.submit(chat, router)
+        wait_for(lambda: fake.active.get("llama3.2:latest"), what="a request running")
+        busy = chat(router)
+        assert busy.status_code == 503 and "--max-queue 0" in busy.json()["error"], busy.text
+        assert running.result().status_code == 200
+
+
 def test_request_waits_for_a_failing_node_to_recover_instead_of_failing(make_fake, make_router):
     only = make_fake(models={"llama3.2": 2.0})
     router = make_router(nodes=[("only", only.url)])
