@@ -1799,10 +1799,13 @@ def load_costs(loads):
     fixed = min(LOAD_FIXED_S, 0.5 * min(seconds for _, seconds in loads))
     per_gb = sorted(((seconds - fixed) / gb, gb) for gb, seconds in loads)
     half, counted = sum(gb for _, gb in per_gb) / 2, 0.0
-    for cost, gb in per_gb:
+    for index, (cost, gb) in enumerate(per_gb):
         counted += gb
-        if counted >= half:
+        if counted > half or index == len(per_gb) - 1:
             return fixed, cost
+        if counted == half:  # the median falls between two costs
+            return fixed, (cost + per_gb[index + 1][0]) / 2
+    return None
 
 
 @dataclass(frozen=True)
@@ -2275,25 +2278,28 @@ def plan_calibration(nodes, now, now_mono):
     return None
 
 
-def plan_preload(nodes, demand, now, now_mono, waiting=None):
-    """(node, model, why) to load ahead of demand, or None: a model asked for at least
-    PRELOAD_MIN_REQUESTS times in the last PRELOAD_WINDOW_S, onto a measured node that has memory
-    free for it without evicting anything, is not loading something else, and is either faster
-    than every node where the model is hot, or a new home for a model whose requests wait in
-    herd's queue (its hot homes do not keep up, and until a load there is timed herd cannot tell
-    whether loading for one of them would beat the wait), or, keeping PRELOAD_SPARE of its memory
-    free, a second home for a model that only one fast node holds (overflow and large contexts then
-    find it hot). `demand` maps each model to the times (monotonic) of its recent requests;
-    `waiting` each model to the requests in herd's queue that could take it."""
-    waiting = waiting or {}
+PRELOAD_SLOWEST = 4.0  # a new home for a queue is at most this many times slower than where the model is hot
+
+
+def plan_preload(nodes, demand, now, now_mono, backlog=None):
+    """(node, model, why) to load ahead of demand, or None. A model asked for at least
+    PRELOAD_MIN_REQUESTS times in the last PRELOAD_WINDOW_S is loaded onto a measured node that
+    has memory free for it without evicting anything and is not loading something else, when:
+    - the node is faster than every node where the model is hot; or
+    - requests for the model have waited in herd's queue (`backlog`: {model: seconds the oldest
+      has waited}) as long as a load on the node takes, or the node has never timed a load (then
+      herd cannot tell whether sending one of them there cold would beat the wait: its prior is a
+      guess), and the node is at most PRELOAD_SLOWEST times slower than where the model is hot; or
+    - the model is hot on only one fast node, and the node keeps PRELOAD_SPARE of its memory free
+      with it loaded: a second home (overflow and large contexts then find it hot).
+    `demand` maps each model to the times (monotonic) of its recent requests."""
+    backlog = backlog or {}
     for model, times in demand.items():
         if sum(1 for t in times if now_mono - t <= PRELOAD_WINDOW_S) < PRELOAD_MIN_REQUESTS:
             continue
         online = [n for n in nodes if n.status(now) == "online"]
         hot = [n for n in online if model in n.loaded]
         best_hot = max((n.decode_speed or 0 for n in hot), default=0)
-        # one new home at a time for a backlog: the queue may be gone once it is loaded
-        backlog = waiting.get(model, 0) > 0 and not any(n.preloading == model for n in online)
         for node in sorted(online, key=lambda n: -(n.decode_speed or 0)):
             speed = node.decode_speed
             budget = node.budget_bytes()
@@ -2303,15 +2309,20 @@ def plan_preload(nodes, demand, now, now_mono, waiting=None):
                 continue  # (a model split with system RAM, loading or loaded, pushes out the others)
             need = node.model_bytes(model) * (1 + PRELOAD_HEADROOM)
             free_after = budget - node.memory_in_use() - need
-            faster = speed >= PRELOAD_FASTER_BY * best_hot
-            rivals = sum(1 for n in hot if (n.decode_speed or 0) * PRELOAD_FASTER_BY >= speed)
-            if free_after < 0 or (not faster and not backlog
-                                  and (rivals >= 2 or free_after < PRELOAD_SPARE * budget)):
+            if free_after < 0:
                 continue
-            why = ("it is faster than where the model is hot" if faster
-                   else f"{waiting[model]} requests for it wait in herd's queue" if backlog
-                   else "it has room to spare and the model has no other fast home")
-            return node, model, why
+            if speed >= PRELOAD_FASTER_BY * best_hot:
+                return node, model, "it is faster than where the model is hot"
+            waited = backlog.get(model)
+            if waited is not None and speed * PRELOAD_SLOWEST >= best_hot:
+                if node.load_cost is None:
+                    return node, model, "requests for it wait in herd's queue, and the node has not timed a load yet"
+                fixed, per_gb = node.load_cost
+                if waited >= fixed + node.weights_gb(model) * per_gb:
+                    return node, model, f"requests for it have waited {waited:.1f} s in herd's queue, as long as a load there"
+            rivals = sum(1 for n in hot if (n.decode_speed or 0) * PRELOAD_FASTER_BY >= speed)
+            if rivals < 2 and free_after >= PRELOAD_SPARE * budget:
+                return node, model, "it has room to spare and the model has no other fast home"
     return None
 
 
@@ -2433,6 +2444,7 @@ class Fleet:
         self.nodes = {}
         self.waiters = []  # oldest first
         self.queued = collections.Counter()  # model -> waiters that could take it
+        self.backlog_loads = {}  # model -> when (monotonic) it was last preloaded for a queue
         self.output_tokens = {}  # model -> recent completion token counts
         self.usual_output = {}  # model -> their median
         self.demand = {}  # model -> times of its recent requests
@@ -2641,12 +2653,30 @@ class Fleet:
     def preload_plan(self):
         """(node_id, url, model, why) to load ahead of demand (see Warming), or None."""
         with self.lock:
-            plan = plan_preload(list(self.nodes.values()), self.demand, time.time(), time.monotonic(), self.queued)
+            now_mono = time.monotonic()
+            plan = plan_preload(list(self.nodes.values()), self.demand, time.time(), now_mono, self._backlog(now_mono))
             if plan is None:
                 return None
             node, model, why = plan
             node.preloading = model
+            if "queue" in why:
+                self.backlog_loads[model] = now_mono
             return node.node_id, node.url, model, why
+
+    def _backlog(self, now_mono):
+        """{model: seconds the oldest request asking for it (not a fallback) has waited in the
+        queue}, leaving out herd's own benchmark runs (bound to one node) and models given a new
+        home for a queue in the last PRELOAD_WINDOW_S (one at a time: the queue may be gone once
+        it is loaded)."""
+        now = time.perf_counter()
+        backlog = {}
+        for waiter in self.waiters:
+            model = waiter.models[0]
+            if (waiter.cancelled or waiter.call.only_node is not None
+                    or now_mono - self.backlog_loads.get(model, -1e9) < PRELOAD_WINDOW_S):
+                continue
+            backlog[model] = max(backlog.get(model, 0.0), now - waiter.enqueued)
+        return backlog
 
     def preloaded(self, node_id, model, ok, seconds):
         with self.lock:

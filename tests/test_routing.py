@@ -186,12 +186,12 @@ def test_model_in_demand_is_preloaded_on_a_faster_node_with_free_memory(make_fak
 
 
 def test_requests_queued_for_a_model_get_it_loaded_where_there_is_room(make_fake, make_router):
-    # qwen2.5:7b is hot on `hot` only, one request at a time, 1 s each; `spare` is slower and
-    # would keep less than a quarter of its 6 GB free with it (no second home by the usual rule),
-    # and herd has timed no load, so its prior (3.25 s) keeps the queued requests waiting for `hot`
+    # qwen2.5:7b is hot on `hot` only, one request at a time, 1 s each; `spare` is half as fast
+    # and would keep less than a quarter of its 6 GB free with it (no second home by the usual
+    # rule), and herd has timed no load, so its prior (3.25 s) keeps the queued requests waiting
     hot = make_fake(models={"qwen2.5:7b": 4.5}, loaded=["qwen2.5:7b"], token_delay=0.2)
     spare = make_fake(models={"qwen2.5:7b": 4.5, "qwen2.5:0.5b": 0.5}, loaded=["qwen2.5:0.5b"])
-    hot.eval_duration_ns, spare.eval_duration_ns = 10_000_000, 50_000_000
+    hot.eval_duration_ns, spare.eval_duration_ns = 10_000_000, 2_500_000  # 2250 and 1000 GB/s
     router = make_router()
     router.herd.change_settings({"preload": True})
     heartbeat(router, "hot", hot, memory_budget_gb=32)
