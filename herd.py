@@ -2713,10 +2713,14 @@ class Fleet:
             if admit:
                 keep_recent(self.demand.setdefault(models[0], []), time.monotonic())
             if len(self.waiters) >= self.config.max_queue:
-                raise RoutingError(503, f"herd's queue is full ({self.config.max_queue} requests "
-                                   "waiting); retry shortly or add nodes" if self.config.max_queue else
-                                   f"every node that could serve {call.model} is busy, and herd queues no "
-                                   "requests (--max-queue 0); retry shortly", "queue_full", retry_after=5)
+                queue = (f"herd's queue is full ({self.config.max_queue} requests waiting)" if self.config.max_queue
+                         else "herd queues no requests (--max-queue 0)")
+                if wait == "failing":
+                    raise RoutingError(503, f"every node that could serve {call.model} is resting after "
+                                       f"failing, and {queue}; retry in a few seconds", "nodes_failing",
+                                       retry_after=5)
+                raise RoutingError(503, f"every node that could serve {call.model} is busy, and {queue}; "
+                                   "retry shortly or add nodes", "queue_full", retry_after=5)
             waiter = Waiter(call=call, models=models, enqueued=time.perf_counter(), deferred=wait == "defer")
             self.waiters.append(waiter)
             self.queued.update(set(models))
@@ -3898,9 +3902,9 @@ class Proxy:
         """Answer with the routing error, or with the last node failure when nodes ran out."""
         call = exchange.call
         if routing_error is None or (upstream_failure is not None
-                                     and routing_error.code in ("queue_timeout", "queue_full")):
+                                     and routing_error.code in ("queue_timeout", "nodes_failing")):
             message = (f"every node that could serve {call.model} failed (last: {upstream_failure})"
-                       + ("; none recovered in time" if routing_error else "")
+                       + ("; none recovered in time" if routing_error and routing_error.code == "queue_timeout" else "")
                        + "; check the nodes' Ollama logs or retry")
             status = 504 if upstream_failure.timed_out else upstream_failure.status
             outcome = "reaped" if exchange.aborted == "reaped" else "failed"

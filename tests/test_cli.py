@@ -108,9 +108,11 @@ def test_sigterm_drains_running_requests_refuses_new_ones_and_loses_no_row(make_
     quick = make_fake(models={"quick": 1.0}, loaded=["quick"], tokens=20, token_delay=0.15)  # ~3 s each
     slow = make_fake(models={"slow": 1.0}, loaded=["slow"], tokens=100, token_delay=0.2)  # ~20 s each
     port = free_port()
-    with sqlite3.connect(tmp_path / "latency.db") as db:  # as saved from the dashboard: no timing
-        db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT)")  # generation of herd's
-        db.execute("INSERT INTO settings VALUES ('calibrate', 'false')")  # own among the test's 50
+    # calibration off, as the dashboard saves it: herd's own timing generation on a new node must
+    # not run among the test's 50 requests
+    with sqlite3.connect(tmp_path / "latency.db") as db:
+        db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT)")
+        db.execute("INSERT INTO settings VALUES ('calibrate', 'false')")
     proc = start(tmp_path, "--port", str(port), "--node", f"q={quick.url}", "--node", f"s={slow.url}",
                  "--parallel", "64", "--drain-timeout", "5", "--threads", "128")
     url = f"http://127.0.0.1:{port}"

@@ -60,6 +60,9 @@ def test_with_no_queue_a_failed_attempt_is_reported_as_such_and_a_busy_fleet_as_
     fake.first_byte_delay = 5
     reply = requests.post(router.url + "/api/chat", json=dict(CHAT, stream=True), timeout=10)
     assert reply.status_code == 504 and "first-byte timeout" in reply.json()["error"], reply.text
+    assert "recovered" not in reply.json()["error"]  # herd did not wait for it to
+    resting = chat(router)  # the node rests (1 s at first): nothing is busy, and nothing may wait
+    assert resting.status_code == 503 and "resting after failing" in resting.json()["error"], resting.text
     fake.first_byte_delay = 0
     wait_for(lambda: chat(router).status_code == 200, timeout=15, what="the node back from its rest")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -67,6 +70,21 @@ def test_with_no_queue_a_failed_attempt_is_reported_as_such_and_a_busy_fleet_as_
         wait_for(lambda: fake.active.get("llama3.2:latest"), what="a request running")
         busy = chat(router)
         assert busy.status_code == 503 and "--max-queue 0" in busy.json()["error"], busy.text
+        assert running.result().status_code == 200
+
+
+def test_with_no_queue_a_node_that_is_only_busy_is_not_reported_as_failed(make_fake, make_router):
+    one, other = (make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"], tokens=3, token_delay=0.4)
+                  for _ in range(2))
+    router = make_router(nodes=[("one", one.url), ("other", other.url)], max_queue=0)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = pool.submit(chat, router)
+        wait_for(lambda: one.active.get("llama3.2:latest") or other.active.get("llama3.2:latest"),
+                 what="a request running")
+        failing = other if one.active.get("llama3.2:latest") else one  # the free one fails the next
+        failing.fail_next(1, status=500)
+        reply = chat(router)  # tried on the free node, which fails; the other is busy
+        assert reply.status_code == 503 and "is busy" in reply.json()["error"], reply.text
         assert running.result().status_code == 200
 
 
