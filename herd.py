@@ -3791,13 +3791,13 @@ class Proxy:
             return exchange.fail(503, f"herd is serving its maximum of {self.max_active} requests; retry "
                                  "shortly or start herd with more --threads", "overloaded", retry_after=1)
         try:
-            self._spell(call)
+            self.spell(call)
             return self._attempts(exchange, admit)
         except BaseException as exc:
             exchange.finish("failed", f"herd hit an internal error ({type(exc).__name__})")
             raise
 
-    def _spell(self, call):
+    def spell(self, call):
         """Models named in another case than a node has them are sent as the node spells them."""
         spelled = self.fleet.spelling(call.model)
         if spelled != call.model:
@@ -5285,6 +5285,7 @@ def add_model_management(app, herd):
     @app.post("/api/pull")
     def pull():
         call = management_call("/api/pull", "POST", "pulling")
+        herd.proxy.spell(call)  # `Llama3.2` updates the node that has llama3.2, not a roomier one
         call.pin = call.pin or herd.fleet.pull_target(call.model)
         if call.pin is None:
             raise HerdError(503, "no node is online to pull onto; start herd-node or pass --node",

@@ -93,6 +93,18 @@ def test_pull_streams_progress_from_the_chosen_node(make_fake, make_router):
     assert "phi4:latest" in fake.models
 
 
+def test_a_pull_named_in_another_case_updates_the_node_that_has_the_model(make_fake, make_router):
+    roomy = make_fake(models={"qwen2.5:0.5b": 0.5})
+    has_it = make_fake(models={"llama3.2": 2.0})
+    router = make_router()
+    heartbeat(router, "roomy", roomy, memory_budget_gb=64)
+    heartbeat(router, "has-it", has_it, memory_budget_gb=8)
+    router.wait_online(2)
+    response = requests.post(router.url + "/api/pull", json={"model": "Llama3.2"}, timeout=10)
+    assert response.status_code == 200 and response.headers["X-Herd-Node"] == "has-it"
+    assert list(roomy.models) == ["qwen2.5:0.5b"]  # no second copy pulled onto it
+
+
 def test_delete_needs_a_node_and_goes_only_there(make_fake, make_router):
     a, b = make_fake(models={"llama3.2": 2.0}), make_fake(models={"llama3.2": 2.0})
     router = make_router(nodes=[("a", a.url), ("b", b.url)])
