@@ -1799,13 +1799,13 @@ def load_costs(loads):
     fixed = min(LOAD_FIXED_S, 0.5 * min(seconds for _, seconds in loads))
     per_gb = sorted(((seconds - fixed) / gb, gb) for gb, seconds in loads)
     half, counted = sum(gb for _, gb in per_gb) / 2, 0.0
-    for index, (cost, gb) in enumerate(per_gb):
+    for (cost, gb), (next_cost, _) in zip(per_gb, per_gb[1:]):
         counted += gb
-        if counted > half or index == len(per_gb) - 1:
+        if counted > half:
             return fixed, cost
         if counted == half:  # the median falls between two costs
-            return fixed, (cost + per_gb[index + 1][0]) / 2
-    return None
+            return fixed, (cost + next_cost) / 2
+    return fixed, per_gb[-1][0]
 
 
 @dataclass(frozen=True)
@@ -3196,14 +3196,12 @@ class Pulls:
         the client, or None when no node is there to pull onto."""
         watch = "watch GET /dashboard/api/model-management and retry when it is done"
         with self.lock:
-            known, running = self.pulls.get(model), len(self._running())
+            known = self.pulls.get(model)
             if known and not self.ended(known):
                 return f"herd is pulling it onto {known['node_id']} ({known['percent']}%); {watch}"
             if known and known["status"] == "failed" and time.time() - known["ended"] < PULL_AGAIN_AFTER_S:
                 return (f"herd's pull of it onto {known['node_id']} failed ({known['error']}); check the "
                         f"name, or pull it from the dashboard")
-            if running >= PULLS_AT_ONCE:
-                return f"herd is pulling {running} models already (at most {PULLS_AT_ONCE} at once); retry later"
         node_id = fleet.pull_target(model)
         if node_id is None:
             return None
