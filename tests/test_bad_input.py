@@ -166,8 +166,33 @@ def test_a_body_of_millions_of_tiny_arrays_is_refused_before_parsing(fleet):
     assert fake.received == []
     assert router.traces("SELECT status, endpoint FROM request_traces") == [("failed", "/api/chat"),
                                                                          ("failed", "/v1/embeddings")]
+    # as many brackets each in a string of its own: too many strings to sort out before parsing
+    response = post(router, "/api/embed", raw=b'{"model": "llama3.2", "input": [' + b'"[",' * 1_100_000 + b'"x"]}')
+    assert response.status_code == 413 and "strings" in error_text(response, "ollama"), response.text
     long_code = "x = [{'a': [1]}]\n" * 40_000  # 160,000 brackets in a prompt: parsed as usual
     assert chat(router, dict(CHAT, messages=[{"role": "user", "content": long_code}])).status_code == 200
+
+
+@pytest.mark.parametrize("text", ['{"a": [' * 600_000, 'say "[[" and \\' * 600_000],
+                         ids=["json-documents", "escapes"])
+def test_brackets_inside_strings_do_not_count_against_the_limit(fleet, text):
+    # over a million [ and { in strings (JSON or code sent to embed) are text, not arrays to parse
+    fake, router = fleet
+    assert text.count("[") + text.count("{") > herd.MAX_JSON_CONTAINERS
+    response = post(router, "/api/embed", {"model": "llama3.2", "input": [text, "[]"]})
+    assert response.status_code == 200, response.text
+    assert fake.received[-1][1]["input"][0] == text
+    assert router.traces("SELECT status FROM request_traces") == [("completed",)]
+
+
+def test_brackets_outside_strings_are_counted_exactly():
+    cases = [(rb'{"a": "[{"}', 1), (rb'["\\", [], "\"[", {}]', 3), (rb'["\\\"[", []]', 2), (rb'[[{}]]', 3),
+             (rb'"[[{"', 0), (rb'["a\\\\"]', 1), (rb'["\\\\\"[{", {"b": "\\"}]', 2)]
+    for raw, expected in cases:
+        json.loads(raw)  # (each is a whole JSON text)
+        assert herd.brackets_outside_strings(raw, 10) == expected, raw
+    assert herd.brackets_outside_strings(b'["[", "{", "["]', 3) == 1
+    assert herd.brackets_outside_strings(b'["[", "{", "[", "{"]', 3) is None  # four strings: more than 3
 
 
 def test_a_request_waitress_cannot_parse_gets_json(fleet):
