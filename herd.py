@@ -2624,13 +2624,21 @@ class Fleet:
 
     def spelling(self, name):
         """`name` as the fleet's nodes spell it: Ollama matches model names whatever their case,
-        so `Llama3.2` is the `llama3.2:latest` a node has (unchanged when no node has it)."""
+        so `Llama3.2` is the `llama3.2:latest` a node has (unchanged when no node has it). The
+        nodes that can serve now are asked first: an offline one's spelling would leave it none."""
+        now = time.time()
+        folded = name.casefold()
         with self.lock:
-            if any(name in node.models for node in self.nodes.values()):
-                return name
-            folded = name.casefold()
-            return next((installed for node in self.nodes.values() for installed in node.models
-                         if installed.casefold() == folded), name)
+            nodes = list(self.nodes.values())
+            serving = [node for node in nodes if node.reachable and node.status(now) != "offline"]
+            for group in (serving, nodes):
+                if any(name in node.models for node in group):
+                    return name
+                spelled = next((installed for node in group for installed in node.models
+                                if installed.casefold() == folded), None)
+                if spelled is not None:
+                    return spelled
+            return name
 
     def pull_target(self, model):
         with self.lock:

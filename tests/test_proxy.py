@@ -7,6 +7,8 @@ import time
 
 import requests
 
+import herd
+
 from conftest import CHAT, OPENAI_CHAT, chat, wait_for
 
 
@@ -268,3 +270,17 @@ def test_a_model_named_in_another_case_is_sent_as_the_node_spells_it(make_fake, 
                           timeout=10)
     assert reply.status_code == 200 and fake.received[-1][1]["model"] == "llama3.2:latest"
     assert chat(router, dict(CHAT, model="Llama3.3")).status_code == 404  # still no such model
+
+
+def test_a_spelling_only_an_offline_node_has_does_not_hide_the_online_ones():
+    fleet = herd.Fleet(herd.Config())
+    for port, (node_id, name) in enumerate((("gone", "Llama3.2:latest"), ("up", "llama3.2:latest")), 9):
+        entry = {"name": name, "model": name, "size": 1}
+        fleet.report(node_id, f"http://127.0.0.1:{port}", "agent", 5.0,
+                     {"ollama": {"reachable": True, "models": [entry], "loaded": []}})
+    assert fleet.spelling("Llama3.2:latest") == "Llama3.2:latest"  # both serve: as asked
+    fleet.nodes["gone"].reachable = False  # its Ollama stopped answering
+    assert fleet.spelling("Llama3.2:latest") == "llama3.2:latest"  # the one a node can serve
+    assert fleet.spelling("LLAMA3.2:latest") == "llama3.2:latest"
+    fleet.nodes["up"].reachable = False
+    assert fleet.spelling("LLAMA3.2:latest") == "Llama3.2:latest"  # none can: as the fleet has it
