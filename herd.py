@@ -331,6 +331,13 @@ def parse_json(raw, what="request body"):
     MAX_JSON_DEPTH, at most MAX_JSON_CONTAINERS arrays and objects. Raises BadInput or HerdError."""
     if not isinstance(raw, bytes):
         raw = raw.encode("utf-8", "surrogatepass")
+    encoding = json.detect_encoding(raw)
+    if encoding not in ("utf-8", "utf-8-sig"):  # in UTF-16 and -32 a quote or bracket byte can be half
+        try:                                     # of another character: counted in UTF-8
+            raw, encoding = raw.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass"), "utf-8"
+        except UnicodeDecodeError as exc:
+            raise HerdError(400, f"{what} is not valid JSON ({str(exc)[:120]}); send a JSON object",
+                            "invalid_json") from None
     brackets = raw.count(b"[") + raw.count(b"{")
     if brackets > MAX_JSON_CONTAINERS:
         outside = brackets_outside_strings(raw, MAX_JSON_CONTAINERS)
@@ -345,7 +352,7 @@ def parse_json(raw, what="request body"):
                         f"{MAX_JSON_CONTAINERS:,} herd parses; no request to a model needs that many: "
                         "send fewer", "body_too_complex")
     try:
-        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        text = raw.decode(encoding, "surrogatepass")
         value = STRICT_JSON.decode(text)
     except RecursionError:
         raise BadInput("", f"JSON nested at most {MAX_JSON_DEPTH} deep", code="invalid_json") from None
@@ -2625,12 +2632,13 @@ class Fleet:
     def spelling(self, name):
         """`name` as the fleet's nodes spell it: Ollama matches model names whatever their case,
         so `Llama3.2` is the `llama3.2:latest` a node has (unchanged when no node has it). The
-        nodes that can serve now are asked first: an offline one's spelling would leave it none."""
+        nodes that can serve now are asked first: an offline or resting one's spelling would leave
+        the request none or make it wait."""
         now = time.time()
         folded = name.casefold()
         with self.lock:
             nodes = list(self.nodes.values())
-            serving = [node for node in nodes if node.reachable and node.status(now) != "offline"]
+            serving = [node for node in nodes if node.status(now) == "online"]  # (not resting)
             for group in (serving, nodes):
                 if any(name in node.models for node in group):
                     return name

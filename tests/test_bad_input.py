@@ -193,6 +193,19 @@ def test_brackets_outside_strings_are_counted_exactly():
         assert herd.brackets_outside_strings(raw, 10) == expected, raw
     assert herd.brackets_outside_strings(b'["[", "{", "["]', 3) == 1
     assert herd.brackets_outside_strings(b'["[", "{", "[", "{"]', 3) is None  # four strings: more than 3
+    assert herd.brackets_outside_strings(rb'["\"\"\"\"", "["]', 2) == 1  # escaped quotes are not strings
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le"])
+def test_bodies_in_utf_16_and_32_are_counted_as_characters(encoding):
+    # a character such as U+2200 is the bytes 00 22 in UTF-16-LE: a quote byte that is no quote
+    arrays = '{"x": "\u2200", "input": [' + "[]," * 1_100_000 + '[]], "y": "\u2200"}'
+    with pytest.raises(herd.HerdError) as refused:
+        herd.parse_json(arrays.encode(encoding))
+    # 1,100,001 empty arrays, the list holding them and the object: 1,100,003
+    assert refused.value.status == 413 and "1,100,003 arrays and objects" in refused.value.message
+    text = 'say "[[" and \\' * 600_000  # brackets and escaped quotes in a string: text
+    assert herd.parse_json(json.dumps({"input": [text]}, ensure_ascii=False).encode(encoding)) == {"input": [text]}
 
 
 def test_a_request_waitress_cannot_parse_gets_json(fleet):

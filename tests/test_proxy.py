@@ -282,5 +282,10 @@ def test_a_spelling_only_an_offline_node_has_does_not_hide_the_online_ones():
     fleet.nodes["gone"].reachable = False  # its Ollama stopped answering
     assert fleet.spelling("Llama3.2:latest") == "llama3.2:latest"  # the one a node can serve
     assert fleet.spelling("LLAMA3.2:latest") == "llama3.2:latest"
+    fleet.nodes["gone"].reachable = True
+    fleet.nodes["gone"].cooldown_until = time.time() + 60  # resting after failures: it would wait
+    assert fleet.spelling("Llama3.2:latest") == "llama3.2:latest"
+    fleet.nodes["gone"].last_seen -= 3600  # no report for an hour: offline
+    assert fleet.spelling("Llama3.2:latest") == "llama3.2:latest"
     fleet.nodes["up"].reachable = False
     assert fleet.spelling("LLAMA3.2:latest") == "Llama3.2:latest"  # none can: as the fleet has it
