@@ -8,7 +8,8 @@ durations divided by `scale` so that runs stay short:
   plus the model's size over `load_gbs`. One load at a time per node, as in Ollama.
 - CPU offload (`offload_gb` > 0): a model larger than `memory_gb` (the VRAM) loads only alone, as
   Ollama's scheduler does: it fills the VRAM and keeps the rest in `offload_gb` of system RAM,
-  which streams at `cpu_gbs`. /api/ps shows the split in size_vram.
+  which streams at `cpu_gbs`. /api/ps shows, as Ollama's does, the memory it takes in all (weights
+  and KV cache) as `size` and the part in VRAM as `size_vram`.
 - context: a request whose num_ctx differs from the loaded one (or, with none, from the default)
   waits for the model's running requests, then reloads it. /v1 requests use the default. A model
   that cannot fit at the context asked for is refused with 500, as Ollama refuses it.
@@ -565,8 +566,8 @@ class SimHandler(FakeHandler):
             return self.send_json(200, {"models": [self.tag(m) for m in node.models]})
         if self.path == "/api/ps":
             with node.cond:
-                loaded = [dict(self.tag(i.name), size_vram=int(i.vram * GB) if node.gpu else 0, context_length=i.ctx,
-                               expires_at="2099-01-01T00:00:00Z")
+                loaded = [dict(self.tag(i.name), size=int(i.memory * GB), size_vram=int(i.vram * GB) if node.gpu else 0,
+                               context_length=i.ctx, expires_at="2099-01-01T00:00:00Z")
                           for i in node.instances.values() if not i.reloading]
             return self.send_json(200, {"models": loaded})
         if self.path == "/sim/stats":
