@@ -366,6 +366,9 @@ def test_an_openai_stream_that_loads_a_model_teaches_the_load_time(make_fake, ma
     stream = client.chat.completions.create(model="llama3.2", stream=True,
                                             messages=[{"role": "user", "content": "hello"}])
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    # herd ends the exchange (and learns from it) once the stream's last bytes are sent: just after
+    # the client has read them
+    wait_for(lambda: router.herd.fleet.nodes["box"].loads, what="the load learnt")
     [(gb, seconds)] = router.herd.fleet.nodes["box"].loads
     assert gb == pytest.approx(2.0) and 1.4 < seconds < 2.5
 
