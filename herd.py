@@ -2311,7 +2311,7 @@ PRELOAD_SLOWEST = 4.0  # a new home for a queue is at most this many times slowe
 
 
 def plan_preload(nodes, demand, now, now_mono, backlog=None):
-    """(node, model, why) to load ahead of demand, or None. A model asked for at least
+    """(node, model, why, for a queue) to load ahead of demand, or None. A model asked for at least
     PRELOAD_MIN_REQUESTS times in the last PRELOAD_WINDOW_S is loaded onto a measured node that
     has memory free for it without evicting anything and is not loading something else, when:
     - the node is faster than every node where the model is hot; or
@@ -2341,17 +2341,18 @@ def plan_preload(nodes, demand, now, now_mono, backlog=None):
             if free_after < 0:
                 continue
             if speed >= PRELOAD_FASTER_BY * best_hot:
-                return node, model, "it is faster than where the model is hot"
+                return node, model, "it is faster than where the model is hot", False
             waited = backlog.get(model)
             if waited is not None and speed * PRELOAD_SLOWEST >= best_hot:
                 if node.load_cost is None:
-                    return node, model, "requests for it wait in herd's queue, and the node has not timed a load yet"
+                    return node, model, "requests for it wait in herd's queue, and the node has not timed a load yet", True
                 fixed, per_gb = node.load_cost
                 if waited >= fixed + node.weights_gb(model) * per_gb:
-                    return node, model, f"requests for it have waited {waited:.1f} s in herd's queue, as long as a load there"
+                    return (node, model, f"requests for it have waited {waited:.1f} s in herd's queue, as long as a "
+                            "load there", True)
             rivals = sum(1 for n in hot if (n.decode_speed or 0) * PRELOAD_FASTER_BY >= speed)
             if rivals < 2 and free_after >= PRELOAD_SPARE * budget:
-                return node, model, "it has room to spare and the model has no other fast home"
+                return node, model, "it has room to spare and the model has no other fast home", False
     return None
 
 
@@ -2695,9 +2696,9 @@ class Fleet:
             plan = plan_preload(list(self.nodes.values()), self.demand, time.time(), now_mono, self._backlog(now_mono))
             if plan is None:
                 return None
-            node, model, why = plan
+            node, model, why, for_queue = plan
             node.preloading = model
-            if "queue" in why:
+            if for_queue:
                 self.backlog_loads[model] = now_mono
             return node.node_id, node.url, model, why
 
