@@ -8,7 +8,6 @@ import time
 import requests
 
 import herd
-
 from conftest import CHAT, OPENAI_CHAT, chat, wait_for
 
 
