@@ -3573,6 +3573,7 @@ class Exchange:
         self.reply = ReplyStats()
         self.decisions = []  # the routing decision of each attempt
         self.events_streamed = 0  # OpenAI stream events relayed (a token count when usage is not sent)
+        self.replied = False  # a whole reply was handed to the server: it ends once written
         self._watch_afresh()
 
     # -- attempts -----------------------------------------------------------------------------
@@ -3994,9 +3995,13 @@ class Proxy:
                     data = json.dumps(error_body(call.api, resp.status, message, "upstream_error")).encode()
                 headers["Content-Type"] = "application/json"
                 exchange.finish("failed", message)
-            else:
-                exchange.finish("completed", tail=data[-TAIL_BYTES:])
-            return Response(data, status=resp.status, headers=headers)
+                return Response(data, status=resp.status, headers=headers)
+            # the client has its reply before herd learns from it and queues its row: Waitress
+            # closes the response once the body is written, whatever became of the client
+            response = Response(data, status=resp.status, headers=headers)
+            exchange.replied, tail = True, data[-TAIL_BYTES:]
+            response.call_on_close(lambda: exchange.finish("completed", tail=tail))
+            return response
 
         chunks = upstream_chunks(resp)
         try:

@@ -70,14 +70,22 @@ class Router:
         self.herd.shutdown()
 
     def status(self):
+        """/fleet/status once the replies handed out have ended."""
+        self.settled()
         headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
         return requests.get(self.url + "/fleet/status", headers=headers, timeout=5).json()
 
     def wait_online(self, count):
         wait_for(lambda: self.status()["fleet"]["nodes_online"] >= count, what=f"{count} nodes online")
 
+    def settled(self):
+        """Once every whole reply a client has been handed has ended (herd learns from it and
+        queues its row just after writing it)."""
+        wait_for(lambda: not any(e.replied for e in self.herd.proxy.running()), what="replies ended")
+
     def traces(self, sql="SELECT * FROM request_traces"):
-        """Rows once the writer has committed everything queued so far."""
+        """Rows once every reply handed out has ended and the writer has committed its row."""
+        self.settled()
         assert self.herd.traces.flush()
         return self.herd.traces.query(sql)
 

@@ -181,6 +181,7 @@ def fleet(make_fake, make_router, start_agent):
     retried = send(router, "/api/chat", dict(CHAT, model="qwen2.5:7b", stream=True), **{"X-Herd-Tags": "notebook"})
     assert retried.status_code == 200 and retried.headers["X-Herd-Node"] == "rtx"
 
+    router.settled()
     assert router.herd.traces.flush()
     traces = requests.get(router.url + "/dashboard/api/traces", params={"limit": 50}, timeout=10).json()["traces"]
     assert len(traces) == 13
@@ -373,6 +374,7 @@ def test_api_key_is_asked_once_and_every_tab_then_loads(page, make_fake, make_ro
     router = make_router(nodes=[("solo", fake.url)], api_key="k")
     assert requests.post(router.url + "/api/chat", json=dict(CHAT, metadata={"tags": ["keyed"]}),
                          headers={"Authorization": "Bearer k"}, timeout=30).status_code == 200
+    router.settled()
     assert router.herd.traces.flush()
     page.add_init_script("""window.keyAsked = 0;
         const showModal = HTMLDialogElement.prototype.showModal;
