@@ -75,9 +75,11 @@ def first_token_ms(pool, base):
     """One streaming chat: milliseconds until its first chunk."""
     started = time.perf_counter()
     response = pool.request("POST", base + "/api/chat", body=STREAM, headers=HEADERS, preload_content=False)
-    next(response.read_chunked())
+    chunks = response.read_chunked()
+    next(chunks)
     elapsed = (time.perf_counter() - started) * 1000
-    response.drain_conn()
+    for _ in chunks:  # the rest, as a client reads a stream: the connection then serves the next one
+        pass
     response.release_conn()
     return elapsed
 
