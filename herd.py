@@ -2088,6 +2088,23 @@ def why_excluded(node, model, now):
     return f"resting after {node.failures} failure(s): {node.last_failure or ''}".strip()
 
 
+def model_spelling(nodes, name, now):
+    """`name` as the nodes spell it: Ollama matches model names whatever their case, so `Llama3.2`
+    is the `llama3.2:latest` a node has (unchanged when no node has it). The nodes that can serve
+    now are asked first: an offline or resting one's spelling would leave the request none or make
+    it wait."""
+    folded = name.casefold()
+    nodes = list(nodes)
+    for group in ([node for node in nodes if node.status(now) == "online"], nodes):
+        if any(name in node.models for node in group):
+            return name
+        spelled = next((installed for node in group for installed in node.models
+                        if installed.casefold() == folded), None)
+        if spelled is not None:
+            return spelled
+    return name
+
+
 def servable_models(nodes, call, now):
     """The asked model and its fallbacks that some node could serve; raises RoutingError with
     what the client should hear when none can."""
@@ -2308,6 +2325,21 @@ def plan_calibration(nodes, now, now_mono):
 
 
 PRELOAD_SLOWEST = 4.0  # a new home for a queue is at most this many times slower than where the model is hot
+
+
+def queue_backlog(waiters, new_homes, now_mono, now):
+    """{model: seconds the oldest request asking for it (not for a fallback) has waited in herd's
+    queue}, leaving out herd's own benchmark runs (bound to one node) and models given a new home
+    for a queue in the last PRELOAD_WINDOW_S (`new_homes`: model -> monotonic time; one at a time,
+    the queue may be gone once it is loaded). `now`: time.perf_counter(), as waiters are stamped."""
+    backlog = {}
+    for waiter in waiters:
+        model = waiter.models[0]
+        if (waiter.cancelled or waiter.call.only_node is not None
+                or now_mono - new_homes.get(model, -1e9) < PRELOAD_WINDOW_S):
+            continue
+        backlog[model] = max(backlog.get(model, 0.0), now - waiter.enqueued)
+    return backlog
 
 
 def plan_preload(nodes, demand, now, now_mono, backlog=None):
@@ -2631,23 +2663,9 @@ class Fleet:
             return node.served if node else 0
 
     def spelling(self, name):
-        """`name` as the fleet's nodes spell it: Ollama matches model names whatever their case,
-        so `Llama3.2` is the `llama3.2:latest` a node has (unchanged when no node has it). The
-        nodes that can serve now are asked first: an offline or resting one's spelling would leave
-        the request none or make it wait."""
-        now = time.time()
-        folded = name.casefold()
+        """`name` as the fleet's nodes spell it (see model_spelling)."""
         with self.lock:
-            nodes = list(self.nodes.values())
-            serving = [node for node in nodes if node.status(now) == "online"]  # (not resting)
-            for group in (serving, nodes):
-                if any(name in node.models for node in group):
-                    return name
-                spelled = next((installed for node in group for installed in node.models
-                                if installed.casefold() == folded), None)
-                if spelled is not None:
-                    return spelled
-            return name
+            return model_spelling(self.nodes.values(), name, time.time())
 
     def pull_target(self, model):
         with self.lock:
@@ -2693,7 +2711,8 @@ class Fleet:
         """(node_id, url, model, why) to load ahead of demand (see Warming), or None."""
         with self.lock:
             now_mono = time.monotonic()
-            plan = plan_preload(list(self.nodes.values()), self.demand, time.time(), now_mono, self._backlog(now_mono))
+            backlog = queue_backlog(self.waiters, self.backlog_loads, now_mono, time.perf_counter())
+            plan = plan_preload(list(self.nodes.values()), self.demand, time.time(), now_mono, backlog)
             if plan is None:
                 return None
             node, model, why, for_queue = plan
@@ -2701,21 +2720,6 @@ class Fleet:
             if for_queue:
                 self.backlog_loads[model] = now_mono
             return node.node_id, node.url, model, why
-
-    def _backlog(self, now_mono):
-        """{model: seconds the oldest request asking for it (not a fallback) has waited in the
-        queue}, leaving out herd's own benchmark runs (bound to one node) and models given a new
-        home for a queue in the last PRELOAD_WINDOW_S (one at a time: the queue may be gone once
-        it is loaded)."""
-        now = time.perf_counter()
-        backlog = {}
-        for waiter in self.waiters:
-            model = waiter.models[0]
-            if (waiter.cancelled or waiter.call.only_node is not None
-                    or now_mono - self.backlog_loads.get(model, -1e9) < PRELOAD_WINDOW_S):
-                continue
-            backlog[model] = max(backlog.get(model, 0.0), now - waiter.enqueued)
-        return backlog
 
     def preloaded(self, node_id, model, ok, seconds):
         with self.lock:

@@ -842,16 +842,38 @@ def test_requests_waiting_in_herds_queue_get_their_model_a_new_home():
 
 
 def test_the_queue_counts_requests_for_a_model_not_its_fallbacks_and_one_new_home_a_minute():
-    fleet = herd.Fleet(herd.Config())
-    call = make_call()
-    fleet.waiters.append(herd.Waiter(call=call, models=["m:latest", "f:latest"], enqueued=time.perf_counter() - 3))
     pinned = make_call()
     pinned.only_node = "n"  # herd's own benchmark of one node: a load elsewhere cannot help it
-    fleet.waiters.append(herd.Waiter(call=pinned, models=["p:latest"], enqueued=time.perf_counter() - 9))
-    backlog = fleet._backlog(time.monotonic())
-    assert set(backlog) == {"m:latest"} and 3 <= backlog["m:latest"] < 4
-    fleet.backlog_loads["m:latest"] = time.monotonic() - 30  # given a new home 30 s ago
-    assert fleet._backlog(time.monotonic()) == {}
+    waiters = [herd.Waiter(call=make_call(), models=["m:latest", "f:latest"], enqueued=97.0),
+               herd.Waiter(call=make_call(), models=["m:latest"], enqueued=98.5),
+               herd.Waiter(call=pinned, models=["p:latest"], enqueued=91.0),
+               herd.Waiter(call=make_call(), models=["c:latest"], enqueued=90.0, cancelled=True)]
+    assert herd.queue_backlog(waiters, {}, NOW, 100.0) == {"m:latest": 3.0}  # the oldest: 100 - 97
+    # given a new home 59 s ago: not again within the minute; 60 s ago: again
+    assert herd.queue_backlog(waiters, {"m:latest": NOW - 59}, NOW, 100.0) == {}
+    assert herd.queue_backlog(waiters, {"m:latest": NOW - 60}, NOW, 100.0) == {"m:latest": 3.0}
+
+
+@pytest.mark.parametrize("what, nodes, name, expected", [
+    ("spelled as an online node has it", [("online", ["Llama3.2:latest"])], "Llama3.2:latest", "Llama3.2:latest"),
+    ("another case: the node's", [("online", ["llama3.2:latest"])], "LLAMA3.2:latest", "llama3.2:latest"),
+    ("no node has it: as asked", [("online", ["qwen:latest"])], "Llama3.2:latest", "Llama3.2:latest"),
+    ("an offline node's spelling gives way to an online one's",
+     [("offline", ["Llama3.2:latest"]), ("online", ["llama3.2:latest"])], "Llama3.2:latest", "llama3.2:latest"),
+    ("a resting node's too", [("resting", ["Llama3.2:latest"]), ("online", ["llama3.2:latest"])],
+     "Llama3.2:latest", "llama3.2:latest"),
+    ("none online: any node's", [("offline", ["Llama3.2:latest"])], "LLAMA3.2:latest", "Llama3.2:latest"),
+])
+def test_model_spelling(what, nodes, name, expected):
+    made = []
+    for i, (state, models) in enumerate(nodes):
+        node = make_node({m: 1.0 for m in models}, node_id=f"n{i}")
+        if state == "offline":
+            node.last_seen -= 3600
+        elif state == "resting":
+            node.cooldown_until = time.time() + 60
+        made.append(node)
+    assert herd.model_spelling(made, name, time.time()) == expected
 
 
 def test_a_load_that_waited_for_another_is_not_learnt_from():
