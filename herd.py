@@ -3398,14 +3398,14 @@ class Watchdog:
 # (waiting in the admission queue if it must), the body is adjusted for that node (fallback
 # model, context protection), the upstream request is opened and its status and first byte read,
 # and only then the client is answered, so a node that fails before its first byte is retried
-# on the next-best node without the client noticing. A buffered reply ends the exchange at once;
-# a stream ends it when the Relay ends, however it ends.
+# on the next-best node without the client noticing. A buffered reply ends the exchange once the
+# server has written it and closes it; a stream ends it when the Relay ends, however it ends.
 
 # Never copied from the node's response: Waitress frames the body itself, and fails a response
 # that carries the upstream's framing headers.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te",
                         "trailer", "upgrade", "proxy-authenticate", "proxy-authorization", "date",
-                        "server"})
+                        "server"}) | waitress.task.hop_by_hop  # (Waitress's own list has "trailers")
 DECODED = frozenset(urllib3.response.HTTPResponse.CONTENT_DECODERS)  # Content-Encodings urllib3 undoes
 UPSTREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError)
 # The requests that run a model on the node (both APIs): herd notes the load and the prompt slot
@@ -3577,7 +3577,7 @@ class Exchange:
         self.reply = ReplyStats()
         self.decisions = []  # the routing decision of each attempt
         self.events_streamed = 0  # OpenAI stream events relayed (a token count when usage is not sent)
-        self.replied = False  # a whole reply was handed to the server: it ends once written
+        self.replied_at = None  # when a whole reply was handed to the server: it ends once written
         self._watch_afresh()
 
     # -- attempts -----------------------------------------------------------------------------
@@ -3650,6 +3650,11 @@ class Exchange:
 
     def check(self, now):
         """The watchdog's look at this request: cut it if it broke a limit."""
+        if self.replied_at is not None:  # the server writes the reply and closes it, which ends it...
+            if now - self.replied_at > self.stall_limit:  # ...unless something failed before the close
+                log.warning("request %s: its reply was never written out; ending it", self.call.request_id)
+                self.finish("failed", "herd's server failed to send the reply it had from the node")
+            return
         if self.aborted is not None:
             with self.lock:
                 self._cut()  # the connection may have opened after the abort
@@ -3699,23 +3704,25 @@ class Exchange:
         latency_ms = (time.perf_counter() - self.call.started) * 1000
         self.status, self.error = status, error
         completed = status == "completed"
-        if tail:
-            self.reply = read_reply(tail, self.ttft_ms, latency_ms, self.events_streamed)
-        upstream, self.upstream = self.upstream, None
-        if upstream is not None:
-            if completed:
-                upstream.release_conn()
-            else:
-                upstream.close()
-        if self.lease is not None:
-            timings = self.reply.timings if completed else None
-            if timings is not None and "load_s" not in timings and self.call.stream and self.first_byte_at:
-                timings["first_byte_s"] = self.first_byte_at - self.started  # (an OpenAI stream)
-            self.proxy.fleet.release(self.lease, served=completed, sent_ctx=sent_num_ctx(self.call),
-                                     timings=timings)
-        self.latency_ms, self.ended_at = latency_ms, time.time()
-        self.proxy.traces.record(self)  # the writer thread builds its row (trace_row)
-        self.proxy.drop(self)
+        try:
+            if tail:
+                self.reply = read_reply(tail, self.ttft_ms, latency_ms, self.events_streamed)
+            upstream, self.upstream = self.upstream, None
+            if upstream is not None:
+                if completed:
+                    upstream.release_conn()
+                else:
+                    upstream.close()
+            if self.lease is not None:
+                timings = self.reply.timings if completed else None
+                if timings is not None and "load_s" not in timings and self.call.stream and self.first_byte_at:
+                    timings["first_byte_s"] = self.first_byte_at - self.started  # (an OpenAI stream)
+                self.proxy.fleet.release(self.lease, served=completed, sent_ctx=sent_num_ctx(self.call),
+                                         timings=timings)
+        finally:  # the row and the running set, whatever went wrong above
+            self.latency_ms, self.ended_at = latency_ms, time.time()
+            self.proxy.traces.record(self)  # the writer thread builds its row (trace_row)
+            self.proxy.drop(self)
 
     def fail(self, status, message, code, retry_after=None, outcome="failed"):
         """End the request with an error answer in the client's API shape."""
@@ -4001,9 +4008,10 @@ class Proxy:
                 exchange.finish("failed", message)
                 return Response(data, status=resp.status, headers=headers)
             # the client has its reply before herd learns from it and queues its row: Waitress
-            # closes the response once the body is written, whatever became of the client
+            # closes the response once the body is written, whatever became of the client (should
+            # something fail before that, the watchdog ends the exchange after the stall limit)
             response = Response(data, status=resp.status, headers=headers)
-            exchange.replied, tail = True, data[-TAIL_BYTES:]
+            exchange.replied_at, tail = time.monotonic(), data[-TAIL_BYTES:]
             response.call_on_close(lambda: exchange.finish("completed", tail=tail))
             return response
 
@@ -5300,7 +5308,7 @@ def add_proxied_routes(app, herd):
             call = parse_call(api, path, request.get_data(cache=False), headers, environ.get("REMOTE_ADDR"),
                               environ[REQUEST_ID])
             call.client_gone = request.environ.get("waitress.client_disconnected", call.client_gone)
-            request.environ[TRACED] = True  # serve() writes the row, however it ends
+            request.environ[TRACED] = True  # the call's Exchange writes the row, however it ends
             return herd.proxy.serve(call, admit=(path != "/api/show"))
         view.__name__ = "proxy_" + path.strip("/").replace("/", "_")
         return view

@@ -81,7 +81,7 @@ class Router:
     def settled(self):
         """Once every whole reply a client has been handed has ended (herd learns from it and
         queues its row just after writing it)."""
-        wait_for(lambda: not any(e.replied for e in self.herd.proxy.running()), what="replies ended")
+        wait_for(lambda: all(e.replied_at is None for e in self.herd.proxy.running()), what="replies ended")
 
     def traces(self, sql="SELECT * FROM request_traces"):
         """Rows once every reply handed out has ended and the writer has committed its row."""

@@ -12,6 +12,7 @@ Tests and benchmarks start several on loopback ports to make a fleet. It serves 
     fake.drop_prompts = {"POISON"}      # close the connection unanswered on this prompt (a crashed runner)
     fake.gzip_replies = True           # non-streamed replies gzipped (a compressing proxy in front)
     fake.redirect_to = "http://x/"     # inference answered with a 307 there (a proxy in front)
+    fake.extra_headers = {"Trailers": "x"}  # sent with every answer (a proxy in front adds its own)
     fake.stop()                        # connection refused from now on
 
 Run alone:  python tests/fake_ollama.py --port 11501 --models llama3.2,qwen2.5:7b --loaded llama3.2
@@ -60,6 +61,7 @@ class FakeOllama:
         self.unpullable = set()  # names the registry does not have: their pull ends with an error
         self.gzip_replies = False  # answer inference requests gzipped, as a compressing proxy in front would
         self.redirect_to = None  # answer inference requests with a 307 there, as a proxy in front might
+        self.extra_headers = {}  # headers sent with every answer, as a proxy in front might add
         self.eval_duration_ns = 900  # what replies say generation took (herd learns speed from it)
         self.load_duration_ns = 10  # what replies say loading took (above 50 ms herd counts a cold load)
         self.gpu = True  # False: /api/ps says size_vram 0, as Ollama does for a model in system RAM
@@ -160,6 +162,7 @@ class FakeHandler(BaseHTTPRequestHandler):
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_extra_headers()
         if getattr(getattr(self, "fake", None), "gzip_replies", False) and self.path in INFERENCE:  # (not the simulator's)
             data = gzip.compress(data)
             self.send_header("Content-Encoding", "gzip")
@@ -171,7 +174,12 @@ class FakeHandler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", content_type)
         self.send_header("Transfer-Encoding", "chunked")
+        self.send_extra_headers()
         self.end_headers()
+
+    def send_extra_headers(self):
+        for name, value in getattr(getattr(self, "fake", None), "extra_headers", {}).items():
+            self.send_header(name, value)
 
     def chunk(self, data):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))

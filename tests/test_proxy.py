@@ -85,6 +85,39 @@ def test_every_node_failing_for_good_gives_a_json_error_not_a_stack_trace(make_f
     assert router.traces("SELECT COUNT(*) FROM request_traces WHERE status='failed'") == [(2,)]
 
 
+def test_framing_headers_from_a_proxy_in_front_of_a_node_are_not_handed_on(make_fake, make_router):
+    # Waitress refuses a response that carries hop-by-hop headers such as "Trailers": the reply was
+    # lost and, made without ever being closed, held its slot for good (one slot: the next waited)
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    fake.extra_headers = {"Trailers": "x", "Trailer": "y", "Keep-Alive": "timeout=5", "X-Node": "kept"}
+    router = make_router(nodes=[("a", fake.url)], parallel=1, queue_timeout=2)
+    for body in (CHAT, dict(CHAT, stream=True), CHAT):
+        answer = requests.post(router.url + "/api/chat", json=body, timeout=10)
+        assert answer.status_code == 200 and answer.headers["X-Node"] == "kept"
+        assert not {"Trailers", "Trailer", "Keep-Alive"} & set(answer.headers)
+    assert router.traces("SELECT status FROM request_traces") == [("completed",)] * 3
+
+
+def test_a_reply_the_server_never_writes_out_is_ended_by_the_watchdog(make_fake, make_router):
+    # a whole reply ends its request when Waitress closes it after writing it; should something
+    # fail in between (here an after-request hook), the watchdog ends it after the stall limit
+    fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
+    router = make_router(nodes=[("a", fake.url)], parallel=1, stall_timeout=1, queue_timeout=10)
+    failed = []
+
+    def failing_hook(response):
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("a hook failed")
+        return response
+
+    router.app.after_request_funcs.setdefault(None, []).append(failing_hook)
+    assert chat(router).status_code == 500
+    assert chat(router).status_code == 200  # the one slot came back
+    rows = router.traces("SELECT status, error_message FROM request_traces ORDER BY timestamp")
+    assert rows == [("failed", "herd's server failed to send the reply it had from the node"), ("completed", None)]
+
+
 def test_odd_upstream_answers_reach_the_client_in_its_apis_shape(make_fake, make_router):
     fake = make_fake(models={"llama3.2": 2.0}, loaded=["llama3.2"])
     router = make_router(nodes=[("a", fake.url)], queue_timeout=2)
