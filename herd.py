@@ -2485,6 +2485,29 @@ def node_view(node, now, parallel):
     }
 
 
+def node_models_view(node, now):
+    """One node's installed and loaded models with sizes (the dashboard's model management)."""
+    return {"node_id": node.node_id, "status": node.status(now), "memory_budget_gb": node.memory_budget_gb,
+            "models": [{"name": name, "size_gb": round((entry.get("size") or 0) / GB, 2),
+                        "loaded": name in node.loaded,
+                        "context_length": (node.loaded.get(name) or {}).get("context_length"),
+                        "expires_at": (node.loaded.get(name) or {}).get("expires_at"),
+                        "requests_active": node.running_count(name)}
+                       for name, entry in sorted(node.models.items())]}
+
+
+def node_health_view(node, now):
+    """What the health findings read of one node."""
+    return {"node_id": node.node_id, "status": node.status(now), "reachable": node.reachable,
+            "ollama_error": node.ollama_error, "ollama_version": node.ollama_version, "last_seen": node.last_seen,
+            "interval_s": node.interval_s, "memory": node.memory, "source": node.source, "ollama_url": node.url,
+            "returns_last_hour": sum(1 for t in node.returns if now - t < 3600),
+            # the agent reaches its Ollama, herd's own requests are refused: it listens on loopback
+            "loopback_only": (node.source == "agent" and node.reachable and node.failure_kind == "unreachable"
+                              and "refused" in (node.last_failure or "")
+                              and not is_loopback(urlsplit(node.url).hostname))}
+
+
 def pull_target(nodes, model, now):
     """Where a pull should go: the best online node that has the model, else the one with the
     most free memory; None when no node is online."""
@@ -2952,28 +2975,13 @@ class Fleet:
         """Per node: installed and loaded models with sizes (dashboard model management)."""
         now = time.time()
         with self.lock:
-            return [{"node_id": n.node_id, "status": n.status(now), "memory_budget_gb": n.memory_budget_gb,
-                     "models": [{"name": name, "size_gb": round((entry.get("size") or 0) / GB, 2),
-                                 "loaded": name in n.loaded,
-                                 "context_length": (n.loaded.get(name) or {}).get("context_length"),
-                                 "expires_at": (n.loaded.get(name) or {}).get("expires_at"),
-                                 "requests_active": n.running_count(name)}
-                                for name, entry in sorted(n.models.items())]}
-                    for n in self.nodes.values()]
+            return [node_models_view(node, now) for node in self.nodes.values()]
 
     def health_view(self):
         """What health findings read of each node."""
         now = time.time()
         with self.lock:
-            return [{"node_id": n.node_id, "status": n.status(now), "reachable": n.reachable,
-                     "ollama_error": n.ollama_error, "ollama_version": n.ollama_version, "last_seen": n.last_seen,
-                     "interval_s": n.interval_s, "memory": n.memory, "source": n.source, "ollama_url": n.url,
-                     "returns_last_hour": sum(1 for t in n.returns if now - t < 3600),
-                     # the agent reaches its Ollama, herd's own requests are refused: it listens on loopback
-                     "loopback_only": (n.source == "agent" and n.reachable and n.failure_kind == "unreachable"
-                                       and "refused" in (n.last_failure or "")
-                                       and not is_loopback(urlsplit(n.url).hostname))}
-                    for n in self.nodes.values()]
+            return [node_health_view(node, now) for node in self.nodes.values()]
 
     def inventory(self):
         """{node_id: {model: GB on disk}} of the nodes that are not offline."""
