@@ -3410,10 +3410,9 @@ class Watchdog:
 # server has written it and closes it; a stream ends it when the Relay ends, however it ends.
 
 # Never copied from the node's response: Waitress frames the body itself, and fails a response
-# that carries the upstream's framing headers.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te",
-                        "trailer", "upgrade", "proxy-authenticate", "proxy-authorization", "date",
-                        "server"}) | waitress.task.hop_by_hop  # (Waitress's own list has "trailers")
+# that carries a header of its hop-by-hop list; herd also leaves out the length, the trailer list
+# and the node's date and server (Waitress writes its own).
+HOP_BY_HOP = waitress.task.hop_by_hop | {"content-length", "trailer", "date", "server"}
 DECODED = frozenset(urllib3.response.HTTPResponse.CONTENT_DECODERS)  # Content-Encodings urllib3 undoes
 UPSTREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError)
 # The requests that run a model on the node (both APIs): herd notes the load and the prompt slot

@@ -83,10 +83,14 @@ class Router:
         queues its row just after writing it)."""
         wait_for(lambda: all(e.replied_at is None for e in self.herd.proxy.running()), what="replies ended")
 
-    def traces(self, sql="SELECT * FROM request_traces"):
-        """Rows once every reply handed out has ended and the writer has committed its row."""
+    def written(self):
+        """Once every reply handed out has ended and the writer has committed its row."""
         self.settled()
         assert self.herd.traces.flush()
+
+    def traces(self, sql="SELECT * FROM request_traces"):
+        """Rows, once written (see written)."""
+        self.written()
         return self.herd.traces.query(sql)
 
 

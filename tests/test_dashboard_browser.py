@@ -181,8 +181,7 @@ def fleet(make_fake, make_router, start_agent):
     retried = send(router, "/api/chat", dict(CHAT, model="qwen2.5:7b", stream=True), **{"X-Herd-Tags": "notebook"})
     assert retried.status_code == 200 and retried.headers["X-Herd-Node"] == "rtx"
 
-    router.settled()
-    assert router.herd.traces.flush()
+    router.written()
     traces = requests.get(router.url + "/dashboard/api/traces", params={"limit": 50}, timeout=10).json()["traces"]
     assert len(traces) == 13
     assert [t["retry_count"] for t in traces[:2]] == [1, 0]  # newest first: the retry, the stream before it
@@ -374,8 +373,7 @@ def test_api_key_is_asked_once_and_every_tab_then_loads(page, make_fake, make_ro
     router = make_router(nodes=[("solo", fake.url)], api_key="k")
     assert requests.post(router.url + "/api/chat", json=dict(CHAT, metadata={"tags": ["keyed"]}),
                          headers={"Authorization": "Bearer k"}, timeout=30).status_code == 200
-    router.settled()
-    assert router.herd.traces.flush()
+    router.written()
     page.add_init_script("""window.keyAsked = 0;
         const showModal = HTMLDialogElement.prototype.showModal;
         HTMLDialogElement.prototype.showModal = function () {
