@@ -2135,6 +2135,14 @@ def servable_models(nodes, call, now):
                        f"with `ollama pull {call.model}` on a node", "model_not_found")
 
 
+def estimate_all(nodes, model, call, *, parallel, policy, usual_output, ahead, priors, admit, now, follow_ups):
+    """[(node, estimate)] for each of `nodes` (healthy ones with `model`); see `estimate`."""
+    usual = usual_output.get(model, PRIOR_OUTPUT_TOKENS)
+    return [(node, estimate(node, model, call, slots=slots(node, parallel), policy=policy, usual_output=usual,
+                            ahead=ahead, priors=priors, admit=admit, now=now, follow_ups=follow_ups))
+            for node in nodes]
+
+
 def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit=True, priors=None,
            follow_ups=None):
     """(best slot, None) or (None, why to wait: 'busy' | 'defer' | 'failing').
@@ -2161,12 +2169,9 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
         if not healthy:
             continue
         priors = priors or unmeasured_priors(nodes)
-        usual = usual_output.get(model, PRIOR_OUTPUT_TOKENS)
-        ahead = queued.get(model, 0)
-        estimates = [(node, estimate(node, model, call, slots=slots(node, parallel), policy=policy,
-                                     usual_output=usual, ahead=ahead, priors=priors, admit=admit,
-                                     now=now_mono, follow_ups=follow_ups if admit else None))
-                     for node in healthy]
+        estimates = estimate_all(healthy, model, call, parallel=parallel, policy=policy, usual_output=usual_output,
+                                 ahead=queued.get(model, 0), priors=priors, admit=admit, now=now_mono,
+                                 follow_ups=follow_ups if admit else None)
         scored, rate = score_candidates(estimates)
         best = pick(scored, rate)
         node, total, breakdown, eta = scored[best]
@@ -2287,7 +2292,8 @@ def learn_from_reply(node, lease, timings):
 # Warming: time new nodes, load a model in demand on a node that has room for it
 # =============================================================================================
 #
-# Two jobs keep routing informed ahead of traffic. Calibration: a node herd has no speed for yet
+# Three jobs keep routing informed ahead of traffic (the third, restoring a node's default
+# context, is described before `restorable`). Calibration: a node herd has no speed for yet
 # gets one short generation on its smallest hot chat model while it is idle, so the first real
 # requests are routed on a measured speed rather than a guess. Preloading: a model that traffic
 # keeps asking for is loaded onto a faster node with free memory (no eviction), so the next
@@ -2388,6 +2394,63 @@ def plan_preload(nodes, demand, now, now_mono, backlog=None):
     return None
 
 
+# Restoring a node's default context. A model loaded for a request's large num_ctx keeps that
+# context: native requests are sent with it (Context rules), but a /v1 request cannot set one, and
+# each would make Ollama reload the model back. Each of them is routed elsewhere on its own merits,
+# and may wait in herd's queue there, while one reload would have served them all. So herd keeps
+# count, per node and model, of the seconds requests have waited in its queue that the node would
+# serve sooner, were the model there at its default context (its estimate without the reload);
+# when that reaches what the reload takes there, herd reloads it at the default itself (paying for
+# it once the waiting has cost as much: at most twice what knowing the future would have paid).
+
+def restorable(node, model, call, policy):
+    """Would `call` reload `model` on `node` as it runs there, where at the node's default it would not?"""
+    if model not in node.loaded or model in node.switching:
+        return False
+    default = node.context_default(model)
+    return (needs_reload(call, node.running_context(model), default, node.load_options.get(model, {}), policy)
+            and not needs_reload(call, default, default, {}, policy))
+
+
+def context_rent(nodes, waiters, *, parallel, policy, usual_output, priors, now, now_mono):
+    """{(node_id, model, context): requests in herd's queue that the node would serve sooner than any
+    other, were the model at its default context there instead of `context`}."""
+    rent, ahead = collections.Counter(), collections.Counter()
+    online = [node for node in nodes if node.status(now) == "online"]
+    for waiter in waiters:
+        model = waiter.models[0]
+        if waiter.cancelled or waiter.call.only_node is not None:
+            continue
+        held = [node for node in online if restorable(node, model, waiter.call, policy)]
+        if held:
+            healthy = [node for node in online if eligibility(node, model, now) == "ok"]
+            estimates = estimate_all(healthy, model, waiter.call, parallel=parallel, policy=policy,
+                                     usual_output=usual_output, ahead=ahead[model], priors=priors, admit=True,
+                                     now=now_mono, follow_ups=None)
+            elsewhere = min((e["eta"] for node, e in estimates if node not in held), default=math.inf)
+            for node, e in estimates:
+                if node in held and e["eta"] - e["reload"] < elsewhere:
+                    rent[node.node_id, model, node.running_context(model)] += 1
+        ahead[model] += 1
+    return rent
+
+
+def plan_restore(nodes, rent_s, priors, now_mono):
+    """(node, model, reload seconds, why) to reload at the node's default context, or None: the
+    first whose rent (`rent_s`: seconds waited, keyed as context_rent's) has reached the reload's time."""
+    for (node_id, model, ctx), waited in rent_s.items():
+        node = nodes.get(node_id)
+        if (node is None or node.running_context(model) != ctx or model in node.switching or node.preloading
+                or node.loading_other(model, now_mono)):
+            continue
+        fixed, per_gb = node.load_cost or (priors.load_fixed_s, priors.load_s_per_gb)
+        seconds = fixed + node.weights_gb(model) * per_gb
+        if waited >= seconds:
+            return node, model, seconds, (f"requests have waited {waited:.1f} s in herd's queue that it would serve "
+                                          f"at its default context, as long as reloading it there takes")
+    return None
+
+
 class Warmer:
     """Background thread that carries out the warming plans (see the top of this section)."""
 
@@ -2430,11 +2493,11 @@ class Warmer:
             return
 
     def preload(self):
-        plan = self.fleet.preload_plan()
+        plan = self.fleet.restore_plan() or self.fleet.preload_plan()
         if plan is None:
             return
-        node_id, url, model, why = plan
-        log.info("preloading %s on %s: it is in demand, and %s", model, node_id, why)
+        node_id, url, model, why, timed = plan
+        log.info("loading %s on %s: %s", model, node_id, why)
         started = time.monotonic()
         try:
             ok = self.session.post(url + "/api/generate", json={"model": model},
@@ -2442,7 +2505,7 @@ class Warmer:
         except requests.RequestException as exc:
             log.warning("preload of %s on %s failed: %s", model, node_id, exc)
             ok = False
-        self.fleet.preloaded(node_id, model, ok, time.monotonic() - started)
+        self.fleet.preloaded(node_id, model, ok, time.monotonic() - started, timed)
 
 
 # =============================================================================================
@@ -2537,6 +2600,8 @@ class Fleet:
         self.priors = None  # for unmeasured nodes: from the slowest measured (None: work them out again)
         self.priors_at = 0.0  # time.monotonic() when they were worked out
         self.follow_ups = FollowUps()  # how often conversations come back to their prompt caches
+        self.rent = {}  # (node_id, model, context) -> seconds queued for want of the default context there
+        self.rent_at = time.monotonic()  # when the rent was last counted
 
     # -- reports from agents and polls ------------------------------------------------------
 
@@ -2742,16 +2807,42 @@ class Fleet:
             node.preloading = model
             if for_queue:
                 self.backlog_loads[model] = now_mono
-            return node.node_id, node.url, model, why
+            return node.node_id, node.url, model, f"it is in demand, and {why}", True
 
-    def preloaded(self, node_id, model, ok, seconds):
+    def restore_plan(self):
+        """(node_id, url, model, why, False) to reload at the node's default context (see Warming), or
+        None. Counts the rent since the last call first."""
+        with self.lock:
+            now_mono = time.monotonic()
+            elapsed, self.rent_at = min(now_mono - self.rent_at, 4 * WARMER_EVERY_S), now_mono
+            priors = self.priors or unmeasured_priors(self.nodes.values())
+            waiting = context_rent(self.nodes.values(), self.waiters, parallel=self.config.parallel,
+                                   policy=self.context_policy, usual_output=self.usual_output, priors=priors,
+                                   now=time.time(), now_mono=now_mono)
+            for key, count in waiting.items():
+                self.rent[key] = self.rent.get(key, 0.0) + count * elapsed
+            self.rent = {(node_id, model, ctx): waited for (node_id, model, ctx), waited in self.rent.items()
+                         if node_id in self.nodes and self.nodes[node_id].running_context(model) == ctx}
+            plan = plan_restore(self.nodes, self.rent, priors, now_mono)
+            if plan is None:
+                return None
+            node, model, seconds, why = plan
+            del self.rent[node.node_id, model, node.running_context(model)]
+            drain = node.running[model].longest_remaining(now_mono) if node.running_count(model) else 0.0
+            node.preloading = model
+            node.note_switch(model, node.context_default(model), {"num_ctx": None}, drain + seconds, at_default=True)
+            self._grant_waiters()  # the requests that waited for it may go there now
+            return node.node_id, node.url, model, why, False
+
+    def preloaded(self, node_id, model, ok, seconds, timed):
+        """A load the warmer sent has ended (`timed`: its time is a load's alone, worth learning)."""
         with self.lock:
             node = self.nodes.get(node_id)
             if node is not None:
                 node.preloading = None
             if not ok or node is None:
                 return
-            if seconds > HOT_LOAD_S:
+            if timed and seconds > HOT_LOAD_S:
                 record_load(node, node.weights_gb(model), seconds)  # a load timed by herd itself
                 self.priors = None
             if model not in node.loaded:

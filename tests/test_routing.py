@@ -327,6 +327,35 @@ def test_a_second_large_context_request_goes_where_the_model_already_runs_large(
 
 
 
+def test_openai_requests_queued_for_want_of_the_default_context_get_it_restored(make_fake, make_router):
+    # llama3.2 runs at 16384 on `a` after a large native request; /v1 requests cannot set num_ctx,
+    # so each would reload it back there. They queue for `b` (one slot, 1.2 s a request) rather
+    # than reload it one by one (5 s each by herd's prior: 1 s + 8 GB at 0.5 s/GB)
+    a = make_fake(models={"llama3.2": 8.0}, loaded=["llama3.2"], tokens=4, token_delay=0.05)
+    b = make_fake(models={"llama3.2": 8.0}, loaded=["llama3.2"], tokens=4, token_delay=0.3)
+    a.eval_duration_ns, b.eval_duration_ns = 10_000_000, 100_000_000  # a is the faster, as herd learns
+    router = make_router()
+    heartbeat(router, "a", a, num_parallel=2, default_context_length=4096)
+    router.wait_online(1)
+    assert chat(router, dict(CHAT, options={"num_ctx": 16384})).headers["X-Herd-Node"] == "a"
+    heartbeat(router, "a", a, num_parallel=2, default_context_length=4096)  # it shows 16384 now
+    heartbeat(router, "b", b, num_parallel=1, default_context_length=4096)
+    router.wait_online(2)
+    assert a.reloads == 1
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        replies = [pool.submit(requests.post, router.url + "/v1/chat/completions", json=OPENAI_CHAT, timeout=30)
+                   for _ in range(6)]
+        # once they have waited as long as the reload takes, herd reloads it at the default itself
+        wait_for(lambda: ("/api/generate", {"model": "llama3.2:latest"}) in a.received, timeout=10,
+                 what="a reload of llama3.2 at the default context on a")
+        heartbeat(router, "a", a, num_parallel=2, default_context_length=4096)  # it shows 4096
+        assert [r.result().status_code for r in replies] == [200] * 6
+    # the requests still queued then were served there, at the default: no reload more
+    paths = [path for path, _ in a.received]
+    assert "/v1/chat/completions" in paths[paths.index("/api/generate"):]
+    assert a.loaded["llama3.2:latest"] == 4096 and a.reloads == 2  # once there, once back
+
+
 def test_a_model_herd_loaded_without_num_ctx_runs_at_the_default_the_node_then_shows(make_fake, make_router):
     # polled, no agent: herd guesses the default context (4096) when it sends the first request,
     # which loads the model at the node's real default, 32768

@@ -854,6 +854,83 @@ def test_the_queue_counts_requests_for_a_model_not_its_fallbacks_and_one_new_hom
     assert herd.queue_backlog(waiters, {"m:latest": NOW - 60}, NOW, 100.0) == {"m:latest": 3.0}
 
 
+def held_large(**fields):
+    """m (4 GB) loaded at 16384 on a node whose default is 4096 (a large num_ctx loaded it)."""
+    return make_node(loaded=["m:latest"], ctx=16384, default_context_length=4096, **fields)
+
+
+OPENAI = make_call(api="openai", endpoint="/v1/chat/completions")
+
+
+def native(options=None):
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], **({"options": options} if options else {})}
+    return make_call(body)
+
+
+def switching_back():
+    node = held_large()
+    node.note_switch("m:latest", 4096, {"num_ctx": None}, 5.0, at_default=True)
+    return node
+
+
+RESTORABLE = [
+    # (what, node, call, context protection, expected)
+    ("/v1 cannot set num_ctx: it would reload 16384 back to 4096", held_large(), OPENAI, "strip", True),
+    ("native without num_ctx: herd sends it at 16384", held_large(), native(), "strip", False),
+    ("the same, passed through: Ollama reloads it to the default", held_large(), native(), "passthrough", True),
+    ("native asking 16384: runs as loaded", held_large(), native({"num_ctx": 16384}), "passthrough", False),
+    ("native asking 32768: the default would not serve it either", held_large(), native({"num_ctx": 32768}),
+     "strip", False),
+    ("loaded at the default already", make_node(loaded=["m:latest"], default_context_length=4096), OPENAI,
+     "strip", False),
+    ("not loaded", make_node(default_context_length=4096), OPENAI, "strip", False),
+    ("herd is reloading it back already", switching_back(), OPENAI, "strip", False),
+]
+
+
+@pytest.mark.parametrize("what, node, call, policy, expected", RESTORABLE, ids=[row[0] for row in RESTORABLE])
+def test_restorable(what, node, call, policy, expected):
+    assert herd.restorable(node, "m:latest", call, policy) is expected
+
+
+def rent_fleet(held_speed):
+    """`held`: m at 16384, idle, decoding at `held_speed` GB/s; `busy`: m at the default 4096,
+    300 GB/s, its one slot taken by a request with 3 s left."""
+    held = held_large(node_id="held", decode_speed=held_speed)
+    other = make_node(loaded=["m:latest"], node_id="busy", default_context_length=4096, decode_speed=300.0)
+    run(other, "m:latest", time.monotonic(), 3.0)
+    return [held, other]
+
+
+@pytest.mark.parametrize("what, held_speed, calls, expected", [
+    # per waiter on busy: 3 s for the slot (and 3.4 more for each one ahead) + 3.4 s of work;
+    # on held without the 3 s reload (1 s + 4 GB x 0.5 s/GB): 0.07 + 250 x 4 / 900 = 1.2 s
+    ("two /v1 requests, sooner on held at 4096", 900.0, [OPENAI, OPENAI], 2),
+    # at 30 GB/s: 250 x 4 / 30 = 33 s, later than busy's 6.4 s (9.8 s for the second)
+    ("held too slow to be worth it", 30.0, [OPENAI, OPENAI], 0),
+    ("native requests run there as it is: no rent", 900.0, [native(), native()], 0),
+])
+def test_context_rent(what, held_speed, calls, expected):
+    nodes = rent_fleet(held_speed)
+    waiters = [herd.Waiter(call=call, models=["m:latest"], enqueued=0.0) for call in calls]
+    rent = herd.context_rent(nodes, waiters, parallel=1, policy="strip", usual_output={}, priors=herd.Priors(),
+                             now=time.time(), now_mono=time.monotonic())
+    assert dict(rent) == ({("held", "m:latest", 16384): expected} if expected else {})
+
+
+@pytest.mark.parametrize("what, rent, expected", [
+    # the reload there: 1 s + 4 GB x 0.5 s/GB = 3 s (priors)
+    ("waited less than the reload takes", {("held", "m:latest", 16384): 2.9}, None),
+    ("waited as long", {("held", "m:latest", 16384): 3.0}, ("held", "m:latest", 3.0)),
+    ("counted at a context it no longer runs", {("held", "m:latest", 8192): 30.0}, None),
+    ("a node that left", {("gone", "m:latest", 16384): 30.0}, None),
+])
+def test_plan_restore(what, rent, expected):
+    node = held_large(node_id="held")
+    plan = herd.plan_restore({"held": node}, rent, herd.Priors(), NOW)
+    assert (plan and (plan[0].node_id, plan[1], plan[2])) == expected
+
+
 @pytest.mark.parametrize("what, nodes, name, expected", [
     ("spelled as an online node has it", [("online", ["Llama3.2:latest"])], "Llama3.2:latest", "Llama3.2:latest"),
     ("another case: the node's", [("online", ["llama3.2:latest"])], "LLAMA3.2:latest", "llama3.2:latest"),
