@@ -2301,7 +2301,7 @@ def learn_from_reply(node, lease, timings):
 # with no prompt. The plans are functions of the fleet's state (the Fleet calls them under its
 # lock); the Warmer thread carries them out.
 
-WARMER_EVERY_S = 0.5  # how often the warmer looks for a node to calibrate and a model to preload
+WARMER_EVERY_S = 0.5  # how often the warmer looks for a node to calibrate, a model to preload or to restore
 PRELOAD_WINDOW_S = 60.0  # demand is counted over this window
 PRELOAD_MIN_REQUESTS = 2  # the second request in the window is the first sign of demand
 PRELOAD_FASTER_BY = 1.15  # the node must be this much faster than where the model is hot
@@ -2402,6 +2402,25 @@ def plan_preload(nodes, demand, now, now_mono, backlog=None):
 # serve sooner, were the model there at its default context (its estimate without the reload);
 # when that reaches what the reload takes there, herd reloads it at the default itself (paying for
 # it once the waiting has cost as much: at most twice what knowing the future would have paid).
+# Only while the model is idle there and no queued request needs the context it runs with: no
+# drain, no request sent at the old context after it, and the context is not taken from requests
+# that still use it (each way back up is a later request's own reload, priced as any reload).
+
+RENT_WAITERS = 32  # queued requests per model looked at each time: 32 x WARMER_EVERY_S is beyond any reload
+RENT_GAP_S = 4 * WARMER_EVERY_S  # a longer gap between counts (a busy warmer) counts as this much
+
+
+@dataclass(frozen=True, slots=True)
+class WarmLoad:
+    """A load the warmer sends: /api/generate with the model's name alone, which loads it (at the
+    node's default context) and does nothing else."""
+
+    node_id: str
+    url: str
+    model: str
+    why: str
+    restore: bool  # a reload at the node's default context (herd noted it as under way)
+
 
 def restorable(node, model, call, policy):
     """Would `call` reload `model` on `node` as it runs there, where at the node's default it would not?"""
@@ -2412,36 +2431,67 @@ def restorable(node, model, call, policy):
             and not needs_reload(call, default, default, {}, policy))
 
 
-def context_rent(nodes, waiters, *, parallel, policy, usual_output, priors, now, now_mono):
-    """{(node_id, model, context): requests in herd's queue that the node would serve sooner than any
-    other, were the model at its default context there instead of `context`}."""
-    rent, ahead = collections.Counter(), collections.Counter()
-    online = [node for node in nodes if node.status(now) == "online"]
+def off_default(nodes, now):
+    """{model: [online nodes that run it at a context or with options other than their default]}."""
+    found = {}
+    for node in nodes:
+        if node.status(now) != "online":
+            continue
+        for model in node.loaded:
+            options = node.load_options.get(model, {})
+            if model not in node.switching and (
+                    node.running_context(model) != node.context_default(model)
+                    or any(options.get(k) is not None for k in RELOAD_OPTIONS)):
+                found.setdefault(model, []).append(node)
+    return found
+
+
+def waiting_for_default(nodes, waiters, *, parallel, policy, usual_output, priors, now, now_mono):
+    """({(node_id, model, context): requests in herd's queue that the node would serve sooner than
+    any other, were the model at its default context there instead of `context`}, {the same keys
+    for the nodes where a queued request needs `context` as it is})."""
+    odd = off_default(nodes, now)
+    counts, keep, ahead = collections.Counter(), set(), collections.Counter()
+    if not odd:
+        return counts, keep
+    healthy = {}
     for waiter in waiters:
         model = waiter.models[0]
-        if waiter.cancelled or waiter.call.only_node is not None:
+        if (waiter.cancelled or waiter.call.only_node is not None or model not in odd
+                or ahead[model] >= RENT_WAITERS):
             continue
-        held = [node for node in online if restorable(node, model, waiter.call, policy)]
-        if held:
-            healthy = [node for node in online if eligibility(node, model, now) == "ok"]
-            estimates = estimate_all(healthy, model, waiter.call, parallel=parallel, policy=policy,
+        call = waiter.call
+        for node in odd[model]:
+            ctx = node.running_context(model)
+            default = node.context_default(model)
+            if (needs_reload(call, default, default, {}, policy)
+                    and not needs_reload(call, ctx, default, node.load_options.get(model, {}), policy)):
+                keep.add((node.node_id, model, ctx))  # served as it runs, not at the default
+        at_odds = [node for node in odd[model] if restorable(node, model, call, policy)]
+        if at_odds:
+            if model not in healthy:
+                healthy[model] = [node for node in nodes if eligibility(node, model, now) == "ok"]
+            estimates = estimate_all(healthy[model], model, call, parallel=parallel, policy=policy,
                                      usual_output=usual_output, ahead=ahead[model], priors=priors, admit=True,
                                      now=now_mono, follow_ups=None)
-            elsewhere = min((e["eta"] for node, e in estimates if node not in held), default=math.inf)
+            elsewhere = min((e["eta"] for node, e in estimates if node not in at_odds), default=math.inf)
             for node, e in estimates:
-                if node in held and e["eta"] - e["reload"] < elsewhere:
-                    rent[node.node_id, model, node.running_context(model)] += 1
+                if node in at_odds and e["eta"] - e["reload"] < elsewhere:
+                    counts[node.node_id, model, node.running_context(model)] += 1
         ahead[model] += 1
-    return rent
+    return counts, keep
 
 
-def plan_restore(nodes, rent_s, priors, now_mono):
+def plan_restore(nodes, rent, keep, priors, now, now_mono):
     """(node, model, reload seconds, why) to reload at the node's default context, or None: the
-    first whose rent (`rent_s`: seconds waited, keyed as context_rent's) has reached the reload's time."""
-    for (node_id, model, ctx), waited in rent_s.items():
-        node = nodes.get(node_id)
-        if (node is None or node.running_context(model) != ctx or model in node.switching or node.preloading
-                or node.loading_other(model, now_mono)):
+    first whose rent (`rent`: seconds waited, keyed as waiting_for_default's) has reached the
+    reload's time there, while the model is idle there and not in `keep`."""
+    by_id = {node.node_id: node for node in nodes}
+    for (node_id, model, ctx), waited in rent.items():
+        node = by_id.get(node_id)
+        if (node is None or (node_id, model, ctx) in keep or node.status(now) != "online"
+                or node.running_context(model) != ctx or model in node.switching or node.running_count(model)
+                or node.preloading or node.loading_other(model, now_mono)):
             continue
         fixed, per_gb = node.load_cost or (priors.load_fixed_s, priors.load_s_per_gb)
         seconds = fixed + node.weights_gb(model) * per_gb
@@ -2493,19 +2543,18 @@ class Warmer:
             return
 
     def preload(self):
-        plan = self.fleet.restore_plan() or self.fleet.preload_plan()
-        if plan is None:
+        load = self.fleet.restore_plan() or self.fleet.preload_plan()
+        if load is None:
             return
-        node_id, url, model, why, timed = plan
-        log.info("loading %s on %s: %s", model, node_id, why)
+        log.info("loading %s on %s: %s", load.model, load.node_id, load.why)
         started = time.monotonic()
         try:
-            ok = self.session.post(url + "/api/generate", json={"model": model},
+            ok = self.session.post(load.url + "/api/generate", json={"model": load.model},
                                    timeout=(NODE_CALL_TIMEOUT, 600)).status_code == 200
         except requests.RequestException as exc:
-            log.warning("preload of %s on %s failed: %s", model, node_id, exc)
+            log.warning("loading %s on %s failed: %s", load.model, load.node_id, exc)
             ok = False
-        self.fleet.preloaded(node_id, model, ok, time.monotonic() - started, timed)
+        self.fleet.preloaded(load, ok, time.monotonic() - started)
 
 
 # =============================================================================================
@@ -2601,7 +2650,7 @@ class Fleet:
         self.priors_at = 0.0  # time.monotonic() when they were worked out
         self.follow_ups = FollowUps()  # how often conversations come back to their prompt caches
         self.rent = {}  # (node_id, model, context) -> seconds queued for want of the default context there
-        self.rent_at = time.monotonic()  # when the rent was last counted
+        self.rent_at = time.monotonic()  # when the rent was last added to
 
     # -- reports from agents and polls ------------------------------------------------------
 
@@ -2796,7 +2845,7 @@ class Fleet:
             log.info("calibrated %s with %s: %.0f GB/s of weights per token", node_id, model, speed)
 
     def preload_plan(self):
-        """(node_id, url, model, why) to load ahead of demand (see Warming), or None."""
+        """The WarmLoad of a model to load ahead of demand (see Warming), or None."""
         with self.lock:
             now_mono = time.monotonic()
             backlog = queue_backlog(self.waiters, self.backlog_loads, now_mono, time.perf_counter())
@@ -2807,46 +2856,54 @@ class Fleet:
             node.preloading = model
             if for_queue:
                 self.backlog_loads[model] = now_mono
-            return node.node_id, node.url, model, f"it is in demand, and {why}", True
+            return WarmLoad(node.node_id, node.url, model, f"it is in demand, and {why}", restore=False)
 
     def restore_plan(self):
-        """(node_id, url, model, why, False) to reload at the node's default context (see Warming), or
-        None. Counts the rent since the last call first."""
+        """The WarmLoad that reloads a model at a node's default context (see Warming: restoring),
+        or None. Adds the seconds requests waited since the last call to the rent first."""
         with self.lock:
-            now_mono = time.monotonic()
-            elapsed, self.rent_at = min(now_mono - self.rent_at, 4 * WARMER_EVERY_S), now_mono
-            priors = self.priors or unmeasured_priors(self.nodes.values())
-            waiting = context_rent(self.nodes.values(), self.waiters, parallel=self.config.parallel,
-                                   policy=self.context_policy, usual_output=self.usual_output, priors=priors,
-                                   now=time.time(), now_mono=now_mono)
-            for key, count in waiting.items():
+            now, now_mono = time.time(), time.monotonic()
+            elapsed, self.rent_at = min(now_mono - self.rent_at, RENT_GAP_S), now_mono
+            nodes = list(self.nodes.values())
+            priors = self.priors or unmeasured_priors(nodes)
+            counts, keep = waiting_for_default(nodes, self.waiters, parallel=self.config.parallel,
+                                               policy=self.context_policy, usual_output=self.usual_output,
+                                               priors=priors, now=now, now_mono=now_mono)
+            for key, count in counts.items():
                 self.rent[key] = self.rent.get(key, 0.0) + count * elapsed
             self.rent = {(node_id, model, ctx): waited for (node_id, model, ctx), waited in self.rent.items()
                          if node_id in self.nodes and self.nodes[node_id].running_context(model) == ctx}
-            plan = plan_restore(self.nodes, self.rent, priors, now_mono)
+            plan = plan_restore(nodes, self.rent, keep, priors, now, now_mono)
             if plan is None:
                 return None
             node, model, seconds, why = plan
             del self.rent[node.node_id, model, node.running_context(model)]
-            drain = node.running[model].longest_remaining(now_mono) if node.running_count(model) else 0.0
             node.preloading = model
-            node.note_switch(model, node.context_default(model), {"num_ctx": None}, drain + seconds, at_default=True)
+            node.note_switch(model, node.context_default(model), {"num_ctx": None}, seconds, at_default=True)
             self._grant_waiters()  # the requests that waited for it may go there now
-            return node.node_id, node.url, model, why, False
+            return WarmLoad(node.node_id, node.url, model, why, restore=True)
 
-    def preloaded(self, node_id, model, ok, seconds, timed):
-        """A load the warmer sent has ended (`timed`: its time is a load's alone, worth learning)."""
+    def preloaded(self, load, ok, seconds):
+        """A WarmLoad has ended: learn its time; a restore that failed leaves the next report to say
+        what runs there."""
         with self.lock:
-            node = self.nodes.get(node_id)
-            if node is not None:
-                node.preloading = None
-            if not ok or node is None:
+            node = self.nodes.get(load.node_id)
+            if node is None:
                 return
-            if timed and seconds > HOT_LOAD_S:
-                record_load(node, node.weights_gb(model), seconds)  # a load timed by herd itself
+            node.preloading = None
+            if not ok:
+                if load.restore:
+                    node.switching.pop(load.model, None)
+                return
+            if seconds > HOT_LOAD_S:
+                record_load(node, node.weights_gb(load.model), seconds)  # a load timed by herd itself
                 self.priors = None
-            if model not in node.loaded:
-                node.note_loaded(model, node.context_default(model), {"num_ctx": None}, at_default=True)
+            switch = node.switching.get(load.model)
+            if load.restore and switch is not None:  # done: nothing to wait for (a report soon says so too)
+                node.switching[load.model] = (switch[0], time.monotonic(), switch[2])
+                self._grant_waiters()
+            if load.model not in node.loaded:
+                node.note_loaded(load.model, node.context_default(load.model), {"num_ctx": None}, at_default=True)
                 self._grant_waiters()
 
     # -- admission: choosing and holding slots -------------------------------------------------

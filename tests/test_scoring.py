@@ -902,32 +902,71 @@ def rent_fleet(held_speed):
     return [held, other]
 
 
-@pytest.mark.parametrize("what, held_speed, calls, expected", [
+LARGE = native({"num_ctx": 16384})
+WAITING = [
+    # (what, held's GB/s, queued calls, requests counted for held, held kept at 16384)
     # per waiter on busy: 3 s for the slot (and 3.4 more for each one ahead) + 3.4 s of work;
     # on held without the 3 s reload (1 s + 4 GB x 0.5 s/GB): 0.07 + 250 x 4 / 900 = 1.2 s
-    ("two /v1 requests, sooner on held at 4096", 900.0, [OPENAI, OPENAI], 2),
+    ("two /v1 requests, sooner on held at 4096", 900.0, [OPENAI, OPENAI], 2, False),
     # at 30 GB/s: 250 x 4 / 30 = 33 s, later than busy's 6.4 s (9.8 s for the second)
-    ("held too slow to be worth it", 30.0, [OPENAI, OPENAI], 0),
-    ("native requests run there as it is: no rent", 900.0, [native(), native()], 0),
-])
-def test_context_rent(what, held_speed, calls, expected):
+    ("held too slow to be worth it", 30.0, [OPENAI, OPENAI], 0, False),
+    ("native requests run there as it is: no rent", 900.0, [native(), native()], 0, False),
+    ("a queued request that needs 16384 keeps it", 900.0, [OPENAI, LARGE], 1, True),
+]
+
+
+@pytest.mark.parametrize("what, held_speed, calls, counted, kept", WAITING, ids=[row[0] for row in WAITING])
+def test_waiting_for_default(what, held_speed, calls, counted, kept):
     nodes = rent_fleet(held_speed)
     waiters = [herd.Waiter(call=call, models=["m:latest"], enqueued=0.0) for call in calls]
-    rent = herd.context_rent(nodes, waiters, parallel=1, policy="strip", usual_output={}, priors=herd.Priors(),
-                             now=time.time(), now_mono=time.monotonic())
-    assert dict(rent) == ({("held", "m:latest", 16384): expected} if expected else {})
+    counts, keep = herd.waiting_for_default(nodes, waiters, parallel=1, policy="strip", usual_output={},
+                                            priors=herd.Priors(), now=time.time(), now_mono=time.monotonic())
+    key = ("held", "m:latest", 16384)
+    assert dict(counts) == ({key: counted} if counted else {})
+    assert keep == ({key} if kept else set())
 
 
-@pytest.mark.parametrize("what, rent, expected", [
-    # the reload there: 1 s + 4 GB x 0.5 s/GB = 3 s (priors)
-    ("waited less than the reload takes", {("held", "m:latest", 16384): 2.9}, None),
-    ("waited as long", {("held", "m:latest", 16384): 3.0}, ("held", "m:latest", 3.0)),
-    ("counted at a context it no longer runs", {("held", "m:latest", 8192): 30.0}, None),
-    ("a node that left", {("gone", "m:latest", 16384): 30.0}, None),
-])
-def test_plan_restore(what, rent, expected):
-    node = held_large(node_id="held")
-    plan = herd.plan_restore({"held": node}, rent, herd.Priors(), NOW)
+def test_nothing_is_waited_for_when_every_model_runs_at_its_default():
+    nodes = [make_node(loaded=["m:latest"], node_id=name, default_context_length=4096) for name in ("a", "b")]
+    run(nodes[0], "m:latest", time.monotonic(), 3.0)
+    waiters = [herd.Waiter(call=OPENAI, models=["m:latest"], enqueued=0.0)]
+    assert herd.waiting_for_default(nodes, waiters, parallel=1, policy="strip", usual_output={}, priors=herd.Priors(),
+                                    now=time.time(), now_mono=time.monotonic()) == ({}, set())
+
+
+def idle_held():
+    return held_large(node_id="held")
+
+
+def busy_held():
+    node = idle_held()
+    run(node, "m:latest", NOW, 2.0)
+    return node
+
+
+def offline_held():
+    node = idle_held()
+    node.last_seen -= 3600
+    return node
+
+
+KEY = ("held", "m:latest", 16384)
+RESTORES = [
+    # (what, the node (made when the test runs: it must still count as online), rent, kept,
+    # expected (node, model, reload s)); the reload there: 1 s + 4 GB x 0.5 s/GB = 3 s
+    ("waited less than the reload takes", idle_held, {KEY: 2.9}, set(), None),
+    ("waited as long", idle_held, {KEY: 3.0}, set(), ("held", "m:latest", 3.0)),
+    ("counted at a context it no longer runs", idle_held, {("held", "m:latest", 8192): 30.0}, set(), None),
+    ("a node that left", idle_held, {("gone", "m:latest", 16384): 30.0}, set(), None),
+    ("a request of it still running there", busy_held, {KEY: 30.0}, set(), None),
+    ("a queued request needs its context", idle_held, {KEY: 30.0}, {KEY}, None),
+    ("offline", offline_held, {KEY: 30.0}, set(), None),
+]
+
+
+@pytest.mark.parametrize("what, make, rent, kept, expected", RESTORES, ids=[row[0] for row in RESTORES])
+def test_plan_restore(what, make, rent, kept, expected):
+    plan = herd.plan_restore([make()], rent, kept, herd.Priors(), time.time(), NOW)
     assert (plan and (plan[0].node_id, plan[1], plan[2])) == expected
 
 
