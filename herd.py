@@ -849,6 +849,7 @@ DEFAULT_NUM_CTX = 4096
 # Options whose change makes Ollama unload and reload a model (num_ctx aside, handled on its own).
 RELOAD_OPTIONS = ("num_gpu", "num_batch", "num_thread", "use_mmap")
 RECENT_SAMPLES = 32  # recent samples kept per node for each speed, and per model for demand
+RECENT_ENDS = 64  # when the last requests of a model ended on a node: a reload's drain ends among them
 # How streams on one node slow each other is learnt per node from its replies (learn_from_reply);
 # until a node has shown it, herd assumes: n streams of one model each run at n ^ -0.3 of one
 # alone (parallel slots decode in one batch, memory-bound: a few streams cost little each), and m
@@ -926,7 +927,8 @@ class Lease:
     reload: bool = False  # ...and it is a context reload
     load_s: float = 0.0  # the seconds of (re)load herd expected
     prompt_s: float = 0.0  # ...and of prompt evaluation
-    timed_alone: bool = True  # nothing held its load up there: another load, busy models pushed out, a drain
+    timed_alone: bool = True  # nothing held its load up there: another load, busy models pushed out
+    drain: tuple | None = None  # a reload that waits for (requests of its model ended there, that many more) to end
     decision: dict | None = None  # the candidates and the excluded nodes, for the trace (see decision_record)
     default_ctx: int = DEFAULT_NUM_CTX
     pin_ctx: bool = False  # the running context is reported but the default is a guess: send num_ctx
@@ -1290,6 +1292,7 @@ class Node:
     in_flight: int = 0
     running: dict = field(default_factory=dict)  # model -> Running
     started: dict = field(default_factory=dict)  # model -> time.monotonic() of the last requests started here
+    ended: dict = field(default_factory=dict)  # model -> (requests ended here so far, the times of the last ones)
     # What herd measured here (see Scoring: learning): recent samples and what it routes on.
     decode_gbs: Recent = field(default_factory=Recent)  # decode speed x model size (GB/s)
     decode_gbs_alone: Recent = field(default_factory=Recent)  # the same, from requests that ran alone
@@ -1500,6 +1503,16 @@ class Node:
         if group is not None and group.count:
             group.remove(lease)
             self.in_flight -= 1
+            count, times = self.ended.get(lease.model) or (0, collections.deque(maxlen=RECENT_ENDS))
+            times.append(time.monotonic())
+            self.ended[lease.model] = (count + 1, times)
+
+    def drained_at(self, model, after, count):
+        """When the `count`-th request of `model` to end here after the `after`-th did (time.monotonic()),
+        or None when fewer have ended or it is no longer remembered."""
+        ended, times = self.ended.get(model) or (0, ())
+        back = ended - (after + count)  # how many ended since
+        return times[-back - 1] if 0 <= back < len(times) else None
 
     # -- reports ------------------------------------------------------------------------------
 
@@ -2192,8 +2205,7 @@ def choose(nodes, call, models, *, parallel, policy, usual_output, queued, admit
         return Lease(node_id=node.node_id, url=node.url, model=model, score=round(total, 2),
                      breakdown=breakdown, decision=decision, held=admit, eta_s=eta, cold=chosen["cold_load"] > 0,
                      reload=chosen["reload"] > 0, load_s=chosen["cold_load"], prompt_s=chosen["prompt"],
-                     timed_alone=chosen["cold_load"] > 0 and not chosen["wait"] and not node.loading_other(model, now_mono)
-                     and not (chosen["reload"] and node.running_count(model)),  # (a reload drains them first)
+                     timed_alone=chosen["cold_load"] > 0 and not chosen["wait"] and not node.loading_other(model, now_mono),
                      loaded_ctx=node.running_context(model),
                      default_ctx=default_ctx,
                      pin_ctx=bool(loaded and loaded.get("context_length") and not loaded.get("learned"))
@@ -2268,7 +2280,8 @@ def learn_sharing(node, speed, same, models):
 def learn_from_reply(node, lease, timings):
     """What one served request teaches about its node: speeds, undoing the sharing it ran under
     (the mean of the company it met at its start and at its end); how that sharing slowed it
-    (learn_sharing); and the load time when it was cold and nothing held the load up."""
+    (learn_sharing); and the load time when it was cold and nothing held the load up (a reload
+    that waited for its model's running requests there to end: less that wait, as herd saw them end)."""
     size_gb = node.weights_gb(lease.model)
     (same0, models0), (same1, models1) = lease.company_at_start, company(node.counts(), lease.model)
     same, models = math.sqrt(same0 * same1), math.sqrt(models0 * models1)
@@ -2284,6 +2297,9 @@ def learn_from_reply(node, lease, timings):
         # hot after all, or the prompt took longer than herd expected)
         first_byte = timings["first_byte_s"]
         load_s = first_byte - lease.prompt_s if lease.prompt_s < first_byte / 2 else None
+    if lease.drain is not None and load_s is not None:  # Ollama's load time includes the wait for the drain
+        drained = node.drained_at(lease.model, *lease.drain)
+        load_s = None if drained is None else load_s - max(0.0, drained - lease.started)
     if lease.cold and lease.timed_alone and (load_s or 0) > HOT_LOAD_S:
         record_load(node, size_gb, load_s)
 
@@ -3045,6 +3061,8 @@ class Fleet:
 
     def _hold(self, lease):
         node = self.nodes[lease.node_id]
+        if lease.reload and node.running_count(lease.model):  # Ollama reloads once they are done
+            lease.drain = ((node.ended.get(lease.model) or (0,))[0], node.running_count(lease.model))
         lease.started = time.monotonic()
         lease.company_at_start = company(node.counts(), lease.model, extra=1)
         node.hold(lease)

@@ -259,23 +259,44 @@ def test_another_load_under_way_holds_a_load_up():
     assert node.loading_other("m:latest", now)
 
 
-def test_a_reload_that_drains_its_models_requests_first_is_not_timed_alone():
-    # Ollama's load_duration for a context reload includes the wait for the model's running
-    # requests to finish: such a reload teaches nothing of the node's load speed
+def reload_fleet():
+    """A fleet with node a (2 slots) running m at 4096, and a request for m holding one slot."""
     fleet = herd.Fleet(herd.Config())
     entry = {"name": "m:latest", "model": "m:latest", "size": 2 * GB}
     fleet.report("a", "http://127.0.0.1:1", "agent", 3600.0,
                  {"num_parallel": 2, "ollama": {"reachable": True, "models": [entry],
                                                 "loaded": [dict(entry, size_vram=2 * GB, context_length=4096)]}})
     fleet.nodes["a"].decode_speed = 300.0
-    larger = {"model": "m", "messages": [{"role": "user", "content": "x"}], "options": {"num_ctx": 8192}}
-    running = fleet.acquire(make_call())
-    lease = fleet.acquire(make_call(larger))
-    assert lease.reload and not lease.timed_alone
-    fleet.release(lease, served=False)
+    return fleet, fleet.acquire(make_call())
+
+
+LARGER = {"model": "m", "messages": [{"role": "user", "content": "x"}], "options": {"num_ctx": 8192}}
+SERVED = {"eval_count": 100, "eval_s": 1.0}
+
+
+def test_a_reload_that_drained_its_models_requests_learns_the_reload_without_the_drain():
+    # Ollama's load_duration for a context reload includes the wait for the model's running
+    # requests to end; herd saw when they did, and learns the rest
+    fleet, running = reload_fleet()
+    lease = fleet.acquire(make_call(LARGER))
+    assert lease.reload and lease.drain == (0, 1)
+    lease.started -= 4.0  # sent 4 s ago; the running request ends now
     fleet.release(running, served=False)
-    lease = fleet.acquire(make_call(larger))  # nothing running there now
-    assert lease.reload and lease.timed_alone
+    fleet.release(lease, served=True, timings=dict(SERVED, load_s=6.5))  # 4 s of drain, 2.5 s of reload
+    (gb, seconds), = fleet.nodes["a"].loads
+    assert gb == 2.0 and seconds == pytest.approx(2.5, abs=0.05)
+
+
+def test_a_reload_whose_drain_herd_did_not_see_end_is_not_learnt_from():
+    fleet, running = reload_fleet()
+    lease = fleet.acquire(make_call(LARGER))
+    fleet.release(lease, served=True, timings=dict(SERVED, load_s=6.5))  # `running` still runs, as herd sees it
+    assert fleet.nodes["a"].loads == []
+    fleet.release(running, served=False)
+    lease = fleet.acquire(make_call(dict(LARGER, options={"num_ctx": 16384})))  # nothing running there now
+    assert lease.reload and lease.drain is None
+    fleet.release(lease, served=True, timings=dict(SERVED, load_s=3.0))
+    assert fleet.nodes["a"].loads == [(2.0, 3.0)]
 
 
 def test_a_split_model_teaches_the_nodes_ram_speed():
