@@ -849,7 +849,6 @@ DEFAULT_NUM_CTX = 4096
 # Options whose change makes Ollama unload and reload a model (num_ctx aside, handled on its own).
 RELOAD_OPTIONS = ("num_gpu", "num_batch", "num_thread", "use_mmap")
 RECENT_SAMPLES = 32  # recent samples kept per node for each speed, and per model for demand
-RECENT_ENDS = 64  # when the last requests of a model ended on a node: a reload's drain ends among them
 # How streams on one node slow each other is learnt per node from its replies (learn_from_reply);
 # until a node has shown it, herd assumes: n streams of one model each run at n ^ -0.3 of one
 # alone (parallel slots decode in one batch, memory-bound: a few streams cost little each), and m
@@ -928,7 +927,8 @@ class Lease:
     load_s: float = 0.0  # the seconds of (re)load herd expected
     prompt_s: float = 0.0  # ...and of prompt evaluation
     timed_alone: bool = True  # nothing held its load up there: another load, busy models pushed out
-    drain: tuple | None = None  # a reload that waits for (requests of its model ended there, that many more) to end
+    drain: tuple = ()  # a reload's: the leases of its model running there, which Ollama lets end first
+    ended: float | None = None  # time.monotonic() when it was released
     decision: dict | None = None  # the candidates and the excluded nodes, for the trace (see decision_record)
     default_ctx: int = DEFAULT_NUM_CTX
     pin_ctx: bool = False  # the running context is reported but the default is a guess: send num_ctx
@@ -951,8 +951,10 @@ class Running:
     start_sum: float = 0.0
     ends: list = field(default_factory=list)  # when each is expected to end (monotonic s), sorted
     unanswered: collections.deque = field(default_factory=collections.deque)  # in the order they started
+    leases: set = field(default_factory=set)
 
     def add(self, lease):
+        self.leases.add(lease)
         self.count += 1
         self.eta_sum += lease.eta_s
         self.start_sum += lease.started
@@ -960,10 +962,12 @@ class Running:
         self.unanswered.append(lease)
 
     def remove(self, lease):
+        self.leases.discard(lease)
         self.count -= 1
         if self.count <= 0:  # start afresh rather than carry rounding errors
             self.count, self.eta_sum, self.start_sum, self.ends = 0, 0.0, 0.0, []
             self.unanswered.clear()
+            self.leases.clear()
             return
         self.eta_sum -= lease.eta_s
         self.start_sum -= lease.started
@@ -1292,7 +1296,6 @@ class Node:
     in_flight: int = 0
     running: dict = field(default_factory=dict)  # model -> Running
     started: dict = field(default_factory=dict)  # model -> time.monotonic() of the last requests started here
-    ended: dict = field(default_factory=dict)  # model -> (requests ended here so far, the times of the last ones)
     # What herd measured here (see Scoring: learning): recent samples and what it routes on.
     decode_gbs: Recent = field(default_factory=Recent)  # decode speed x model size (GB/s)
     decode_gbs_alone: Recent = field(default_factory=Recent)  # the same, from requests that ran alone
@@ -1503,16 +1506,6 @@ class Node:
         if group is not None and group.count:
             group.remove(lease)
             self.in_flight -= 1
-            count, times = self.ended.get(lease.model) or (0, collections.deque(maxlen=RECENT_ENDS))
-            times.append(time.monotonic())
-            self.ended[lease.model] = (count + 1, times)
-
-    def drained_at(self, model, after, count):
-        """When the `count`-th request of `model` to end here after the `after`-th did (time.monotonic()),
-        or None when fewer have ended or it is no longer remembered."""
-        ended, times = self.ended.get(model) or (0, ())
-        back = ended - (after + count)  # how many ended since
-        return times[-back - 1] if 0 <= back < len(times) else None
 
     # -- reports ------------------------------------------------------------------------------
 
@@ -2290,16 +2283,21 @@ def learn_from_reply(node, lease, timings):
                           alone=alone)
     if speed and not alone and not node.split(lease.model):
         learn_sharing(node, speed, same, models)
+    drain = 0.0  # a reload waits for its model's running requests there (herd stamps each end)
+    if lease.drain:
+        ends = [other.ended for other in lease.drain]
+        drain = None if None in ends else max(0.0, max(ends) - lease.started)
     load_s = timings.get("load_s")
-    if load_s is None and timings.get("first_byte_s") is not None:
+    if drain is None:
+        load_s = None  # one of them never ended as herd saw it: the load's part is unknown
+    elif load_s is not None:
+        load_s -= drain  # Ollama's load time includes the drain
+    elif timings.get("first_byte_s") is not None:
         # an OpenAI stream does not say how long the load took: its first byte came after the
-        # load and the prompt's evaluation; taken as a load when that is most of it (else it was
-        # hot after all, or the prompt took longer than herd expected)
-        first_byte = timings["first_byte_s"]
+        # drain, the load and the prompt's evaluation; taken as a load when that is most of what
+        # followed the drain (else it was hot after all, or the prompt took longer than expected)
+        first_byte = timings["first_byte_s"] - drain
         load_s = first_byte - lease.prompt_s if lease.prompt_s < first_byte / 2 else None
-    if lease.drain is not None and load_s is not None:  # Ollama's load time includes the wait for the drain
-        drained = node.drained_at(lease.model, *lease.drain)
-        load_s = None if drained is None else load_s - max(0.0, drained - lease.started)
     if lease.cold and lease.timed_alone and (load_s or 0) > HOT_LOAD_S:
         record_load(node, size_gb, load_s)
 
@@ -2979,7 +2977,7 @@ class Fleet:
         with self.lock:
             if lease.released or not lease.held:
                 return
-            lease.released = True
+            lease.released, lease.ended = True, time.monotonic()
             node = self.nodes.get(lease.node_id)
             slot = lease.prompt_slot
             if slot is not None:
@@ -3062,7 +3060,7 @@ class Fleet:
     def _hold(self, lease):
         node = self.nodes[lease.node_id]
         if lease.reload and node.running_count(lease.model):  # Ollama reloads once they are done
-            lease.drain = ((node.ended.get(lease.model) or (0,))[0], node.running_count(lease.model))
+            lease.drain = tuple(node.running[lease.model].leases)
         lease.started = time.monotonic()
         lease.company_at_start = company(node.counts(), lease.model, extra=1)
         node.hold(lease)

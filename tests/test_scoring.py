@@ -279,12 +279,31 @@ def test_a_reload_that_drained_its_models_requests_learns_the_reload_without_the
     # requests to end; herd saw when they did, and learns the rest
     fleet, running = reload_fleet()
     lease = fleet.acquire(make_call(LARGER))
-    assert lease.reload and lease.drain == (0, 1)
+    assert lease.reload and lease.drain == (running,)
     lease.started -= 4.0  # sent 4 s ago; the running request ends now
     fleet.release(running, served=False)
     fleet.release(lease, served=True, timings=dict(SERVED, load_s=6.5))  # 4 s of drain, 2.5 s of reload
     (gb, seconds), = fleet.nodes["a"].loads
     assert gb == 2.0 and seconds == pytest.approx(2.5, abs=0.05)
+
+
+def test_a_reload_learns_from_when_the_last_of_its_own_drained_requests_ended():
+    # two requests drain; one sent after the reload ends early (its client left); the later of
+    # the two drained ones ends 3 s after the reload was sent
+    fleet, first = reload_fleet()
+    fleet.nodes["a"].num_parallel = 4
+    second = fleet.acquire(make_call())
+    lease = fleet.acquire(make_call(LARGER))
+    assert set(lease.drain) == {first, second}
+    lease.started -= 5.0
+    later = fleet.acquire(make_call(LARGER))
+    fleet.release(later, served=False)  # ends now, 5 s after: not one of the drained, it says nothing of the drain
+    fleet.release(first, served=False)
+    fleet.release(second, served=False)
+    first.ended, second.ended = lease.started + 2.0, lease.started + 3.0
+    fleet.release(lease, served=True, timings=dict(SERVED, load_s=6.5))  # 3 s of drain, 3.5 s of reload
+    (gb, seconds), = fleet.nodes["a"].loads
+    assert seconds == pytest.approx(3.5, abs=0.05)
 
 
 def test_a_reload_whose_drain_herd_did_not_see_end_is_not_learnt_from():
@@ -294,7 +313,7 @@ def test_a_reload_whose_drain_herd_did_not_see_end_is_not_learnt_from():
     assert fleet.nodes["a"].loads == []
     fleet.release(running, served=False)
     lease = fleet.acquire(make_call(dict(LARGER, options={"num_ctx": 16384})))  # nothing running there now
-    assert lease.reload and lease.drain is None
+    assert lease.reload and lease.drain == ()
     fleet.release(lease, served=True, timings=dict(SERVED, load_s=3.0))
     assert fleet.nodes["a"].loads == [(2.0, 3.0)]
 
