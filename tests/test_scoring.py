@@ -1004,6 +1004,23 @@ RESTORES = [
 ]
 
 
+def test_a_restore_that_fails_leaves_the_next_report_to_say_what_runs():
+    fleet = herd.Fleet(herd.Config())
+    entry = {"name": "m:latest", "model": "m:latest", "size": 4 * GB}
+    fleet.report("held", "http://127.0.0.1:1", "agent", 3600.0,
+                 {"default_context_length": 4096,
+                  "ollama": {"reachable": True, "models": [entry], "loaded": [dict(entry, context_length=16384)]}})
+    node = fleet.nodes["held"]
+    node.preloading = "m:latest"
+    node.note_switch("m:latest", 4096, {"num_ctx": None}, 3.0, at_default=True)  # as restore_plan notes it
+    fleet.preloaded(herd.WarmLoad("held", node.url, "m:latest", "test", restore=True), False, 0.2)
+    assert node.preloading is None and node.switching == {}
+    fleet.report("held", "http://127.0.0.1:1", "agent", 3600.0,
+                 {"default_context_length": 4096,
+                  "ollama": {"reachable": True, "models": [entry], "loaded": [dict(entry, context_length=16384)]}})
+    assert node.running_context("m:latest") == 16384 and node.loads == []
+
+
 @pytest.mark.parametrize("what, make, rent, kept, expected", RESTORES, ids=[row[0] for row in RESTORES])
 def test_plan_restore(what, make, rent, kept, expected):
     plan = herd.plan_restore([make()], rent, kept, herd.Priors(), time.time(), NOW)
